@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs: regenerate with `python proto/generate.py`."""

@@ -1,0 +1,7 @@
+"""``python -m onnxgate``."""
+
+import sys
+
+from onnxgate.cli import main
+
+sys.exit(main())

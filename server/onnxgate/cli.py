@@ -1,0 +1,92 @@
+"""Command line: argument parsing only; the work happens in ``lifecycle``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxgate import __version__
+from onnxgate.config import ConfigError, load
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP")
+    p.add_argument("--config", help="gateway config file (YAML); flags override it")
+    p.add_argument("--model-repository", help="model repository path (default: the bundled demo repository)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any free port)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], help="default info")
+    p.add_argument(
+        "--drain-delay-s", type=float, help="seconds to keep serving after readiness turns false (default 0)"
+    )
+    p.add_argument("--drain-timeout-s", type=float, help="seconds in-flight requests get to finish (default 30)")
+    p.add_argument("--grpc-max-message-bytes", type=int, help="gRPC message size limit (default 256 MiB)")
+    p.add_argument("--http-max-body-bytes", type=int, help="HTTP body size limit (default 256 MiB)")
+    p.add_argument(
+        "--default-max-batch-size",
+        type=int,
+        help="max_batch_size given to models whose config leaves it out and whose graph can batch (default 256)",
+    )
+    p.add_argument("--cpu-threads", type=int, help="intra-op threads per ONNX Runtime session (default: all cores)")
+
+
+_SERVER_KEYS = (
+    "model_repository",
+    "host",
+    "http_port",
+    "grpc_port",
+    "metrics_port",
+    "log_level",
+    "drain_delay_s",
+    "drain_timeout_s",
+    "grpc_max_message_bytes",
+    "http_max_body_bytes",
+    "default_max_batch_size",
+    "cpu_threads",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``onnxgate`` command."""
+    parser = argparse.ArgumentParser(prog="onnxgate", description="ONNX model-serving gateway")
+    parser.add_argument("--version", action="version", version=f"onnxgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config, {k: getattr(args, k) for k in _SERVER_KEYS})
+    except ConfigError as exc:
+        print(f"onnxgate: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import uvloop
+
+    from onnxgate.lifecycle import Gateway
+
+    async def run() -> None:
+        await Gateway(config).run()
+
+    try:
+        uvloop.run(run())
+    except OSError as exc:
+        print(f"onnxgate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

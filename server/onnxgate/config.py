@@ -1,0 +1,111 @@
+"""Gateway configuration: one YAML file (``--config``), parsed once into frozen dataclasses.
+
+The file has a section per capability; every CLI flag of ``onnxgate serve`` can also be set
+under ``server:`` (same name, underscores for dashes), and the CLI wins::
+
+    server:
+      model_repository: ./models
+      http_port: 8000
+      grpc_port: 8001
+      metrics_port: 8002
+      drain_timeout_s: 30
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onnxgate.errors import GatewayError
+
+
+class ConfigError(GatewayError):
+    """The gateway config file or flags are invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Listeners, limits and the model repository."""
+
+    model_repository: str = ""  # empty = the bundled demo repository
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_level: str = "info"
+    drain_delay_s: float = 0.0  # readiness false, still serving, before listeners close
+    drain_timeout_s: float = 30.0  # in-flight work gets this long to finish
+    grpc_max_message_bytes: int = 256 * 1024 * 1024
+    http_max_body_bytes: int = 256 * 1024 * 1024
+    default_max_batch_size: int = 256
+    cpu_threads: int = 0  # intra-op threads per session; 0 = available cores
+
+    def __post_init__(self) -> None:
+        for port in ("http_port", "grpc_port", "metrics_port"):
+            value = getattr(self, port)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"server.{port} must be 0..65535, got {value}")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError(
+                f"server.log_level must be one of critical/error/warning/info/debug, got {self.log_level!r}"
+            )
+        for name in ("grpc_max_message_bytes", "http_max_body_bytes", "default_max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0 or self.drain_delay_s < 0:
+            raise ConfigError("server.drain_timeout_s and server.drain_delay_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole gateway configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"section '{section}' must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in '{section}': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in values.items():
+        default = known[key].default
+        expected = type(default) if default is not dataclasses.MISSING else None
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (expected is not None and not isinstance(value, expected)) or (
+            isinstance(value, bool) and expected is not bool
+        ):
+            raise ConfigError(f"{section}.{key} must be {expected.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> GatewayConfig:
+    """Read the YAML file (if any), apply CLI ``overrides`` to ``server``, and validate."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    unknown = sorted(set(doc) - {"server"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) in config file: {', '.join(unknown)}; known: server")
+    server = dict(doc.get("server") or {})
+    server.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return GatewayConfig(server=_build(ServerConfig, "server", server))

@@ -1,0 +1,63 @@
+"""Protocol-neutral inference request and response, as the front ends hand them to the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Parameters = dict[str, Any]
+
+
+@dataclass(slots=True)
+class InferInput:
+    """One decoded input tensor; ``data`` already has ``shape``."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output the caller asked for, with its per-output parameters."""
+
+    name: str
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded inference request."""
+
+    model_name: str
+    model_version: str  # "" = let the gateway choose
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
+    protocol: str = ""  # "grpc" | "http", for metrics and logs only
+
+
+@dataclass(slots=True)
+class InferOutput:
+    """One output tensor of a response."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """The answer to an :class:`InferRequest`."""
+
+    model_name: str
+    model_version: str
+    outputs: list[InferOutput]
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)

@@ -1,0 +1,76 @@
+"""Every Prometheus metric of the gateway, on a registry that is passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    """The gateway's metrics; one instance per gateway, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "onnxgate_requests",
+            "Inference requests by model, version that answered, protocol and outcome.",
+            ["model", "version", "protocol", "outcome"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "onnxgate_request_duration_seconds",
+            "Time from a decoded request to its response, including queueing.",
+            ["model", "protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_latency = Histogram(
+            "onnxgate_compute_duration_seconds",
+            "Time ONNX Runtime spent on one execution.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "onnxgate_rejected_requests",
+            "Requests shed without running, by reason.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.model_state = Gauge(
+            "onnxgate_model_ready",
+            "1 when the model version is ready to serve, 0 otherwise.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.load_failures = Counter(
+            "onnxgate_model_load_failures",
+            "Model version loads that failed.",
+            ["model"],
+            registry=r,
+        )
+
+    def model_changed(self, model: str, version: int, state: str, reason: str) -> None:
+        """Follow a version's state change."""
+        self.model_state.labels(model, str(version)).set(1 if state == "READY" else 0)
+        if state == "UNAVAILABLE" and reason != "unloaded":
+            self.load_failures.labels(model).inc()

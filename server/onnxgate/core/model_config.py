@@ -1,0 +1,214 @@
+"""Model configuration: parse ``config.pbtxt`` and complete it from the ONNX graph.
+
+Completion follows Triton's auto-complete: whatever the file leaves out (or all of it, when
+there is no file) is filled from the graph's inputs and outputs. ``max_batch_size`` left out
+becomes ``default_max_batch_size`` when every input and output has a dynamic first
+dimension, 0 otherwise. Where the file and the graph disagree, :class:`ModelLoadError`
+says where.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+
+from onnxgate.core.tensors import BY_CONFIG, BY_ORT, DataType
+from onnxgate.errors import ModelLoadError
+from onnxgate_client.pb import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
+
+ModelConfig = mc.ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class GraphTensor:
+    """An input or output as ONNX Runtime describes it: type string and shape."""
+
+    name: str
+    ort_type: str
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Shape with every symbolic or unknown dimension as -1."""
+        return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A served tensor: datatype and dims *without* the batch dimension."""
+
+    name: str
+    dtype: DataType
+    dims: tuple[int, ...]
+
+    def shape(self, batched: bool) -> list[int]:
+        """The shape clients see in metadata: batch dimension first as -1 when batching."""
+        return [-1, *self.dims] if batched else list(self.dims)
+
+
+def parse_pbtxt(text: str, origin: str = "config.pbtxt") -> mc.ModelConfig:
+    """Parse Triton's text format into a ModelConfig."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{origin}: {exc}") from None
+    return config
+
+
+def read_pbtxt(path: Path) -> mc.ModelConfig:
+    """Read and parse a config.pbtxt file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path.name}: {exc.strerror}") from None
+    return parse_pbtxt(text, path.name)
+
+
+def parse_json(text: str) -> mc.ModelConfig:
+    """Parse a ModelConfig given as JSON (the repository load API's ``config`` parameter)."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise ModelLoadError(f"config override: {exc}") from None
+    return config
+
+
+def to_json_dict(config: mc.ModelConfig) -> dict:
+    """ModelConfig as Triton's JSON: proto field names, enum names, defaults included."""
+    return json_format.MessageToDict(
+        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _first_dim_dynamic(t: GraphTensor) -> bool:
+    return len(t.dims) >= 1 and t.dims[0] == -1
+
+
+def complete(
+    config: mc.ModelConfig,
+    name: str,
+    graph_inputs: Sequence[GraphTensor],
+    graph_outputs: Sequence[GraphTensor],
+    default_max_batch_size: int,
+) -> mc.ModelConfig:
+    """Return a copy of ``config`` completed from the graph; raise where they disagree."""
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    if out.name and out.name != name:
+        raise ModelLoadError(f"config name '{out.name}' does not match model directory '{name}'")
+    out.name = name
+    out.platform = out.platform or "onnxruntime_onnx"
+    if out.platform != "onnxruntime_onnx":
+        raise ModelLoadError(f"platform '{out.platform}' is not served; onnxgate serves onnxruntime_onnx")
+    out.backend = out.backend or "onnxruntime"
+
+    served_outputs = [t for t in graph_outputs if t.ort_type in BY_ORT]
+    for t in graph_outputs:
+        if t.ort_type not in BY_ORT:
+            log.warning("model %s: output '%s' of type %s is not served", name, t.name, t.ort_type)
+    for t in graph_inputs:
+        if t.ort_type not in BY_ORT:
+            raise ModelLoadError(f"input '{t.name}' has type {t.ort_type}, which onnxgate cannot feed")
+
+    everything = [*graph_inputs, *served_outputs]
+    if out.HasField("max_batch_size"):
+        if out.max_batch_size < 0:
+            raise ModelLoadError(f"max_batch_size must be >= 0, got {out.max_batch_size}")
+        if out.max_batch_size > 0:
+            for t in everything:
+                if not _first_dim_dynamic(t):
+                    raise ModelLoadError(
+                        f"max_batch_size {out.max_batch_size} needs a dynamic first dimension, "
+                        f"but '{t.name}' has shape {list(t.dims)} in the model"
+                    )
+    else:
+        batchable = bool(everything) and all(_first_dim_dynamic(t) for t in everything)
+        out.max_batch_size = default_max_batch_size if batchable else 0
+    batched = out.max_batch_size > 0
+
+    _complete_tensors(out.input, graph_inputs, batched, "input", mc.ModelInput)
+    _complete_tensors(out.output, served_outputs, batched, "output", mc.ModelOutput)
+    if not out.HasField("version_policy"):
+        out.version_policy.latest.num_versions = 1
+    if not out.instance_group:
+        group = out.instance_group.add()
+        group.count = 1
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    return out
+
+
+def _complete_tensors(listed, graph: Sequence[GraphTensor], batched: bool, what: str, factory) -> None:
+    by_name = {t.name: t for t in graph}
+    seen: set[str] = set()
+    for entry in listed:
+        t = by_name.get(entry.name)
+        if t is None:
+            raise ModelLoadError(f"config {what} '{entry.name}' is not in the model; model {what}s: {sorted(by_name)}")
+        if entry.name in seen:
+            raise ModelLoadError(f"config lists {what} '{entry.name}' twice")
+        seen.add(entry.name)
+        graph_type = BY_ORT[t.ort_type]
+        if entry.data_type == mc.TYPE_INVALID:
+            entry.data_type = mc.DataType.Value(graph_type.config)
+        elif mc.DataType.Name(entry.data_type) != graph_type.config:
+            raise ModelLoadError(
+                f"config {what} '{entry.name}' has data_type {mc.DataType.Name(entry.data_type)}, "
+                f"the model has {graph_type.config}"
+            )
+        graph_dims = t.dims[1:] if batched else t.dims
+        if not entry.dims:
+            entry.dims.extend(graph_dims)
+            continue
+        if len(entry.dims) != len(graph_dims):
+            raise ModelLoadError(
+                f"config {what} '{entry.name}' has dims {list(entry.dims)}, "
+                f"the model has {list(graph_dims)}" + (" (without the batch dimension)" if batched else "")
+            )
+        merged = []
+        for c, g in zip(entry.dims, graph_dims, strict=True):
+            if c != -1 and g != -1 and c != g:
+                raise ModelLoadError(
+                    f"config {what} '{entry.name}' has dims {list(entry.dims)}, the model has {list(graph_dims)}"
+                )
+            merged.append(c if c != -1 else g)
+        del entry.dims[:]
+        entry.dims.extend(merged)
+    for t in graph:
+        if t.name not in seen:
+            entry = listed.add()
+            entry.name = t.name
+            entry.data_type = mc.DataType.Value(BY_ORT[t.ort_type].config)
+            entry.dims.extend(t.dims[1:] if batched else t.dims)
+
+
+def tensor_specs(entries) -> list[TensorSpec]:
+    """Served tensor specs from a completed config's input or output list."""
+    specs = []
+    for e in entries:
+        dtype = BY_CONFIG.get(mc.DataType.Name(e.data_type))
+        if dtype is None:
+            raise ModelLoadError(f"'{e.name}' has data_type {mc.DataType.Name(e.data_type)}, which is not served")
+        specs.append(TensorSpec(e.name, dtype, tuple(int(d) for d in e.dims)))
+    return specs
+
+
+def select_versions(config: mc.ModelConfig, available: Sequence[int]) -> list[int]:
+    """Versions to serve under the config's version policy, highest first."""
+    ordered = sorted(set(available), reverse=True)
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return ordered
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in ordered if v in wanted]
+    n = policy.latest.num_versions if kind == "latest" else 1
+    return ordered[: max(n, 1)]

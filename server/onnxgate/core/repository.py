@@ -1,0 +1,67 @@
+"""The model repository on disk: ``<repo>/<model>/<version>/model.onnx`` plus optional
+``<repo>/<model>/config.pbtxt``. Scanning only; loading is the manager's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxgate.core import model_config
+from onnxgate_client.pb import model_config_pb2 as mc
+
+DEFAULT_MODEL_FILENAME = "model.onnx"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """A model directory as found on disk."""
+
+    name: str
+    path: Path
+    versions: tuple[int, ...]
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.pbtxt"
+
+    def read_config(self) -> mc.ModelConfig:
+        """The model's config.pbtxt, or an empty config when there is none (blocking)."""
+        if self.config_path.is_file():
+            return model_config.read_pbtxt(self.config_path)
+        return mc.ModelConfig()
+
+    def model_file(self, version: int, config: mc.ModelConfig) -> Path:
+        return self.path / str(version) / (config.default_model_filename or DEFAULT_MODEL_FILENAME)
+
+
+class Repository:
+    """A local directory of models."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def scan(self) -> dict[str, ModelSource]:
+        """Every model directory with its integer version folders (blocking)."""
+        found: dict[str, ModelSource] = {}
+        if not self.root.is_dir():
+            return found
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            found[entry.name] = self._source(entry)
+        return found
+
+    def find(self, name: str) -> ModelSource | None:
+        """One model directory, or None when absent (blocking)."""
+        path = self.root / name
+        if "/" in name or name.startswith(".") or not path.is_dir():
+            return None
+        return self._source(path)
+
+    @staticmethod
+    def _source(path: Path) -> ModelSource:
+        versions = tuple(
+            sorted(int(v.name) for v in path.iterdir() if v.is_dir() and v.name.isdigit() and int(v.name) > 0)
+        )
+        return ModelSource(path.name, path, versions)

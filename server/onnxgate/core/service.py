@@ -1,0 +1,196 @@
+"""The protocol-neutral inference service: what both front ends call.
+
+It answers health, metadata, config, statistics and repository calls, and runs inference:
+look up the version, validate, hand the feeds to the version's scheduler, shape the answer.
+It knows nothing of gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxgate import __version__
+from onnxgate.core import model_config
+from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
+from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
+from onnxgate.core.metrics import Metrics
+from onnxgate.core.model import ModelVersion
+from onnxgate.core.stats import VersionStats
+from onnxgate.errors import (
+    Draining,
+    GatewayError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    Overloaded,
+    Unavailable,
+)
+from onnxgate_client.pb import model_config_pb2 as mc
+
+EXTENSIONS = (
+    "classification",
+    "binary_tensor_data",
+    "parameters",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+)
+
+_OUTCOMES: dict[type, str] = {
+    InvalidInput: "invalid_input",
+    ModelNotFound: "not_found",
+    Overloaded: "overloaded",
+    Draining: "draining",
+    Unavailable: "unavailable",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferenceService:
+    """The core's one entry point for front ends."""
+
+    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.live = True
+        self.ready = False
+        self.draining = False
+
+    # -- health and metadata ---------------------------------------------------------------
+    def server_metadata(self) -> dict:
+        return {"name": "onnxgate", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether the model (version) can serve now; unknown models raise ModelNotFound."""
+        try:
+            self.manager.get(name, version)
+        except Unavailable:
+            return False
+        return not self.draining
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        ver = self.manager.get(name, version)
+        model = ver.model
+        assert model is not None
+        return ModelMetadata(
+            name=name,
+            versions=[str(v.version) for v in self.manager.models[name].ready_versions()],
+            platform=model.config.platform,
+            inputs=[TensorMetadata(t.name, t.dtype.v2, t.shape(model.batched)) for t in model.inputs.values()],
+            outputs=[TensorMetadata(t.name, t.dtype.v2, t.shape(model.batched)) for t in model.outputs.values()],
+        )
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        model = self.manager.get(name, version).model
+        assert model is not None
+        return model.config
+
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
+        """Statistics of one version, all versions of a model, or everything."""
+        if not name:
+            return self.manager.all_stats()
+        entry = self.manager.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model '{name}'")
+        if version:
+            return [s for s in [self.manager.get(name, version).stats] if s is not None]
+        return [v.stats for _, v in sorted(entry.versions.items()) if v.stats is not None and v.state == "READY"]
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
+        return self.manager.index(ready_only)
+
+    async def load_model(self, name: str, config_json: str | None = None) -> None:
+        override = model_config.parse_json(config_json) if config_json else None
+        entry = await self.manager.load(name, override)
+        if not entry.ready_versions():
+            reason = entry.reason or "; ".join(f"version {v.version}: {v.reason}" for v in entry.versions.values())
+            raise ModelLoadError(f"failed to load model '{name}': {reason}")
+
+    async def unload_model(self, name: str) -> None:
+        await self.manager.unload(name)
+
+    # -- inference ---------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request; raises a :class:`GatewayError` subclass on any failure."""
+        start = time.perf_counter_ns()
+        name, protocol = request.model_name, request.protocol
+        ver: VersionEntry | None = None
+        try:
+            if self.draining:
+                raise Draining("server is shutting down")
+            ver = self.manager.get(name, request.model_version)
+            model, stats, scheduler = ver.model, ver.stats, ver.scheduler
+            assert model is not None and stats is not None and scheduler is not None
+            feeds, rows = model.validate(request.inputs)
+            wanted = model.check_outputs([o.name for o in request.outputs])
+            classify = _classification(request, model)
+            results, timing = await scheduler.submit(feeds, rows, wanted)
+            outputs = [_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
+        except GatewayError as exc:
+            elapsed = time.perf_counter_ns() - start
+            version = str(ver.version) if ver is not None else ""
+            if ver is not None and ver.stats is not None:
+                ver.stats.record_failure(elapsed)
+            outcome = _OUTCOMES.get(type(exc), "error")
+            self.metrics.requests.labels(name, version, protocol, outcome).inc()
+            if isinstance(exc, Overloaded):
+                self.metrics.rejected.labels(name, "queue_full").inc()
+            raise
+        elapsed = time.perf_counter_ns() - start
+        stats.record_request(rows, elapsed, timing)
+        version = str(ver.version)
+        self.metrics.requests.labels(name, version, protocol, "success").inc()
+        self.metrics.request_latency.labels(name, protocol).observe(elapsed / 1e9)
+        self.metrics.compute_latency.labels(name, version).observe(timing.infer_ns / 1e9)
+        return InferResponse(name, version, outputs, id=request.id)
+
+
+def _classification(request: InferRequest, model: ModelVersion) -> dict[str, int]:
+    wanted: dict[str, int] = {}
+    for out in request.outputs:
+        k = out.parameters.get("classification")
+        if k is None:
+            continue
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInput(f"output '{out.name}': classification must be a positive integer, got {k!r}")
+        spec = model.outputs[out.name]
+        if spec.dtype.v2 == "BYTES" or spec.dtype.v2 == "BOOL":
+            raise InvalidInput(f"output '{out.name}': classification needs a numeric output, not {spec.dtype.v2}")
+        wanted[out.name] = k
+    return wanted
+
+
+def _output(model: ModelVersion, name: str, arr: np.ndarray, classify: int) -> InferOutput:
+    spec = model.outputs[name]
+    if not classify:
+        return InferOutput(name, spec.dtype.v2, list(arr.shape), arr)
+    # Top-k classes per batch row (or of the whole tensor without a batch dimension), as
+    # "value:index" strings, highest first, like Triton's classification extension.
+    rows = arr.reshape(arr.shape[0], -1) if model.batched else arr.reshape(1, -1)
+    k = min(classify, rows.shape[1])
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(rows, top, axis=1)
+    labels = np.array(
+        [f"{v:f}:{i}" for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)], dtype=object
+    ).reshape(values.shape)
+    if not model.batched:
+        labels = labels.reshape(k)
+    return InferOutput(name, "BYTES", list(labels.shape), labels)

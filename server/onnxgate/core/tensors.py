@@ -1,0 +1,143 @@
+"""Datatypes (V2 name <-> numpy <-> ONNX Runtime <-> model config) and tensor byte codecs.
+
+Raw tensor bytes are little-endian and row-major. BYTES elements travel as a 4-byte
+little-endian length followed by the bytes; ONNX string tensors hold UTF-8 text, so BYTES
+elements are decoded to ``str`` on the way in and encoded on the way out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxgate.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class DataType:
+    """One tensor datatype under all the names the gateway meets."""
+
+    v2: str  # Open Inference Protocol name, e.g. "FP32"
+    config: str  # ModelConfig enum name, e.g. "TYPE_FP32"
+    ort: str  # ONNX Runtime type string, e.g. "tensor(float)"
+    numpy: np.dtype  # little-endian numpy dtype (object for BYTES)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element on the wire; 0 for variable-size BYTES."""
+        return 0 if self.v2 == "BYTES" else self.numpy.itemsize
+
+
+def _dt(v2: str, config: str, ort: str, np_type: str) -> DataType:
+    dtype = np.dtype(np_type)
+    return DataType(v2, config, ort, dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
+
+
+DATATYPES: tuple[DataType, ...] = (
+    _dt("BOOL", "TYPE_BOOL", "tensor(bool)", "bool"),
+    _dt("UINT8", "TYPE_UINT8", "tensor(uint8)", "uint8"),
+    _dt("UINT16", "TYPE_UINT16", "tensor(uint16)", "uint16"),
+    _dt("UINT32", "TYPE_UINT32", "tensor(uint32)", "uint32"),
+    _dt("UINT64", "TYPE_UINT64", "tensor(uint64)", "uint64"),
+    _dt("INT8", "TYPE_INT8", "tensor(int8)", "int8"),
+    _dt("INT16", "TYPE_INT16", "tensor(int16)", "int16"),
+    _dt("INT32", "TYPE_INT32", "tensor(int32)", "int32"),
+    _dt("INT64", "TYPE_INT64", "tensor(int64)", "int64"),
+    _dt("FP16", "TYPE_FP16", "tensor(float16)", "float16"),
+    _dt("FP32", "TYPE_FP32", "tensor(float)", "float32"),
+    _dt("FP64", "TYPE_FP64", "tensor(double)", "float64"),
+    _dt("BYTES", "TYPE_STRING", "tensor(string)", "object"),
+)
+
+BY_V2: dict[str, DataType] = {d.v2: d for d in DATATYPES}
+BY_CONFIG: dict[str, DataType] = {d.config: d for d in DATATYPES}
+BY_ORT: dict[str, DataType] = {d.ort: d for d in DATATYPES}
+
+_U32 = struct.Struct("<I")
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements of a tensor with this (fully known) shape."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def decode_raw(name: str, dtype: DataType, shape: Sequence[int], buf: bytes | memoryview) -> np.ndarray:
+    """Turn raw little-endian bytes into an array of ``shape``; checks the byte length."""
+    count = element_count(shape)
+    if dtype.v2 == "BYTES":
+        arr = deserialize_bytes(name, buf, count)
+        return arr.reshape(shape)
+    expected = count * dtype.itemsize
+    if len(buf) != expected:
+        raise InvalidInput(
+            f"input '{name}': expected {expected} bytes for {dtype.v2} shape {list(shape)}, got {len(buf)}"
+        )
+    arr = np.frombuffer(buf, dtype=dtype.numpy)
+    if dtype.v2 == "BOOL" and arr.size and arr.view(np.uint8).max() > 1:
+        raise InvalidInput(f"input '{name}': BOOL elements must be 0 or 1")
+    return arr.reshape(shape)
+
+
+def deserialize_bytes(name: str, buf: bytes | memoryview, count: int) -> np.ndarray:
+    """Split length-prefixed BYTES elements into an object array of ``str``."""
+    view = memoryview(buf)
+    out = np.empty(count, dtype=object)
+    pos, end = 0, len(view)
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidInput(f"input '{name}': BYTES data ends before element {i} of {count}")
+        (length,) = _U32.unpack_from(view, pos)
+        pos += 4
+        if pos + length > end:
+            raise InvalidInput(f"input '{name}': BYTES element {i} claims {length} bytes, data ends first")
+        out[i] = _utf8(name, view[pos : pos + length])
+        pos += length
+    if pos != end:
+        raise InvalidInput(f"input '{name}': {end - pos} bytes left after {count} BYTES elements")
+    return out
+
+
+def _utf8(name: str, raw: bytes | memoryview) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input '{name}': BYTES element is not UTF-8 text ({exc.reason})") from None
+
+
+def bytes_array(name: str, items: Sequence[bytes | str], shape: Sequence[int]) -> np.ndarray:
+    """An object array of ``str`` from BYTES elements given one by one (JSON or typed contents)."""
+    count = element_count(shape)
+    if len(items) != count:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(items)}")
+    out = np.empty(count, dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item if isinstance(item, str) else _utf8(name, item)
+    return out.reshape(shape)
+
+
+def serialize_bytes(arr: np.ndarray) -> bytes:
+    """Length-prefix every element of a string/bytes array, row-major."""
+    parts: list[bytes] = []
+    for item in arr.ravel():
+        b = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(_U32.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def encode_raw(dtype: DataType, arr: np.ndarray) -> bytes:
+    """Raw little-endian bytes of ``arr`` in the wire form of ``dtype``."""
+    if dtype.v2 == "BYTES":
+        return serialize_bytes(arr)
+    return np.ascontiguousarray(arr, dtype=dtype.numpy).tobytes()
+
+
+def as_text_list(arr: np.ndarray) -> list[str]:
+    """BYTES elements as JSON strings, row-major."""
+    return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in arr.ravel()]

@@ -1,0 +1,1 @@
+"""Bundled demo model repository (models/) and the script that builds it."""

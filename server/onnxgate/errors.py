@@ -1,0 +1,62 @@
+"""The gateway's error tree. Core code raises these; front ends map them to wire codes.
+
+::
+
+    GatewayError
+    ├── InvalidInput        the request is malformed or does not match the model
+    ├── ModelNotFound       unknown model or version
+    ├── Unavailable         the model, version or server cannot serve now
+    │   └── Draining        the server is shutting down
+    ├── Overloaded          a bounded queue is full; retry later
+    ├── Unsupported         a feature the gateway does not implement
+    ├── ModelLoadError      a model (version) failed to load or to pass its checks
+    └── InferenceFailed     ONNX Runtime failed on valid inputs
+
+The mapping to HTTP statuses and gRPC codes lives in ``frontends/status.py`` only.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(GatewayError):
+    """The request is malformed or does not match the model's inputs."""
+
+
+class ModelNotFound(GatewayError):
+    """The model or version does not exist."""
+
+
+class Unavailable(GatewayError):
+    """The model, version or server exists but cannot serve now."""
+
+
+class Draining(Unavailable):
+    """The server is shutting down and takes no new work."""
+
+
+class Overloaded(GatewayError):
+    """A bounded queue is full; the request was rejected without running."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unsupported(GatewayError):
+    """The request asks for something the gateway does not implement."""
+
+
+class ModelLoadError(GatewayError):
+    """A model failed to load: missing file, corrupt graph, bad or disagreeing config."""
+
+
+class InferenceFailed(GatewayError):
+    """ONNX Runtime failed while running valid inputs."""

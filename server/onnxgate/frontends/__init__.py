@@ -1,0 +1,1 @@
+"""Protocol front ends: translate wire messages to core calls and back."""

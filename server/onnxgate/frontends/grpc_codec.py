@@ -1,0 +1,169 @@
+"""gRPC messages <-> core types. Raw contents are decoded with ``np.frombuffer``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from onnxgate.core import tensors
+from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
+from onnxgate.core.manager import IndexRow
+from onnxgate.core.service import ModelMetadata
+from onnxgate.core.stats import Duration, VersionStats
+from onnxgate.errors import InvalidInput, Unsupported
+from onnxgate_client.pb import grpc_service_pb2 as pb
+
+# Typed contents field per datatype (FP16 travels raw only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def param_value(p: pb.InferParameter) -> Any:
+    """The Python value of one InferParameter."""
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def params_dict(params) -> dict[str, Any]:
+    return {k: param_value(v) for k, v in params.items()} if params else {}
+
+
+def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
+    """Decode a ModelInferRequest; every error names the input at fault."""
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidInput(f"{len(req.inputs)} inputs but {len(raw)} raw_input_contents entries")
+    inputs: list[InferInput] = []
+    for i, t in enumerate(req.inputs):
+        name = t.name
+        dtype = tensors.BY_V2.get(t.datatype)
+        if dtype is None:
+            raise InvalidInput(f"input '{name}': unknown datatype '{t.datatype}'")
+        shape = list(t.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+        if t.parameters and any(k in t.parameters for k in _SHM_KEYS):
+            raise Unsupported(f"input '{name}': shared memory is not supported")
+        has_contents = t.HasField("contents")
+        if raw:
+            if has_contents:
+                raise InvalidInput(f"input '{name}': contents and raw_input_contents cannot be mixed")
+            data = tensors.decode_raw(name, dtype, shape, raw[i])
+        elif has_contents:
+            data = _from_contents(name, dtype, shape, t.contents)
+        else:
+            raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")
+        inputs.append(InferInput(name, dtype.v2, shape, data))
+    outputs = [RequestedOutput(o.name, params_dict(o.parameters)) for o in req.outputs]
+    return InferRequest(
+        model_name=req.model_name,
+        model_version=req.model_version,
+        inputs=inputs,
+        outputs=outputs,
+        id=req.id,
+        parameters=params_dict(req.parameters),
+        protocol="grpc",
+    )
+
+
+def _from_contents(name: str, dtype: tensors.DataType, shape: list[int], contents) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(dtype.v2)
+    if field is None:
+        raise InvalidInput(f"input '{name}': {dtype.v2} must be sent in raw_input_contents")
+    values = getattr(contents, field)
+    if dtype.v2 == "BYTES":
+        return tensors.bytes_array(name, list(values), shape)
+    count = tensors.element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(f"input '{name}': shape {shape} needs {count} elements, got {len(values)}")
+    try:
+        return np.array(values, dtype=dtype.numpy).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidInput(f"input '{name}': value out of range for {dtype.v2}: {exc}") from None
+
+
+def encode_infer(response: InferResponse) -> pb.ModelInferResponse:
+    """A ModelInferResponse with exactly one raw_output_contents entry per output."""
+    msg = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    raw = msg.raw_output_contents
+    for out in response.outputs:
+        msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        raw.append(tensors.encode_raw(tensors.BY_V2[out.datatype], out.data))
+    return msg
+
+
+def metadata_message(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    TM = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[TM(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+        outputs=[TM(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+    )
+
+
+def index_message(rows: list[IndexRow]) -> pb.RepositoryIndexResponse:
+    MI = pb.RepositoryIndexResponse.ModelIndex
+    return pb.RepositoryIndexResponse(
+        models=[MI(name=r.name, version=r.version, state=r.state, reason=r.reason) for r in rows]
+    )
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def stats_message(stats: list[VersionStats]) -> pb.ModelStatisticsResponse:
+    out = pb.ModelStatisticsResponse()
+    for s in stats:
+        m = out.model_stats.add(
+            name=s.name,
+            version=str(s.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
+        for k in (
+            "success",
+            "fail",
+            "queue",
+            "compute_input",
+            "compute_infer",
+            "compute_output",
+            "cache_hit",
+            "cache_miss",
+        ):
+            getattr(m.inference_stats, k).CopyFrom(_duration(getattr(s, k)))
+        for _, b in sorted(s.batches.items()):
+            m.batch_stats.add(
+                batch_size=b.batch_size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+    return out
+
+
+def repository_params(params) -> dict[str, Any]:
+    """ModelRepositoryParameter map as Python values."""
+    out = {}
+    for k, v in params.items():
+        kind = v.WhichOneof("parameter_choice")
+        out[k] = getattr(v, kind) if kind else None
+    return out

@@ -1,0 +1,198 @@
+"""The gRPC front end: ``inference.GRPCInferenceService`` on grpc.aio, plus gRPC health.
+
+Each method decodes with ``grpc_codec``, calls the :class:`InferenceService`, and encodes;
+core errors become status codes through ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from onnxgate.core.service import InferenceService
+from onnxgate.errors import GatewayError, InvalidInput, ModelLoadError, Unsupported
+from onnxgate.frontends import grpc_codec
+from onnxgate.frontends.status import grpc_code
+from onnxgate_client.pb import grpc_service_pb2 as pb
+from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn core errors into gRPC statuses; anything unexpected into INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except GatewayError as exc:
+            await context.abort(grpc_code(exc), exc.message)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """V2 gRPC API over the inference service."""
+
+    def __init__(self, service: InferenceService, stream_window: int = 256) -> None:
+        self.service = service
+        self.stream_window = stream_window
+
+    @_mapped
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.service.live)
+
+    @_mapped
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.service.ready and not self.service.draining)
+
+    @_mapped
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
+
+    @_mapped
+    async def ServerMetadata(self, request, context):
+        meta = self.service.server_metadata()
+        return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+
+    @_mapped
+    async def ModelMetadata(self, request, context):
+        return grpc_codec.metadata_message(self.service.model_metadata(request.name, request.version))
+
+    @_mapped
+    async def ModelConfig(self, request, context):
+        return pb.ModelConfigResponse(config=self.service.model_config(request.name, request.version))
+
+    @_mapped
+    async def ModelStatistics(self, request, context):
+        return grpc_codec.stats_message(self.service.statistics(request.name, request.version))
+
+    @_mapped
+    async def RepositoryIndex(self, request, context):
+        _check_repository_name(request.repository_name)
+        return grpc_codec.index_message(self.service.repository_index(request.ready))
+
+    @_mapped
+    async def RepositoryModelLoad(self, request, context):
+        _check_repository_name(request.repository_name)
+        params = grpc_codec.repository_params(request.parameters)
+        if any(k.startswith("file:") for k in params):
+            raise InvalidInput("loading model files through the API is not supported")
+        config = params.get("config")
+        if config is not None and not isinstance(config, str):
+            raise InvalidInput("'config' must be a string parameter holding JSON")
+        await self.service.load_model(request.model_name, config)
+        return pb.RepositoryModelLoadResponse()
+
+    @_mapped
+    async def RepositoryModelUnload(self, request, context):
+        _check_repository_name(request.repository_name)
+        await self.service.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @_mapped
+    async def ModelInfer(self, request, context):
+        response = await self.service.infer(grpc_codec.decode_infer(request))
+        return grpc_codec.encode_infer(response)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently (up to ``stream_window``); replies come as they finish,
+        matched to requests by ``id``. A failed request gets ``error_message``; the stream stays."""
+        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self.stream_window)
+        running: set[asyncio.Task] = set()
+
+        async def run_one(req: pb.ModelInferRequest) -> None:
+            replies.put_nowait(await self._stream_one(req))
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(run_one(req))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*list(running), return_exceptions=True)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+                window.release()
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _stream_one(self, req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        try:
+            response = await self.service.infer(grpc_codec.decode_infer(req))
+            return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_infer(response))
+        except GatewayError as exc:
+            failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
+            return pb.ModelStreamInferResponse(error_message=exc.message, infer_response=failed)
+        except Exception:
+            log.exception("unhandled error in ModelStreamInfer")
+            failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
+            return pb.ModelStreamInferResponse(
+                error_message="internal error; see the gateway log", infer_response=failed
+            )
+
+    async def _unsupported(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not supported by onnxgate")
+
+    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _unsupported
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
+    TraceSetting = LogSettings = _unsupported
+
+
+def _check_repository_name(name: str) -> None:
+    if name:
+        raise InvalidInput(f"repository_name must be empty; onnxgate serves one repository, got '{name}'")
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: SERVING iff the gateway is ready, whatever ``service`` is asked."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    async def Check(self, request, context):
+        ok = self.service.ready and not self.service.draining
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not supported; poll Check")
+
+
+def add_to_server(server: grpc.aio.Server, service: InferenceService) -> None:
+    """Register the inference and health services on ``server``."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcInferenceServicer(service), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)
+
+
+__all__ = ["GrpcInferenceServicer", "HealthServicer", "ModelLoadError", "Unsupported", "add_to_server"]

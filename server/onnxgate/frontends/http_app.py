@@ -1,0 +1,215 @@
+"""The HTTP/REST front end: a plain ASGI app over the V2 REST paths.
+
+It reads the raw body itself (the binary tensor extension is not JSON), decodes with
+``http_codec``, calls the :class:`InferenceService`, and maps core errors through
+``status``. No serving logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from onnxgate.core import model_config
+from onnxgate.core.service import InferenceService
+from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
+from onnxgate.frontends import http_codec
+from onnxgate.frontends.status import http_status
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+class _Reply:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else _JSON
+
+
+def _ok(body: bytes = b"") -> _Reply:
+    return _Reply(200, body)
+
+
+def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> _Reply:
+    return _Reply(status, orjson.dumps({"error": message}), _JSON + (extra or []))
+
+
+class HttpApp:
+    """ASGI application serving the Open Inference Protocol REST API."""
+
+    def __init__(self, service: InferenceService, max_body_bytes: int = 1 << 30) -> None:
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            reply = await self._dispatch(scope, receive)
+        except GatewayError as exc:
+            extra = None
+            if isinstance(exc, Overloaded):
+                extra = [(b"retry-after", str(max(1, round(exc.retry_after_s))).encode())]
+            reply = _error(http_status(exc), exc.message, extra)
+        except Exception:  # the process must survive any request
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            reply = _error(500, "internal error; see the gateway log")
+        headers = list(reply.headers)
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _dispatch(self, scope: Scope, receive: Receive) -> _Reply:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        parts = [unquote(p) for p in raw_path.split(b"?", 1)[0].decode("latin-1").split("/")[1:]]
+        if parts and parts[-1] == "":
+            parts.pop()
+        method = scope["method"]
+        if not parts or parts[0] != "v2":
+            return _error(404, f"no such endpoint: {scope['path']}")
+        rest = parts[1:]
+        svc = self.service
+        if not rest:
+            return self._only(method, "GET") or _ok(orjson.dumps(svc.server_metadata()))
+        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+            if bad := self._only(method, "GET"):
+                return bad
+            ok = svc.live if rest[1] == "live" else (svc.ready and not svc.draining)
+            return _ok() if ok else _error(503, f"server is not {rest[1]}")
+        if rest[0] == "models":
+            return await self._model_route(method, rest[1:], scope, receive)
+        if rest[0] == "repository":
+            return await self._repository_route(method, rest[1:], receive)
+        return _error(404, f"no such endpoint: {scope['path']}")
+
+    @staticmethod
+    def _only(method: str, allowed: str) -> _Reply | None:
+        if method != allowed:
+            return _error(405, f"method {method} not allowed; use {allowed}", [*_JSON, (b"allow", allowed.encode())])
+        return None
+
+    async def _model_route(self, method: str, rest: list[str], scope: Scope, receive: Receive) -> _Reply:
+        svc = self.service
+        if rest == ["stats"]:
+            return self._only(method, "GET") or _ok(http_codec.stats_json(svc.statistics()))
+        if not rest:
+            return _error(404, "missing model name")
+        name, rest = rest[0], rest[1:]
+        version = ""
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+            if not version.isdigit():
+                raise ModelNotFound(f"unknown version '{version}' of model '{name}': versions are integers")
+        action = rest[0] if len(rest) == 1 else ("" if not rest else None)
+        if action == "infer":
+            if bad := self._only(method, "POST"):
+                return bad
+            return await self._infer(name, version, scope, receive)
+        if action == "":
+            return self._only(method, "GET") or _ok(http_codec.metadata_json(svc.model_metadata(name, version)))
+        if action == "ready":
+            if bad := self._only(method, "GET"):
+                return bad
+            if svc.model_ready(name, version):
+                return _ok()
+            return _error(503, f"model '{name}'" + (f" version {version}" if version else "") + " is not ready")
+        if action == "config":
+            if bad := self._only(method, "GET"):
+                return bad
+            return _ok(orjson.dumps(model_config.to_json_dict(svc.model_config(name, version))))
+        if action == "stats":
+            return self._only(method, "GET") or _ok(http_codec.stats_json(svc.statistics(name, version)))
+        return _error(404, f"no such endpoint for model '{name}'")
+
+    async def _repository_route(self, method: str, rest: list[str], receive: Receive) -> _Reply:
+        if bad := self._only(method, "POST"):
+            return bad
+        body = await self._body(receive)
+        svc = self.service
+        if rest == ["index"]:
+            doc = http_codec.parse_json_object(body)
+            return _ok(http_codec.index_json(svc.repository_index(bool(doc.get("ready", False)))))
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            doc = http_codec.parse_json_object(body)
+            params = doc.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidInput("'parameters' must be an object")
+            if rest[2] == "load":
+                if any(k.startswith("file:") for k in params):
+                    raise InvalidInput("loading model files through the API is not supported")
+                config = params.get("config")
+                if config is not None and not isinstance(config, str):
+                    raise InvalidInput("'config' must be a JSON string")
+                await svc.load_model(rest[1], config)
+            else:
+                await svc.unload_model(rest[1])
+            return _ok()
+        return _error(404, "no such repository endpoint")
+
+    async def _infer(self, name: str, version: str, scope: Scope, receive: Receive) -> _Reply:
+        headers = dict(scope["headers"])
+        body = await self._body(receive)
+        encoding = headers.get(b"content-encoding")
+        if encoding:
+            body = http_codec.decompress(body, encoding.decode("latin-1"), self.max_body_bytes)
+        header_length = None
+        if (raw := headers.get(b"inference-header-content-length")) is not None:
+            try:
+                header_length = int(raw)
+            except ValueError:
+                raise InvalidInput(f"Inference-Header-Content-Length is not an integer: {raw!r}") from None
+        request, binary_default = http_codec.decode_infer(body, header_length, name, version)
+        response = await self.service.infer(request)
+        out, json_length = http_codec.encode_infer(response, request, binary_default)
+        reply_headers: list[tuple[bytes, bytes]] = []
+        if json_length is None:
+            reply_headers.append((b"content-type", b"application/json"))
+        else:
+            reply_headers.append((b"content-type", b"application/octet-stream"))
+            reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
+        accept = headers.get(b"accept-encoding")
+        if accept:
+            out, used = http_codec.compress(out, accept.decode("latin-1"))
+            if used:
+                reply_headers.append((b"content-encoding", used.encode()))
+        return _Reply(200, out, reply_headers)
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInput("client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise InvalidInput(f"request body exceeds {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,245 @@
+"""HTTP/REST wire format <-> core types: JSON bodies and the binary tensor data extension."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from typing import Any
+
+import numpy as np
+import orjson
+
+from onnxgate.core import tensors
+from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
+from onnxgate.core.manager import IndexRow
+from onnxgate.core.service import ModelMetadata
+from onnxgate.core.stats import Duration, VersionStats
+from onnxgate.errors import InvalidInput, Unsupported
+
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+_COMPRESS_MIN_BYTES = 1024
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo a request's Content-Encoding (gzip or deflate), refusing more than ``limit`` bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise Unsupported(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    try:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
+    if len(out) > limit:
+        raise InvalidInput(f"decompressed request body exceeds {limit} bytes")
+    return out
+
+
+def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
+    """Compress an infer reply when the caller accepts gzip or deflate and it is worth it."""
+    if len(body) < _COMPRESS_MIN_BYTES or not accept_encoding:
+        return body, None
+    accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
+    if "gzip" in accepted:
+        return gzip.compress(body, compresslevel=1), "gzip"
+    if "deflate" in accepted:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
+
+
+def _loads(raw: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request JSON is malformed: {exc}") from None
+
+
+def _shape(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise InvalidInput(f"input '{name}': shape must be a list of non-negative integers, got {value!r}")
+    return value
+
+
+def decode_infer(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> tuple[InferRequest, bool]:
+    """Decode an infer body; returns the request and the request-level binary_data_output flag."""
+    if header_length is None:
+        header_length = len(body)
+    if header_length < 0 or header_length > len(body):
+        raise InvalidInput(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
+    view = memoryview(body)
+    doc = _loads(view[:header_length])
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request must have a non-empty 'inputs' list")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    offset = header_length
+    inputs: list[InferInput] = []
+    for item in raw_inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput("every input needs a 'name'")
+        name = item["name"]
+        shape = _shape(name, item.get("shape"))
+        dtype = tensors.BY_V2.get(item.get("datatype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise InvalidInput(f"input '{name}': unknown datatype {item.get('datatype')!r}")
+        in_params = item.get("parameters") or {}
+        size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(body):
+                raise InvalidInput(f"input '{name}': binary_data_size {size!r} exceeds the binary data sent")
+            data = tensors.decode_raw(name, dtype, shape, view[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            data = _from_json(name, dtype, shape, item["data"])
+        else:
+            raise InvalidInput(f"input '{name}': no 'data' and no binary_data_size")
+        inputs.append(InferInput(name, dtype.v2, shape, data))
+    if offset != len(body):
+        raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
+    outputs = []
+    for out in doc.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise InvalidInput("every requested output needs a 'name'")
+        out_params = out.get("parameters") or {}
+        outputs.append(RequestedOutput(out["name"], out_params if isinstance(out_params, dict) else {}))
+    request_id = doc.get("id", "")
+    request = InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        inputs=inputs,
+        outputs=outputs,
+        id=request_id if isinstance(request_id, str) else str(request_id),
+        parameters=params,
+        protocol="http",
+    )
+    return request, bool(params.get("binary_data_output", False))
+
+
+def _from_json(name: str, dtype: tensors.DataType, shape: list[int], data: Any) -> np.ndarray:
+    if dtype.v2 == "BYTES":
+        flat = np.asarray(data, dtype=object).ravel() if isinstance(data, list) else np.asarray([data], dtype=object)
+        items = flat.tolist()
+        if not all(isinstance(x, str) for x in items):
+            raise InvalidInput(f"input '{name}': BYTES data must be JSON strings")
+        return tensors.bytes_array(name, items, shape)
+    try:
+        arr = np.asarray(data, dtype=dtype.numpy)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input '{name}': data is not a valid {dtype.v2} array: {exc}") from None
+    count = tensors.element_count(shape)
+    if arr.size != count:
+        raise InvalidInput(f"input '{name}': shape {shape} needs {count} elements, got {arr.size}")
+    return arr.reshape(shape)
+
+
+def encode_infer(response: InferResponse, request: InferRequest, binary_default: bool) -> tuple[bytes, int | None]:
+    """Encode an infer reply; returns the body and the JSON header length when binary follows."""
+    wanted = {o.name: o.parameters for o in request.outputs}
+    tail: list[bytes] = []
+    outs = []
+    for out in response.outputs:
+        binary = wanted.get(out.name, {}).get("binary_data", binary_default)
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if binary:
+            raw = tensors.encode_raw(tensors.BY_V2[out.datatype], out.data)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        elif out.datatype == "BYTES":
+            entry["data"] = tensors.as_text_list(out.data)
+        else:
+            entry["data"] = np.ascontiguousarray(out.data).ravel()
+        outs.append(entry)
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        doc["id"] = response.id
+    doc["outputs"] = outs
+    header = orjson.dumps(doc, option=_JSON_OPTS)
+    if not tail:
+        return header, None
+    return header + b"".join(tail), len(header)
+
+
+def metadata_json(meta: ModelMetadata) -> bytes:
+    return orjson.dumps(
+        {
+            "name": meta.name,
+            "versions": meta.versions,
+            "platform": meta.platform,
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in meta.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in meta.outputs],
+        }
+    )
+
+
+def index_json(rows: list[IndexRow]) -> bytes:
+    out = []
+    for r in rows:
+        entry = {"name": r.name, "state": r.state}
+        if r.version:
+            entry["version"] = r.version
+        if r.reason:
+            entry["reason"] = r.reason
+        out.append(entry)
+    return orjson.dumps(out)
+
+
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def stats_json(stats: list[VersionStats]) -> bytes:
+    return orjson.dumps(
+        {
+            "model_stats": [
+                {
+                    "name": s.name,
+                    "version": str(s.version),
+                    "last_inference": s.last_inference_ms,
+                    "inference_count": s.inference_count,
+                    "execution_count": s.execution_count,
+                    "inference_stats": {
+                        k: _duration(getattr(s, k))
+                        for k in (
+                            "success",
+                            "fail",
+                            "queue",
+                            "compute_input",
+                            "compute_infer",
+                            "compute_output",
+                            "cache_hit",
+                            "cache_miss",
+                        )
+                    },
+                    "batch_stats": [
+                        {
+                            "batch_size": b.batch_size,
+                            "compute_input": _duration(b.compute_input),
+                            "compute_infer": _duration(b.compute_infer),
+                            "compute_output": _duration(b.compute_output),
+                        }
+                        for _, b in sorted(s.batches.items())
+                    ],
+                }
+                for s in stats
+            ]
+        }
+    )
+
+
+def parse_json_object(body: bytes) -> dict:
+    """An optional JSON object body (empty body = {})."""
+    if not body.strip():
+        return {}
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return doc

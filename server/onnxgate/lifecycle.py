@@ -1,0 +1,168 @@
+"""Composition root: build the core, start the front ends on one loop, own signals, drain.
+
+Start: listeners open (live, not ready) -> the repository loads -> ready.
+Stop (SIGTERM/SIGINT): readiness false -> optional delay while still serving -> listeners
+stop accepting and in-flight requests finish (up to the drain timeout) -> versions drain ->
+sessions are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import grpc
+import uvicorn
+from prometheus_client import CollectorRegistry, make_asgi_app
+
+from onnxgate.config import GatewayConfig
+from onnxgate.core.manager import ModelManager
+from onnxgate.core.metrics import Metrics
+from onnxgate.core.model import LoadOptions
+from onnxgate.core.repository import Repository
+from onnxgate.core.service import InferenceService
+from onnxgate.frontends import grpc_service
+from onnxgate.frontends.http_app import HttpApp
+
+log = logging.getLogger("onnxgate")
+
+
+def demo_repository() -> Path:
+    """The bundled demo model repository."""
+    return Path(str(resources.files("onnxgate.demo") / "models"))
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn on a loop and signals that the gateway owns."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway:
+    """One gateway process: core, gRPC and HTTP front ends, metrics endpoint."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        s = config.server
+        self.repository_path = Path(s.model_repository) if s.model_repository else demo_repository()
+        self.metrics = Metrics(registry)
+        self.manager = ModelManager(
+            Repository(self.repository_path),
+            LoadOptions(default_max_batch_size=s.default_max_batch_size, cpu_threads=s.cpu_threads),
+            on_change=self.metrics.model_changed,
+        )
+        self.service = InferenceService(self.manager, self.metrics)
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: list[tuple[_EmbeddedServer, asyncio.Task]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open every listener, then load the repository; ready once the load has finished."""
+        s = self.config.server
+        limit = s.grpc_max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        grpc_service.add_to_server(self._grpc, self.service)
+        self.grpc_port = self._grpc.add_insecure_port(
+            f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+        )
+        await self._grpc.start()
+        self.http_port = await self._serve_http(HttpApp(self.service, s.http_max_body_bytes), s.http_port)
+        self.metrics_port = await self._serve_http(make_asgi_app(self.metrics.registry), s.metrics_port)
+        log.info(
+            "listening: http %s:%d, grpc %s:%d, metrics %s:%d; loading %s",
+            s.host,
+            self.http_port,
+            s.host,
+            self.grpc_port,
+            s.host,
+            self.metrics_port,
+            self.repository_path,
+        )
+        await self.manager.load_all()
+        self.service.ready = True
+        rows = self.manager.index()
+        ready = sum(r.state == "READY" for r in rows)
+        log.info("ready: %d of %d model versions serving", ready, len(rows))
+
+    async def _serve_http(self, app, port: int) -> int:
+        s = self.config.server
+        sock = _listen(s.host, port)
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
+            timeout_keep_alive=75,
+        )
+        server = _EmbeddedServer(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        self._http.append((server, task))
+        return sock.getsockname()[1]
+
+    def request_stop(self) -> None:
+        """Begin the drain (signal handlers call this)."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """The drain sequence; returns when everything is closed."""
+        s = self.config.server
+        self.service.draining = True
+        log.info("draining: readiness false")
+        if s.drain_delay_s:
+            await asyncio.sleep(s.drain_delay_s)
+        for server, _ in self._http:
+            server.should_exit = True
+        waits = [task for _, task in self._http]
+        if self._grpc is not None:
+            waits.append(asyncio.ensure_future(self._grpc.stop(s.drain_timeout_s)))
+        await asyncio.gather(*waits, return_exceptions=True)
+        await self.manager.close(s.drain_timeout_s)
+        self.service.live = False
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self.wait_stopped()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
