@@ -45,9 +45,10 @@ class Draining(Unavailable):
 class Overloaded(GatewayError):
     """A bounded queue is full; the request was rejected without running."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float = 1.0, reason: str = "queue_full") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason  # "queue_full" | "timeout"
 
 
 class Unsupported(GatewayError):

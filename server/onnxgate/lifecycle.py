@@ -67,7 +67,7 @@ class Gateway:
         self.manager = ModelManager(
             Repository(self.repository_path),
             LoadOptions(default_max_batch_size=s.default_max_batch_size, cpu_threads=s.cpu_threads),
-            on_change=self.metrics.model_changed,
+            metrics=self.metrics,
         )
         self.service = InferenceService(self.manager, self.metrics)
         self.http_port = self.grpc_port = self.metrics_port = 0

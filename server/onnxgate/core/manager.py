@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from onnxgate.core import model_config
+from onnxgate.core.batcher import Batcher, policy_from_config
+from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import LoadOptions, ModelVersion
 from onnxgate.core.repository import ModelSource, Repository
-from onnxgate.core.scheduler import DirectScheduler
 from onnxgate.core.stats import VersionStats
 from onnxgate.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
@@ -35,7 +35,7 @@ class VersionEntry:
     state: str
     reason: str = ""
     model: ModelVersion | None = None
-    scheduler: DirectScheduler | None = None
+    scheduler: Batcher | None = None
     stats: VersionStats | None = None
 
 
@@ -68,14 +68,14 @@ class ModelManager:
         self,
         repository: Repository,
         options: LoadOptions,
-        on_change: Callable[[str, int, str, str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.repository = repository
         self.options = options
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
-        self._on_change = on_change or (lambda *_: None)
+        self.metrics = metrics or Metrics()
 
     # -- lookups (event loop, no blocking) -------------------------------------------------
     def get(self, name: str, version: str = "") -> VersionEntry:
@@ -141,10 +141,13 @@ class ModelManager:
             if entry is None:
                 entry = self.models[name] = ModelEntry(name)
             new = await asyncio.to_thread(self._load_versions, source, override)
+            for ver in new.versions.values():
+                if ver.model is not None:
+                    ver.scheduler = Batcher(ver.model, ver.stats, policy_from_config(ver.model.config), self.metrics)
             old = entry.versions
             entry.versions, entry.reason = new.versions, new.reason
             for ver in new.versions.values():
-                self._on_change(name, ver.version, ver.state, ver.reason)
+                self.metrics.model_changed(name, ver.version, ver.state, ver.reason)
             self._retire(old.values())
             return entry
 
@@ -157,7 +160,7 @@ class ModelManager:
             old = entry.versions
             entry.versions = {v: VersionEntry(v, UNAVAILABLE, "unloaded", stats=ver.stats) for v, ver in old.items()}
             for v in entry.versions:
-                self._on_change(name, v, UNAVAILABLE, "unloaded")
+                self.metrics.model_changed(name, v, UNAVAILABLE, "unloaded")
             self._retire(old.values())
 
     def _load_versions(self, source: ModelSource, override: mc.ModelConfig | None) -> ModelEntry:
@@ -183,11 +186,7 @@ class ModelManager:
                 log.error("model %s version %d failed to load: %s", source.name, version, reason)
                 result.versions[version] = VersionEntry(version, UNAVAILABLE, reason)
                 continue
-            stats = VersionStats(source.name, version)
-            queue = model.config.dynamic_batching.default_queue_policy.max_queue_size or 1024
-            result.versions[version] = VersionEntry(
-                version, READY, "", model, DirectScheduler(model, stats, queue), stats
-            )
+            result.versions[version] = VersionEntry(version, READY, "", model, None, VersionStats(source.name, version))
             log.info(
                 "model %s version %d ready (max_batch_size %d, providers %s)",
                 source.name,
@@ -207,9 +206,9 @@ class ModelManager:
                 task.add_done_callback(self._retiring.discard)
 
     @staticmethod
-    async def _close(scheduler: DirectScheduler, timeout: float | None = None) -> None:
+    async def _close(scheduler: Batcher, timeout: float | None = None) -> None:
         await scheduler.drain(timeout)
-        await asyncio.to_thread(scheduler.close)
+        await scheduler.close()
 
     async def close(self, timeout: float) -> None:
         """Drain every version (up to ``timeout`` seconds) and release all sessions."""

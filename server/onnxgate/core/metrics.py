@@ -50,6 +50,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_rows = Histogram(
+            "onnxgate_batch_rows",
+            "Rows per executed batch.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "onnxgate_queue_wait_seconds",
+            "Time a request waited in its version's queue before its batch started.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "onnxgate_queue_depth",
+            "Requests waiting in a version's queue.",
+            ["model", "version"],
+            registry=r,
+        )
         self.rejected = Counter(
             "onnxgate_rejected_requests",
             "Requests shed without running, by reason.",

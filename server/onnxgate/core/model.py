@@ -7,7 +7,6 @@ Everything here is synchronous. ``load`` and ``run`` block and belong in worker 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxgate.core import model_config
+from onnxgate.core import model_config, sessions
 from onnxgate.core.inference import InferInput
 from onnxgate.core.model_config import GraphTensor, TensorSpec
 from onnxgate.errors import InferenceFailed, InvalidInput, ModelLoadError
@@ -30,21 +29,6 @@ class LoadOptions:
 
     default_max_batch_size: int = 256
     cpu_threads: int = 0  # intra-op threads per session; 0 = available cores
-
-
-def available_cores() -> int:
-    """CPU cores this process may use, honouring affinity and the cgroup v2 quota."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 class ModelVersion:
@@ -70,16 +54,36 @@ class ModelVersion:
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, config: mc.ModelConfig, options: LoadOptions) -> ModelVersion:
-        """Create sessions for ``path`` and complete ``config`` from its graph (blocking)."""
+        """Create sessions for ``path``, complete ``config`` from its graph, warm up (blocking)."""
         if not path.is_file():
             raise ModelLoadError(f"version {version}: missing {path.name}")
-        session = _make_session(path, config, options)
-        graph_inputs = [GraphTensor(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
-        graph_outputs = [GraphTensor(o.name, o.type, tuple(o.shape)) for o in session.get_outputs()]
+        plans = sessions.plan_instances(config)
+        so = sessions.session_options(config, len(plans), options.cpu_threads)
+        first = sessions.create(path, config, plans[0], so)
+        graph_inputs = [GraphTensor(i.name, i.type, tuple(i.shape)) for i in first.get_inputs()]
+        graph_outputs = [GraphTensor(o.name, o.type, tuple(o.shape)) for o in first.get_outputs()]
         completed = model_config.complete(config, name, graph_inputs, graph_outputs, options.default_max_batch_size)
-        count = max(1, sum(g.count or 1 for g in completed.instance_group))
-        sessions = [session] + [_make_session(path, completed, options) for _ in range(count - 1)]
-        return cls(name, version, completed, sessions)
+        made = [first] + [sessions.create(path, completed, plan, so) for plan in plans[1:]]
+        used = sorted({s.get_providers()[0] for s in made})
+        completed.parameters["execution_provider"].string_value = ",".join(used)
+        model = cls(name, version, completed, made)
+        model.warmup(path.parent.parent)
+        return model
+
+    def warmup(self, model_dir: Path) -> None:
+        """Run every session on the warm-up feeds; a failure fails the load."""
+        declared = bool(self.config.model_warmup)
+        for feeds, count in sessions.warmup_feeds(self.config, self.inputs, model_dir):
+            for slot in range(len(self.sessions)):
+                for _ in range(count):
+                    try:
+                        self.sessions[slot].run(self.output_names, feeds)
+                    except Exception as exc:
+                        if declared:
+                            raise ModelLoadError(f"version {self.version}: warm-up run failed: {exc}") from None
+                        # Zeros with dynamic dims as 1 may not suit every graph; that is no fault.
+                        log.warning("model %s version %d: default warm-up skipped: %s", self.name, self.version, exc)
+                        return
 
     def validate(self, inputs: Sequence[InferInput]) -> tuple[dict[str, np.ndarray], int]:
         """Check inputs against the served specs; return ONNX Runtime feeds and the batch rows."""
@@ -133,16 +137,3 @@ class ModelVersion:
     def close(self) -> None:
         """Drop the sessions so their memory returns."""
         self.sessions.clear()
-
-
-def _make_session(path: Path, config: mc.ModelConfig, options: LoadOptions) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    intra = int(params.get("intra_op_thread_count", options.cpu_threads or available_cores()))
-    so.intra_op_num_threads = max(1, intra)
-    so.inter_op_num_threads = max(1, int(params.get("inter_op_thread_count", 1)))
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load {path.parent.name}/{path.name}: {exc}") from None

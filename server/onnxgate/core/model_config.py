@@ -136,6 +136,9 @@ def complete(
 
     _complete_tensors(out.input, graph_inputs, batched, "input", mc.ModelInput)
     _complete_tensors(out.output, served_outputs, batched, "output", mc.ModelOutput)
+    switch = out.parameters["dynamic_batching"].string_value if "dynamic_batching" in out.parameters else ""
+    if batched and out.WhichOneof("scheduling_choice") is None and switch.lower() not in ("off", "false", "0", "no"):
+        out.dynamic_batching.SetInParent()
     if not out.HasField("version_policy"):
         out.version_policy.latest.num_versions = 1
     if not out.instance_group:

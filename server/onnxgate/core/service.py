@@ -142,7 +142,7 @@ class InferenceService:
             feeds, rows = model.validate(request.inputs)
             wanted = model.check_outputs([o.name for o in request.outputs])
             classify = _classification(request, model)
-            results, timing = await scheduler.submit(feeds, rows, wanted)
+            results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request))
             outputs = [_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:
             elapsed = time.perf_counter_ns() - start
@@ -152,15 +152,23 @@ class InferenceService:
             outcome = _OUTCOMES.get(type(exc), "error")
             self.metrics.requests.labels(name, version, protocol, outcome).inc()
             if isinstance(exc, Overloaded):
-                self.metrics.rejected.labels(name, "queue_full").inc()
+                self.metrics.rejected.labels(name, exc.reason).inc()
             raise
         elapsed = time.perf_counter_ns() - start
         stats.record_request(rows, elapsed, timing)
         version = str(ver.version)
         self.metrics.requests.labels(name, version, protocol, "success").inc()
         self.metrics.request_latency.labels(name, protocol).observe(elapsed / 1e9)
-        self.metrics.compute_latency.labels(name, version).observe(timing.infer_ns / 1e9)
         return InferResponse(name, version, outputs, id=request.id)
+
+
+def _timeout_us(request: InferRequest) -> int | None:
+    value = request.parameters.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"parameter 'timeout' must be a non-negative integer (microseconds), got {value!r}")
+    return value
 
 
 def _classification(request: InferRequest, model: ModelVersion) -> dict[str, int]:

@@ -58,6 +58,9 @@ BY_ORT: dict[str, DataType] = {d.ort: d for d in DATATYPES}
 
 _U32 = struct.Struct("<I")
 
+# numpy (1.x) arrays have at most 32 dimensions; more would fail deep inside numpy.
+MAX_RANK = 32
+
 
 def element_count(shape: Sequence[int]) -> int:
     """Number of elements of a tensor with this (fully known) shape."""
@@ -67,8 +70,15 @@ def element_count(shape: Sequence[int]) -> int:
     return n
 
 
+def check_rank(name: str, shape: Sequence[int]) -> None:
+    """Reject shapes with more dimensions than an array can have."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions, at most {MAX_RANK} are supported")
+
+
 def decode_raw(name: str, dtype: DataType, shape: Sequence[int], buf: bytes | memoryview) -> np.ndarray:
     """Turn raw little-endian bytes into an array of ``shape``; checks the byte length."""
+    check_rank(name, shape)
     count = element_count(shape)
     if dtype.v2 == "BYTES":
         arr = deserialize_bytes(name, buf, count)
@@ -87,8 +97,12 @@ def decode_raw(name: str, dtype: DataType, shape: Sequence[int], buf: bytes | me
 def deserialize_bytes(name: str, buf: bytes | memoryview, count: int) -> np.ndarray:
     """Split length-prefixed BYTES elements into an object array of ``str``."""
     view = memoryview(buf)
-    out = np.empty(count, dtype=object)
     pos, end = 0, len(view)
+    if count * 4 > end:  # every element has a 4-byte length; never allocate for a shape the data cannot fill
+        raise InvalidInput(
+            f"input '{name}': {count} BYTES elements need at least {count * 4} bytes (4-byte lengths), got {end}"
+        )
+    out = np.empty(count, dtype=object)
     for i in range(count):
         if pos + 4 > end:
             raise InvalidInput(f"input '{name}': BYTES data ends before element {i} of {count}")
@@ -96,28 +110,32 @@ def deserialize_bytes(name: str, buf: bytes | memoryview, count: int) -> np.ndar
         pos += 4
         if pos + length > end:
             raise InvalidInput(f"input '{name}': BYTES element {i} claims {length} bytes, data ends first")
-        out[i] = _utf8(name, view[pos : pos + length])
+        out[i] = _utf8(name, view[pos : pos + length], i)
         pos += length
     if pos != end:
         raise InvalidInput(f"input '{name}': {end - pos} bytes left after {count} BYTES elements")
     return out
 
 
-def _utf8(name: str, raw: bytes | memoryview) -> str:
+def _utf8(name: str, raw: bytes | memoryview, index: int) -> str:
     try:
         return str(raw, "utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidInput(f"input '{name}': BYTES element is not UTF-8 text ({exc.reason})") from None
+        raise InvalidInput(
+            f"input '{name}': BYTES element {index} must be UTF-8 text (ONNX strings), got invalid bytes "
+            f"({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def bytes_array(name: str, items: Sequence[bytes | str], shape: Sequence[int]) -> np.ndarray:
     """An object array of ``str`` from BYTES elements given one by one (JSON or typed contents)."""
+    check_rank(name, shape)
     count = element_count(shape)
     if len(items) != count:
         raise InvalidInput(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(items)}")
     out = np.empty(count, dtype=object)
     for i, item in enumerate(items):
-        out[i] = item if isinstance(item, str) else _utf8(name, item)
+        out[i] = item if isinstance(item, str) else _utf8(name, item, i)
     return out.reshape(shape)
 
 
