@@ -334,3 +334,43 @@ def reference_run(model_path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str
     names = [o.name for o in session.get_outputs()]
     results = session.run(names, dict(feeds))
     return dict(zip(names, results, strict=True))
+
+
+def build_slow(repo: Path, name: str = "slow", version: int = 1, dim: int = 1024, layers: int = 16) -> Path:
+    """A compute-heavy chain ``y = tanh(...tanh(x @ W)... @ W)``, ``layers`` deep, one shared
+    ``dim x dim`` weight: slow enough at large batches to keep an instance busy."""
+    w = (np.random.RandomState(7).randn(dim, dim) / np.sqrt(dim)).astype(np.float32)
+    nodes = []
+    prev = "x"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
+        out = "y" if i == layers - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        prev = out
+    return _save(
+        repo,
+        name,
+        version,
+        nodes,
+        [_vi("x", TensorProto.FLOAT, [BATCH, dim])],
+        [_vi("y", TensorProto.FLOAT, [BATCH, dim])],
+        [_init("w", w)],
+    )
+
+
+def build_rowwise(repo: Path, name: str = "rowwise", version: int = 1) -> Path:
+    """``x`` float32 [batch, width] with a dynamic width -> ``y`` = x * 2 and ``s`` = row sums
+    [batch, 1]: requests of different widths must never share a tensor."""
+    nodes = [
+        helper.make_node("Add", ["x", "x"], ["y"]),
+        helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+    ]
+    return _save(
+        repo,
+        name,
+        version,
+        nodes,
+        [_vi("x", TensorProto.FLOAT, [BATCH, "width"])],
+        [_vi("y", TensorProto.FLOAT, [BATCH, "width"]), _vi("s", TensorProto.FLOAT, [BATCH, 1])],
+        [_init("axes", np.array([1], dtype=np.int64))],
+    )
