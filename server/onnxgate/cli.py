@@ -32,6 +32,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="max_batch_size given to models whose config leaves it out and whose graph can batch (default 256)",
     )
     p.add_argument("--cpu-threads", type=int, help="intra-op threads per ONNX Runtime session (default: all cores)")
+    p.add_argument(
+        "--model-control-mode", choices=["none", "poll", "explicit"],
+        help="none: load at start only; poll: follow the repository; explicit: load/unload API (default none)",
+    )
+    p.add_argument("--repository-poll-secs", type=float, help="poll interval in poll mode (default 15)")
+    p.add_argument(
+        "--load-model", action="append", metavar="NAME",
+        help="explicit mode: load this model at start (repeatable; '*' loads all)",
+    )
 
 
 _SERVER_KEYS = (

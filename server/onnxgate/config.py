@@ -44,8 +44,19 @@ class ServerConfig:
     http_max_body_bytes: int = 256 * 1024 * 1024
     default_max_batch_size: int = 256
     cpu_threads: int = 0  # intra-op threads per session; 0 = available cores
+    model_control_mode: str = "none"  # none | poll | explicit
+    repository_poll_secs: float = 15.0
+    load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
 
     def __post_init__(self) -> None:
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ConfigError(
+                f"server.model_control_mode must be none, poll or explicit, got {self.model_control_mode!r}"
+            )
+        if self.repository_poll_secs <= 0:
+            raise ConfigError(f"server.repository_poll_secs must be > 0, got {self.repository_poll_secs}")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ConfigError("server.load_model (--load-model) needs model_control_mode explicit")
         for port in ("http_port", "grpc_port", "metrics_port"):
             value = getattr(self, port)
             if not 0 <= value <= 65535:
@@ -81,6 +92,10 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         expected = type(default) if default is not dataclasses.MISSING else None
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is tuple and isinstance(value, list | str):
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{section}.{key} must be a list of strings, got {value!r}")
         if (expected is not None and not isinstance(value, expected)) or (
             isinstance(value, bool) and expected is not bool
         ):
@@ -106,6 +121,9 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
     unknown = sorted(set(doc) - {"server"})
     if unknown:
         raise ConfigError(f"unknown section(s) in config file: {', '.join(unknown)}; known: server")
-    server = dict(doc.get("server") or {})
+    section = doc.get("server") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"section 'server' must be a mapping, got {type(section).__name__}")
+    server = dict(section)
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return GatewayConfig(server=_build(ServerConfig, "server", server))

@@ -25,6 +25,7 @@ from onnxgate.config import GatewayConfig
 from onnxgate.core.manager import ModelManager
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import LoadOptions
+from onnxgate.core.poller import RepositoryPoller
 from onnxgate.core.repository import Repository
 from onnxgate.core.service import InferenceService
 from onnxgate.frontends import grpc_service
@@ -70,6 +71,8 @@ class Gateway:
             metrics=self.metrics,
         )
         self.service = InferenceService(self.manager, self.metrics)
+        self.service.control_mode = s.model_control_mode
+        self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: list[tuple[_EmbeddedServer, asyncio.Task]] = []
@@ -103,7 +106,13 @@ class Gateway:
             self.metrics_port,
             self.repository_path,
         )
-        await self.manager.load_all()
+        if s.model_control_mode == "explicit" and "*" not in s.load_model:
+            await self.manager.load_all(s.load_model)
+        else:
+            await self.manager.load_all()
+        if self.poller is not None:
+            await self.poller.prime()
+            self.poller.start()
         self.service.ready = True
         rows = self.manager.index()
         ready = sum(r.state == "READY" for r in rows)
@@ -140,8 +149,12 @@ class Gateway:
     async def stop(self) -> None:
         """The drain sequence; returns when everything is closed."""
         s = self.config.server
+        # Readiness turns false first; requests are still served (a load balancer needs a
+        # moment to notice) until the listeners close, and in-flight ones finish after that.
         self.service.draining = True
         log.info("draining: readiness false")
+        if self.poller is not None:
+            await self.poller.stop()
         if s.drain_delay_s:
             await asyncio.sleep(s.drain_delay_s)
         for server, _ in self._http:

@@ -1,30 +1,41 @@
 """Model lifecycle: load the repository, keep each version's state, find what serves a call.
 
-Loading happens in worker threads, never on the event loop. A new set of versions replaces the
-old one in a single assignment; the replaced versions drain their queued and running work
-before their sessions are released.
+**The swap.** ``load`` computes the versions the policy wants, keeps those already serving
+from unchanged files, and loads (in a worker thread, never on the loop), warms up and checks
+the rest while the old versions keep serving. Then one assignment makes the new set current:
+new requests go to it; requests already queued or running on a replaced version finish there,
+after which its sessions are released. A version that fails to load never takes traffic: when
+a wanted version fails, every version that was serving stays (the failure shows in the index,
+the log and ``onnxgate_model_load_failures_total``).
+
+**Pinning.** An override config (the load API's ``config``) is merged over config.pbtxt field
+by field and stays in force (also across polls) until a load without one. ``pin(name, v)`` is
+an override of ``version_policy { specific { versions: [v] } }``; ``rollback(name)`` pins the
+version that served before the current one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from onnxgate.core import model_config
 from onnxgate.core.batcher import Batcher, policy_from_config
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import LoadOptions, ModelVersion
-from onnxgate.core.repository import ModelSource, Repository
+from onnxgate.core.repository import Fingerprint, ModelSource, Repository, fingerprint
 from onnxgate.core.stats import VersionStats
-from onnxgate.errors import GatewayError, ModelLoadError, ModelNotFound, Unavailable
+from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
-LOADING = "LOADING"
 
 
 @dataclass(slots=True)
@@ -37,6 +48,7 @@ class VersionEntry:
     model: ModelVersion | None = None
     scheduler: Batcher | None = None
     stats: VersionStats | None = None
+    fingerprint: Fingerprint = ()  # of the version directory and config it was loaded from
 
 
 @dataclass(slots=True)
@@ -45,7 +57,10 @@ class ModelEntry:
 
     name: str
     versions: dict[int, VersionEntry] = field(default_factory=dict)
-    reason: str = ""  # model-level failure (bad config, no versions)
+    reason: str = ""  # model-level failure (bad config, no versions, unloaded)
+    override: mc.ModelConfig | None = None  # operator's config override (pin), kept until cleared
+    history: list[int] = field(default_factory=list)  # versions that served, oldest first
+    last_failures: dict[int, str] = field(default_factory=dict)  # of the latest load; 0 = model-level
 
     def ready_versions(self) -> list[VersionEntry]:
         return sorted((v for v in self.versions.values() if v.state == READY), key=lambda v: v.version, reverse=True)
@@ -61,21 +76,43 @@ class IndexRow:
     reason: str
 
 
+def merge_config(base: mc.ModelConfig, override: mc.ModelConfig) -> mc.ModelConfig:
+    """``base`` with every top-level field that ``override`` sets replaced by the override's."""
+    out = mc.ModelConfig()
+    out.CopyFrom(base)
+    for fd, value in override.ListFields():
+        out.ClearField(fd.name)
+        target = getattr(out, fd.name)
+        if fd.label == fd.LABEL_REPEATED:
+            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                target.MergeFrom(value)
+            else:
+                target.extend(value)
+        elif fd.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
+
+
+def pin_config(version: int) -> mc.ModelConfig:
+    """An override that serves exactly ``version``."""
+    config = mc.ModelConfig()
+    config.version_policy.specific.versions.append(version)
+    return config
+
+
 class ModelManager:
     """Owns every model entry; the only writer of their states."""
 
-    def __init__(
-        self,
-        repository: Repository,
-        options: LoadOptions,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, repository: Repository, options: LoadOptions, metrics: Metrics | None = None) -> None:
         self.repository = repository
         self.options = options
+        self.metrics = metrics or Metrics()
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
-        self.metrics = metrics or Metrics()
+        self._last_failures: dict[str, dict[int, str]] = {}
 
     # -- lookups (event loop, no blocking) -------------------------------------------------
     def get(self, name: str, version: str = "") -> VersionEntry:
@@ -109,7 +146,8 @@ class ModelManager:
                 rows.append(IndexRow(name, "", UNAVAILABLE, entry.reason))
             for v in sorted(entry.versions):
                 ver = entry.versions[v]
-                rows.append(IndexRow(name, str(v), ver.state, ver.reason))
+                reason = ver.reason or (f"serving; the latest load failed: {entry.reason}" if entry.reason else "")
+                rows.append(IndexRow(name, str(v), ver.state, reason))
         if ready_only:
             rows = [r for r in rows if r.state == READY]
         return rows
@@ -123,92 +161,182 @@ class ModelManager:
         ]
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def load_all(self) -> None:
-        """Load every model of the repository; failures are recorded, never raised."""
+    async def load_all(self, names: Iterable[str] | None = None) -> None:
+        """Load every model of the repository (or only ``names``); failures are recorded."""
         sources = await asyncio.to_thread(self.repository.scan)
-        await asyncio.gather(*(self.load(name, source=src) for name, src in sources.items()))
+        wanted = set(sources) if names is None else set(names) & set(sources)
+        for name in set(sources) - wanted:
+            self.models.setdefault(name, ModelEntry(name, reason="not loaded"))
+        await asyncio.gather(*(self.load(name, source=sources[name], keep_override=True) for name in sorted(wanted)))
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def load(
-        self, name: str, override: mc.ModelConfig | None = None, source: ModelSource | None = None
+        self,
+        name: str,
+        override: mc.ModelConfig | None = None,
+        source: ModelSource | None = None,
+        keep_override: bool = False,
     ) -> ModelEntry:
-        """(Re)load a model from the repository; the old versions serve until the new are ready."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        """(Re)load a model; the versions serving now keep serving until the new set is ready.
+
+        ``override`` is merged over config.pbtxt and remembered; without one, a remembered
+        override is dropped unless ``keep_override`` (polls keep it, operators' loads do not).
+        """
+        async with self.lock(name):
             if source is None:
                 source = await asyncio.to_thread(self.repository.find, name)
             if source is None:
                 raise ModelNotFound(f"model '{name}' is not in the repository")
-            entry = self.models.get(name)
-            if entry is None:
-                entry = self.models[name] = ModelEntry(name)
-            new = await asyncio.to_thread(self._load_versions, source, override)
-            for ver in new.versions.values():
-                if ver.model is not None:
-                    ver.scheduler = Batcher(ver.model, ver.stats, policy_from_config(ver.model.config), self.metrics)
-            old = entry.versions
-            entry.versions, entry.reason = new.versions, new.reason
-            for ver in new.versions.values():
-                self.metrics.model_changed(name, ver.version, ver.state, ver.reason)
-            self._retire(old.values())
+            entry = self.models.setdefault(name, ModelEntry(name))
+            if override is not None:
+                entry.override = override
+            elif not keep_override:
+                entry.override = None
+            current = {v: ver for v, ver in entry.versions.items() if ver.state == READY}
+            new = await asyncio.to_thread(self._plan_and_load, source, entry.override, current)
+            for ver in new.values():
+                if ver.model is not None and ver.scheduler is None:
+                    policy = policy_from_config(ver.model.config)
+                    ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics)
+            self._swap(entry, new)
             return entry
 
-    async def unload(self, name: str) -> None:
-        """Stop serving a model; queued and running requests finish first."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            entry = self.models.get(name)
-            if entry is None:
-                raise ModelNotFound(f"unknown model '{name}'")
-            old = entry.versions
-            entry.versions = {v: VersionEntry(v, UNAVAILABLE, "unloaded", stats=ver.stats) for v, ver in old.items()}
-            for v in entry.versions:
-                self.metrics.model_changed(name, v, UNAVAILABLE, "unloaded")
-            self._retire(old.values())
-
-    def _load_versions(self, source: ModelSource, override: mc.ModelConfig | None) -> ModelEntry:
-        """Blocking: read config, pick versions, load each; every failure becomes a reason."""
-        result = ModelEntry(source.name)
+    def _plan_and_load(
+        self, source: ModelSource, override: mc.ModelConfig | None, current: dict[int, VersionEntry]
+    ) -> dict[int, VersionEntry]:
+        """Blocking: the version set to serve next. Unchanged serving versions are reused."""
+        name = source.name
         try:
-            config = override if override is not None else source.read_config()
+            config = source.read_config()
+            if override is not None:
+                config = merge_config(config, override)
         except GatewayError as exc:
-            result.reason = exc.message
-            log.error("model %s: %s", source.name, exc.message)
-            return result
+            log.error("model %s: %s", name, exc.message)
+            return self._failed(name, current, {0: exc.message})
         if not source.versions:
-            result.reason = "no version directories"
-            log.error("model %s: no version directories in %s", source.name, source.path)
-            return result
-        for version in model_config.select_versions(config, source.versions):
+            log.error("model %s: no version directories in %s", name, source.path)
+            return self._failed(name, current, {0: "no version directories"})
+        wanted = model_config.select_versions(config, source.versions)
+        if not wanted:
+            return self._failed(name, current, {0: "no version matches the version policy"})
+        config_print = fingerprint(source.config_path) if source.config_path.exists() else ()
+        override_print = override.SerializeToString(deterministic=True) if override is not None else b""
+        new: dict[int, VersionEntry] = {}
+        failures: dict[int, str] = {}
+        for version in wanted:
+            prints = (fingerprint(source.path / str(version)), config_print, override_print)
+            old = current.get(version)
+            if old is not None and old.fingerprint == prints:
+                new[version] = old
+                continue
             try:
-                model = ModelVersion.load(
-                    source.name, version, source.model_file(version, config), config, self.options
-                )
+                model = ModelVersion.load(name, version, source.model_file(version, config), config, self.options)
             except (GatewayError, OSError, ValueError) as exc:
                 reason = getattr(exc, "message", None) or str(exc)
-                log.error("model %s version %d failed to load: %s", source.name, version, reason)
-                result.versions[version] = VersionEntry(version, UNAVAILABLE, reason)
+                log.error("model %s version %d failed to load: %s", name, version, reason)
+                failures[version] = reason
                 continue
-            result.versions[version] = VersionEntry(version, READY, "", model, None, VersionStats(source.name, version))
+            stats = old.stats if old is not None and old.stats is not None else VersionStats(name, version)
+            new[version] = VersionEntry(version, READY, "", model, None, stats, prints)
             log.info(
                 "model %s version %d ready (max_batch_size %d, providers %s)",
-                source.name,
+                name,
                 version,
                 model.max_batch_size,
                 model.providers,
             )
-        if not result.versions:
-            result.reason = "no version matches the version policy"
-        return result
+        if failures:
+            # A wanted version failed: it never takes traffic, and what served keeps serving.
+            for v, ver in current.items():
+                new.setdefault(v, ver)
+            for v, reason in failures.items():
+                self.metrics.load_failures.labels(name).inc()
+                if v not in new:
+                    new[v] = VersionEntry(v, UNAVAILABLE, reason)
+                else:  # an older copy of this version keeps serving
+                    new[v].reason = f"serving the previous files; new files failed to load: {reason}"
+                    log.warning("model %s version %d keeps serving its previous files: %s", name, v, reason)
+        self._last_failures[name] = failures
+        return new
 
-    def _retire(self, versions) -> None:
+    def _failed(self, name: str, current: dict[int, VersionEntry], reasons: dict[int, str]) -> dict[int, VersionEntry]:
+        self.metrics.load_failures.labels(name).inc()
+        self._last_failures[name] = dict(reasons)
+        if current:
+            log.warning("model %s: keeping versions %s serving", name, sorted(current))
+            return dict(current)
+        return {v: VersionEntry(v, UNAVAILABLE, r) for v, r in reasons.items()}
+
+    def _swap(self, entry: ModelEntry, new: dict[int, VersionEntry]) -> None:
+        """Make ``new`` current in one step; retire what it replaced."""
+        old = entry.versions
+        new.pop(0, None)  # the placeholder of a model-level failure
+        entry.versions = new
+        entry.last_failures = self._last_failures.pop(entry.name, {})
+        entry.reason = entry.last_failures.get(0, "")
+        ready = entry.ready_versions()
+        if ready and (not entry.history or entry.history[-1] != ready[0].version):
+            entry.history.append(ready[0].version)
+            del entry.history[:-16]
+        for v, ver in new.items():
+            self.metrics.model_changed(entry.name, v, ver.state, ver.reason)
+        for v in set(old) - set(new):
+            self.metrics.model_state.labels(entry.name, str(v)).set(0)
+        keep = {id(ver) for ver in new.values()}
+        self._retire(ver for ver in old.values() if id(ver) not in keep)
+
+    async def unload(self, name: str, reason: str = "unloaded") -> None:
+        """Stop serving a model; queued and running requests finish first."""
+        async with self.lock(name):
+            entry = self.models.get(name)
+            if entry is None:
+                raise ModelNotFound(f"unknown model '{name}'")
+            old = entry.versions
+            entry.versions = {}
+            entry.reason = reason
+            for v in old:
+                self.metrics.model_state.labels(name, str(v)).set(0)
+            self._retire(old.values())
+
+    def forget(self, name: str) -> None:
+        """Drop an unloaded model from the index (its directory is gone)."""
+        entry = self.models.get(name)
+        if entry is not None and not entry.versions:
+            del self.models[name]
+
+    async def pin(self, name: str, version: int) -> ModelEntry:
+        """Serve exactly ``version`` until unpinned (a load without override)."""
+        return await self.load(name, pin_config(version))
+
+    async def rollback(self, name: str) -> ModelEntry:
+        """Pin the version that served before the current one."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model '{name}'")
+        ready = entry.ready_versions()
+        current = ready[0].version if ready else None
+        previous = [v for v in entry.history if v != current]
+        if not previous:
+            raise InvalidInput(f"model '{name}' has no previous version to roll back to")
+        return await self.pin(name, previous[-1])
+
+    def _retire(self, versions: Iterable[VersionEntry]) -> None:
         for ver in versions:
             if ver.scheduler is not None:
-                task = asyncio.get_running_loop().create_task(self._close(ver.scheduler))
+                task = asyncio.get_running_loop().create_task(self._close(ver))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
 
     @staticmethod
-    async def _close(scheduler: Batcher, timeout: float | None = None) -> None:
-        await scheduler.drain(timeout)
-        await scheduler.close()
+    async def _close(ver: VersionEntry, timeout: float | None = None) -> None:
+        assert ver.scheduler is not None
+        await ver.scheduler.drain(timeout)
+        await ver.scheduler.close()
+        ver.scheduler = None
+        ver.model = None
+        await asyncio.to_thread(_release_memory)
 
     async def close(self, timeout: float) -> None:
         """Drain every version (up to ``timeout`` seconds) and release all sessions."""
@@ -219,4 +347,7 @@ class ModelManager:
             await asyncio.wait(list(self._retiring), timeout=timeout)
 
 
-__all__ = ["READY", "UNAVAILABLE", "IndexRow", "ModelEntry", "ModelLoadError", "ModelManager", "VersionEntry"]
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS after sessions go (glibc keeps them otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

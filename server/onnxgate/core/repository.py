@@ -35,6 +35,11 @@ class ModelSource:
         return self.path / str(version) / (config.default_model_filename or DEFAULT_MODEL_FILENAME)
 
 
+def _is_version(dirname: str) -> bool:
+    """A version directory is named by a positive integer written plainly ("3", not "03", "+3" or "³")."""
+    return dirname.isascii() and dirname.isdigit() and dirname[0] != "0"
+
+
 class Repository:
     """A local directory of models."""
 
@@ -55,13 +60,37 @@ class Repository:
     def find(self, name: str) -> ModelSource | None:
         """One model directory, or None when absent (blocking)."""
         path = self.root / name
-        if "/" in name or name.startswith(".") or not path.is_dir():
+        if not name or "/" in name or name.startswith(".") or not path.is_dir():
             return None
         return self._source(path)
 
     @staticmethod
     def _source(path: Path) -> ModelSource:
-        versions = tuple(
-            sorted(int(v.name) for v in path.iterdir() if v.is_dir() and v.name.isdigit() and int(v.name) > 0)
-        )
+        versions = tuple(sorted(int(v.name) for v in path.iterdir() if v.is_dir() and _is_version(v.name)))
         return ModelSource(path.name, path, versions)
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """(relative path, size, mtime) of every file under ``path`` (or of ``path`` itself): it
+    changes whenever a file is written, so equal fingerprints one poll apart mean "settled"."""
+    if path.is_file():
+        st = path.stat()
+        return ((path.name, st.st_size, st.st_mtime_ns),)
+    out = []
+    for f in sorted(path.rglob("*")):
+        try:
+            if f.is_file():
+                st = f.stat()
+                out.append((str(f.relative_to(path)), st.st_size, st.st_mtime_ns))
+        except OSError:  # removed while we looked: the next poll sees the new state
+            continue
+    return tuple(out)
+
+
+def model_fingerprints(source: ModelSource) -> tuple[Fingerprint, dict[int, Fingerprint]]:
+    """The config's fingerprint and each version directory's (blocking)."""
+    config = fingerprint(source.config_path) if source.config_path.exists() else ()
+    return config, {v: fingerprint(source.path / str(v)) for v in source.versions}

@@ -8,11 +8,14 @@ It knows nothing of gRPC or HTTP.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from onnxgate import __version__
+from onnxgate.core import manager as manager_mod
 from onnxgate.core import model_config
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
 from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
@@ -27,6 +30,7 @@ from onnxgate.errors import (
     ModelNotFound,
     Overloaded,
     Unavailable,
+    Unsupported,
 )
 from onnxgate_client.pb import model_config_pb2 as mc
 
@@ -38,6 +42,8 @@ EXTENSIONS = (
     "model_repository",
     "statistics",
 )
+
+_NO_CONTROL = "model control mode 'none' does not allow %s; start with --model-control-mode explicit or poll"
 
 _OUTCOMES: dict[type, str] = {
     InvalidInput: "invalid_input",
@@ -73,6 +79,7 @@ class InferenceService:
         self.live = True
         self.ready = False
         self.draining = False
+        self.control_mode = "none"  # none | poll | explicit
 
     # -- health and metadata ---------------------------------------------------------------
     def server_metadata(self) -> dict:
@@ -84,7 +91,7 @@ class InferenceService:
             self.manager.get(name, version)
         except Unavailable:
             return False
-        return not self.draining
+        return self.ready and not self.draining
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         ver = self.manager.get(name, version)
@@ -117,14 +124,42 @@ class InferenceService:
     def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
         return self.manager.index(ready_only)
 
-    async def load_model(self, name: str, config_json: str | None = None) -> None:
-        override = model_config.parse_json(config_json) if config_json else None
-        entry = await self.manager.load(name, override)
-        if not entry.ready_versions():
-            reason = entry.reason or "; ".join(f"version {v.version}: {v.reason}" for v in entry.versions.values())
-            raise ModelLoadError(f"failed to load model '{name}': {reason}")
+    async def load_model(self, name: str, params: Mapping[str, Any] | None = None) -> None:
+        """(Re)load ``name`` per the repository load API's parameters: ``config`` (JSON, merged
+        over config.pbtxt and kept until a load without it), ``version`` (pin one version),
+        ``rollback`` (pin the version that served before). Raises when a wanted version failed."""
+        params = dict(params or {})
+        if any(k.startswith("file:") for k in params):
+            raise Unsupported("loading model files through the API is not supported")
+        config_json = params.pop("config", None)
+        if config_json is not None and not isinstance(config_json, str):
+            raise InvalidInput("load parameter 'config' must be a string holding JSON")
+        version = params.pop("version", None)
+        if version is not None:
+            if isinstance(version, str) and version.isdigit():
+                version = int(version)
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise InvalidInput(f"load parameter 'version' must be a positive integer, got {version!r}")
+        rollback = params.pop("rollback", False)
+        if not isinstance(rollback, bool):
+            raise InvalidInput(f"load parameter 'rollback' must be a boolean, got {rollback!r}")
+        if self.control_mode == "none":
+            raise Unsupported(_NO_CONTROL % "loading")
+        if rollback:
+            entry = await self.manager.rollback(name)
+        else:
+            override = model_config.parse_json(config_json) if config_json else None
+            if version is not None:
+                override = manager_mod.merge_config(override or mc.ModelConfig(), manager_mod.pin_config(version))
+            entry = await self.manager.load(name, override)
+        if entry.last_failures or not entry.ready_versions():
+            reasons = entry.last_failures or {0: entry.reason or "no version is ready"}
+            detail = "; ".join(f"version {v}: {r}" if v else r for v, r in sorted(reasons.items()))
+            raise ModelLoadError(f"failed to load model '{name}': {detail}")
 
     async def unload_model(self, name: str) -> None:
+        if self.control_mode == "none":
+            raise Unsupported(_NO_CONTROL % "unloading")
         await self.manager.unload(name)
 
     # -- inference ---------------------------------------------------------------------------
@@ -134,8 +169,6 @@ class InferenceService:
         name, protocol = request.model_name, request.protocol
         ver: VersionEntry | None = None
         try:
-            if self.draining:
-                raise Draining("server is shutting down")
             ver = self.manager.get(name, request.model_version)
             model, stats, scheduler = ver.model, ver.stats, ver.scheduler
             assert model is not None and stats is not None and scheduler is not None

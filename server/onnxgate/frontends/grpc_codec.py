@@ -46,8 +46,18 @@ def params_dict(params) -> dict[str, Any]:
 def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
     """Decode a ModelInferRequest; every error names the input at fault."""
     raw = req.raw_input_contents
-    if raw and len(raw) != len(req.inputs):
-        raise InvalidInput(f"{len(req.inputs)} inputs but {len(raw)} raw_input_contents entries")
+    if raw:
+        for t in req.inputs:
+            if t.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{t.name}': contents and raw_input_contents cannot be mixed; "
+                    "send every input's data in raw_input_contents or every input's in contents"
+                )
+        if len(raw) != len(req.inputs):
+            raise InvalidInput(
+                f"{len(req.inputs)} inputs need {len(req.inputs)} raw_input_contents entries "
+                f"(one per input, in order), got {len(raw)}"
+            )
     inputs: list[InferInput] = []
     for i, t in enumerate(req.inputs):
         name = t.name
@@ -57,6 +67,7 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
         shape = list(t.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+        tensors.check_rank(name, shape)
         if t.parameters and any(k in t.parameters for k in _SHM_KEYS):
             raise Unsupported(f"input '{name}': shared memory is not supported")
         has_contents = t.HasField("contents")

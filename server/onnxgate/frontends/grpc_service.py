@@ -92,13 +92,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_mapped
     async def RepositoryModelLoad(self, request, context):
         _check_repository_name(request.repository_name)
-        params = grpc_codec.repository_params(request.parameters)
-        if any(k.startswith("file:") for k in params):
-            raise InvalidInput("loading model files through the API is not supported")
-        config = params.get("config")
-        if config is not None and not isinstance(config, str):
-            raise InvalidInput("'config' must be a string parameter holding JSON")
-        await self.service.load_model(request.model_name, config)
+        await self.service.load_model(request.model_name, grpc_codec.repository_params(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @_mapped

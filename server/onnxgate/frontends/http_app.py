@@ -7,16 +7,17 @@ It reads the raw body itself (the binary tensor extension is not JSON), decodes 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import orjson
 
 from onnxgate.core import model_config
 from onnxgate.core.service import InferenceService
-from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
+from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, Unsupported
 from onnxgate.frontends import http_codec
 from onnxgate.frontends.status import http_status
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+
+T = TypeVar("T")
 
 _JSON = [(b"content-type", b"application/json")]
 
@@ -61,6 +64,9 @@ class HttpApp:
             return
         try:
             reply = await self._dispatch(scope, receive)
+        except ClientGone:
+            log.debug("client gone before %s %s was answered", scope.get("method"), scope.get("path"))
+            return
         except GatewayError as exc:
             extra = None
             if isinstance(exc, Overloaded):
@@ -100,7 +106,7 @@ class HttpApp:
     @staticmethod
     def _only(method: str, allowed: str) -> _Reply | None:
         if method != allowed:
-            return _error(405, f"method {method} not allowed; use {allowed}", [*_JSON, (b"allow", allowed.encode())])
+            return _error(405, f"method {method} not allowed; use {allowed}", [(b"allow", allowed.encode())])
         return None
 
     async def _model_route(self, method: str, rest: list[str], scope: Scope, receive: Receive) -> _Reply:
@@ -150,12 +156,7 @@ class HttpApp:
             if not isinstance(params, dict):
                 raise InvalidInput("'parameters' must be an object")
             if rest[2] == "load":
-                if any(k.startswith("file:") for k in params):
-                    raise InvalidInput("loading model files through the API is not supported")
-                config = params.get("config")
-                if config is not None and not isinstance(config, str):
-                    raise InvalidInput("'config' must be a JSON string")
-                await svc.load_model(rest[1], config)
+                await svc.load_model(rest[1], params)
             else:
                 await svc.unload_model(rest[1])
             return _ok()
@@ -166,7 +167,10 @@ class HttpApp:
         body = await self._body(receive)
         encoding = headers.get(b"content-encoding")
         if encoding:
-            body = http_codec.decompress(body, encoding.decode("latin-1"), self.max_body_bytes)
+            try:
+                body = http_codec.decompress(body, encoding.decode("latin-1"), self.max_body_bytes)
+            except Unsupported as exc:  # like Triton: 501 and the encodings that would work
+                return _error(http_status(exc), exc.message, [(b"accept-encoding", b"gzip, deflate")])
         header_length = None
         if (raw := headers.get(b"inference-header-content-length")) is not None:
             try:
@@ -174,7 +178,7 @@ class HttpApp:
             except ValueError:
                 raise InvalidInput(f"Inference-Header-Content-Length is not an integer: {raw!r}") from None
         request, binary_default = http_codec.decode_infer(body, header_length, name, version)
-        response = await self.service.infer(request)
+        response = await _unless_disconnected(self.service.infer(request), receive)
         out, json_length = http_codec.encode_infer(response, request, binary_default)
         reply_headers: list[tuple[bytes, bytes]] = []
         if json_length is None:
@@ -203,6 +207,36 @@ class HttpApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The HTTP client closed its connection before the answer was ready."""
+
+
+async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """Await ``work``, cancelling it (and so taking its request out of any queue) when the
+    client disconnects first."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def on_message(watch: asyncio.Task) -> None:
+        nonlocal gone
+        if not watch.cancelled() and watch.exception() is None and watch.result()["type"] == "http.disconnect":
+            gone = True
+            task.cancel()
+
+    watch = asyncio.get_running_loop().create_task(receive())
+    watch.add_done_callback(on_message)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientGone() from None
+        raise
+    finally:
+        watch.remove_done_callback(on_message)
+        watch.cancel()
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

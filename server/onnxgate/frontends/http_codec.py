@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from typing import Any
 
@@ -42,24 +43,49 @@ def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
     """Compress an infer reply when the caller accepts gzip or deflate and it is worth it."""
     if len(body) < _COMPRESS_MIN_BYTES or not accept_encoding:
         return body, None
-    accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
-    if "gzip" in accepted:
+    accepted = _accepted_encodings(accept_encoding)
+    wildcard = accepted.get("*", 0.0)
+    if accepted.get("gzip", wildcard) > 0:
         return gzip.compress(body, compresslevel=1), "gzip"
-    if "deflate" in accepted:
+    if accepted.get("deflate", wildcard) > 0:
         return zlib.compress(body, 1), "deflate"
     return body, None
+
+
+def _accepted_encodings(accept_encoding: str) -> dict[str, float]:
+    """Accept-Encoding as coding -> q-value; ``gzip;q=0`` means "not gzip" (RFC 9110)."""
+    out: dict[str, float] = {}
+    for part in accept_encoding.split(","):
+        coding, *params = part.split(";")
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if coding.strip():
+            out[coding.strip().lower()] = q
+    return out
 
 
 def _loads(raw: bytes | memoryview) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request JSON is malformed: {exc}") from None
+        # orjson rejects the NaN/Infinity/-Infinity tokens that Python clients send for
+        # non-finite floats (json.dumps allows them) and that Triton accepts; retry with json.
+        try:
+            return json.loads(bytes(raw))
+        except (ValueError, RecursionError):
+            raise InvalidInput(f"request JSON is malformed: {exc}") from None
 
 
 def _shape(name: str, value: Any) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
         raise InvalidInput(f"input '{name}': shape must be a list of non-negative integers, got {value!r}")
+    tensors.check_rank(name, value)
     return value
 
 
@@ -88,14 +114,20 @@ def decode_infer(
             raise InvalidInput("every input needs a 'name'")
         name = item["name"]
         shape = _shape(name, item.get("shape"))
-        dtype = tensors.BY_V2.get(item.get("datatype"))  # type: ignore[arg-type]
+        datatype = item.get("datatype")
+        dtype = tensors.BY_V2.get(datatype) if isinstance(datatype, str) else None
         if dtype is None:
             raise InvalidInput(f"input '{name}': unknown datatype {item.get('datatype')!r}")
         in_params = item.get("parameters") or {}
         size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(body):
-                raise InvalidInput(f"input '{name}': binary_data_size {size!r} exceeds the binary data sent")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}")
+            if offset + size > len(body):
+                raise InvalidInput(
+                    f"input '{name}': binary_data_size {size} exceeds the binary data sent: "
+                    f"{len(body) - offset} bytes left after the JSON header and earlier inputs"
+                )
             data = tensors.decode_raw(name, dtype, shape, view[offset : offset + size])
             offset += size
         elif "data" in item:
@@ -105,8 +137,11 @@ def decode_infer(
         inputs.append(InferInput(name, dtype.v2, shape, data))
     if offset != len(body):
         raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
+    requested = doc.get("outputs") or []
+    if not isinstance(requested, list):
+        raise InvalidInput(f"'outputs' must be a list, got {type(requested).__name__}")
     outputs = []
-    for out in doc.get("outputs") or []:
+    for out in requested:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput("every requested output needs a 'name'")
         out_params = out.get("parameters") or {}
@@ -130,6 +165,10 @@ def _from_json(name: str, dtype: tensors.DataType, shape: list[int], data: Any) 
         items = flat.tolist()
         if not all(isinstance(x, str) for x in items):
             raise InvalidInput(f"input '{name}': BYTES data must be JSON strings")
+        try:
+            "".join(items).encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+            raise InvalidInput(f"input '{name}': BYTES element is not valid Unicode text ({exc.reason})") from None
         return tensors.bytes_array(name, items, shape)
     try:
         arr = np.asarray(data, dtype=dtype.numpy)
@@ -146,6 +185,7 @@ def encode_infer(response: InferResponse, request: InferRequest, binary_default:
     wanted = {o.name: o.parameters for o in request.outputs}
     tail: list[bytes] = []
     outs = []
+    nonfinite = False
     for out in response.outputs:
         binary = wanted.get(out.name, {}).get("binary_data", binary_default)
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
@@ -156,16 +196,29 @@ def encode_infer(response: InferResponse, request: InferRequest, binary_default:
         elif out.datatype == "BYTES":
             entry["data"] = tensors.as_text_list(out.data)
         else:
-            entry["data"] = np.ascontiguousarray(out.data).ravel()
+            data = np.ascontiguousarray(out.data).ravel()
+            nonfinite = nonfinite or (data.dtype.kind == "f" and not np.isfinite(data).all())
+            entry["data"] = data
         outs.append(entry)
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         doc["id"] = response.id
     doc["outputs"] = outs
-    header = orjson.dumps(doc, option=_JSON_OPTS)
+    header = _dumps_nonfinite(doc) if nonfinite else orjson.dumps(doc, option=_JSON_OPTS)
     if not tail:
         return header, None
     return header + b"".join(tail), len(header)
+
+
+def _dumps_nonfinite(doc: dict) -> bytes:
+    """JSON with NaN, Infinity and -Infinity tokens, as Triton writes them (orjson writes null)."""
+
+    def default(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        raise TypeError(f"cannot serialize {type(value).__name__}")
+
+    return json.dumps(doc, default=default, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def metadata_json(meta: ModelMetadata) -> bytes:
