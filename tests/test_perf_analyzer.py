@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from gateway import GatewayProcess
 
 WRAPPER = Path(

@@ -43,6 +43,24 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _models_parser(sub: argparse._SubParsersAction) -> None:
+    # --url and --json work before or after the action: `onnxgate models list --json`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help="the gateway's HTTP address (http://127.0.0.1:8000)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
+    p = sub.add_parser("models", parents=[common], help="list, load, unload or roll back models of a running gateway")
+    p.set_defaults(url="http://127.0.0.1:8000", json=False)
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[common], help="the repository index: models, versions, states, reasons")
+    load = actions.add_parser("load", parents=[common], help="load or reload a model; --version pins one version")
+    load.add_argument("name")
+    load.add_argument("--version", type=int, help="serve exactly this version until the next plain load")
+    unload = actions.add_parser("unload", parents=[common], help="stop serving a model (in-flight requests finish)")
+    unload.add_argument("name")
+    back = actions.add_parser("rollback", parents=[common], help="pin the version that served before the current one")
+    back.add_argument("name")
+
+
 _SERVER_KEYS = (
     "model_repository",
     "host",
@@ -56,6 +74,9 @@ _SERVER_KEYS = (
     "http_max_body_bytes",
     "default_max_batch_size",
     "cpu_threads",
+    "model_control_mode",
+    "repository_poll_secs",
+    "load_model",
 )
 
 
@@ -65,9 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"onnxgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _models_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "models":
+        from onnxgate import admin
+
+        return admin.run(args.action, args.url, getattr(args, "name", None), getattr(args, "version", None), args.json)
     parser.error(f"unknown command {args.command}")
     return 2
 
