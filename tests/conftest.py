@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import modelzoo  # noqa: E402
-from gateway import GatewayProcess  # noqa: E402
+import modelzoo
+from gateway import GatewayProcess
 
 
 @pytest.fixture(scope="session")

@@ -226,11 +226,14 @@ def _output(model: ModelVersion, name: str, arr: np.ndarray, classify: int) -> I
     # Top-k classes per batch row (or of the whole tensor without a batch dimension), as
     # "value:index" strings, highest first, like Triton's classification extension.
     rows = arr.reshape(arr.shape[0], -1) if model.batched else arr.reshape(1, -1)
-    k = min(classify, rows.shape[1])
-    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    n = rows.shape[1]
+    k = min(classify, n)
+    # Descending order, ties by lower index, without negating (which overflows integers).
+    top = (n - 1 - np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1])[:, :k]
     values = np.take_along_axis(rows, top, axis=1)
+    fmt = "{:f}:{}" if values.dtype.kind == "f" else "{}:{}"
     labels = np.array(
-        [f"{v:f}:{i}" for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)], dtype=object
+        [fmt.format(v, i) for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)], dtype=object
     ).reshape(values.shape)
     if not model.batched:
         labels = labels.reshape(k)

@@ -34,6 +34,8 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
+WARMUP_BUDGET_BYTES = 16 * 1024 * 1024  # the default warm-up batch's inputs stay under this
+
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -133,7 +135,9 @@ def create(path: Path, config: mc.ModelConfig, plan: InstancePlan, options: ort.
     if plan.wanted != CPU and not any((p[0] if isinstance(p, tuple) else p) == plan.wanted for p in providers):
         log.warning(
             "model %s: %s is not available in this ONNX Runtime build (has %s); falling back to CPU",
-            config.name or path.parent.parent.name, plan.wanted, ort.get_available_providers(),
+            config.name or path.parent.parent.name,
+            plan.wanted,
+            ort.get_available_providers(),
         )
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers or [CPU])
@@ -143,10 +147,15 @@ def create(path: Path, config: mc.ModelConfig, plan: InstancePlan, options: ort.
 
 def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_dir: Path) -> list[tuple[dict, int]]:
     """Warm-up feeds and repeat counts: the config's ``model_warmup``, or else one run of zeros
-    at the largest batch size (dynamic dims as 1)."""
+    at the largest batch size whose inputs fit ``WARMUP_BUDGET_BYTES`` (dynamic dims as 1)."""
     batched = config.max_batch_size > 0
     if not config.model_warmup:
         rows = config.max_batch_size if batched else 0
+        if batched:  # the largest batch, within a memory budget for the zero inputs
+            row_bytes = sum(
+                max(1, spec.dtype.itemsize) * int(np.prod(_shape(0, spec.dims))) for spec in inputs.values()
+            )
+            rows = max(1, min(rows, WARMUP_BUDGET_BYTES // max(1, row_bytes)))
         feeds = {n: _filled(spec.dtype.numpy, _shape(rows, spec.dims), "zero") for n, spec in inputs.items()}
         return [(feeds, 1)]
     runs = []
