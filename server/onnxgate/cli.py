@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from onnxgate import __version__
 from onnxgate.config import ConfigError, load
+from onnxgate.errors import GatewayError
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +121,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"onnxgate: {exc}", file=sys.stderr)
         return 1
+    except GatewayError as exc:  # e.g. routes naming models the repository does not have
+        print(f"onnxgate: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 

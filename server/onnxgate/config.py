@@ -21,7 +21,10 @@ from typing import Any
 
 import yaml
 
-from onnxgate.errors import GatewayError
+from onnxgate.core.router import Route, parse_routes
+from onnxgate.errors import GatewayError, InvalidInput
+
+SECTIONS = ("server", "routes")
 
 
 class ConfigError(GatewayError):
@@ -77,6 +80,8 @@ class GatewayConfig:
     """The whole gateway configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    routes: tuple[Route, ...] = ()
+    path: str = ""  # the file it was read from ("" = none), for SIGHUP re-reads
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
@@ -118,12 +123,23 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    unknown = sorted(set(doc) - {"server"})
+    unknown = sorted(set(doc) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) in config file: {', '.join(unknown)}; known: server")
+        raise ConfigError(f"unknown section(s) in config file: {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     section = doc.get("server") or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"section 'server' must be a mapping, got {type(section).__name__}")
     server = dict(section)
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return GatewayConfig(server=_build(ServerConfig, "server", server))
+    try:
+        routes = parse_routes(doc.get("routes"))
+    except InvalidInput as exc:
+        raise ConfigError(f"routes: {exc.message}") from None
+    return GatewayConfig(
+        server=_build(ServerConfig, "server", server), routes=routes, path=str(path) if path is not None else ""
+    )
+
+
+def load_routes(path: str | Path) -> tuple[Route, ...]:
+    """Only the ``routes`` section of a config file (for SIGHUP re-reads)."""
+    return load(path).routes

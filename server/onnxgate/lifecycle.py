@@ -21,6 +21,7 @@ import grpc
 import uvicorn
 from prometheus_client import CollectorRegistry, make_asgi_app
 
+from onnxgate import config as config_mod
 from onnxgate.config import GatewayConfig
 from onnxgate.core.manager import ModelManager
 from onnxgate.core.metrics import Metrics
@@ -28,6 +29,7 @@ from onnxgate.core.model import LoadOptions
 from onnxgate.core.poller import RepositoryPoller
 from onnxgate.core.repository import Repository
 from onnxgate.core.service import InferenceService
+from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.http_app import HttpApp
 
@@ -110,6 +112,7 @@ class Gateway:
             await self.manager.load_all(s.load_model)
         else:
             await self.manager.load_all()
+        self.service.set_routes(self.config.routes)  # validated against the repository's models
         if self.poller is not None:
             await self.poller.prime()
             self.poller.start()
@@ -139,6 +142,18 @@ class Gateway:
         self._http.append((server, task))
         return sock.getsockname()[1]
 
+    def reload_routes(self) -> None:
+        """SIGHUP: re-read the routes from the config file; on any error keep the old ones."""
+        if not self.config.path:
+            log.warning("SIGHUP: no --config file to re-read routes from")
+            return
+        try:
+            self.service.set_routes(config_mod.load_routes(self.config.path))
+        except GatewayError as exc:
+            log.error("SIGHUP: routes not changed: %s", exc.message)
+            return
+        log.info("SIGHUP: routes reloaded: %s", sorted(self.service.routes.routes))
+
     def request_stop(self) -> None:
         """Begin the drain (signal handlers call this)."""
         self._stop.set()
@@ -163,6 +178,7 @@ class Gateway:
         if self._grpc is not None:
             waits.append(asyncio.ensure_future(self._grpc.stop(s.drain_timeout_s)))
         await asyncio.gather(*waits, return_exceptions=True)
+        await self.service.shadows.close(s.drain_timeout_s)
         await self.manager.close(s.drain_timeout_s)
         self.service.live = False
         log.info("stopped")
@@ -172,10 +188,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_routes)
         try:
             await self.start()
             await self.wait_stopped()
         finally:
             await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

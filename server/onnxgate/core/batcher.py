@@ -59,6 +59,7 @@ class _Pending:
     enqueued_ns: int
     deadline_ns: int = 0
     timer: asyncio.TimerHandle | None = field(default=None)
+    shadow: bool = False
 
 
 class Batcher:
@@ -93,10 +94,21 @@ class Batcher:
         return len(self._queue)
 
     async def submit(
-        self, feeds: Mapping[str, np.ndarray], rows: int, outputs: Sequence[str], timeout_us: int | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        rows: int,
+        outputs: Sequence[str],
+        timeout_us: int | None = None,
+        shadow: bool = False,
     ) -> tuple[list[np.ndarray], ExecutionTiming]:
-        """Queue one validated request and wait for its own rows of ``outputs``."""
-        if len(self._queue) >= self.policy.max_queue_size:
+        """Queue one validated request and wait for its own rows of ``outputs``.
+
+        Shadow requests are the first shed: refused once the queue is half full, and evicted
+        (newest first) to make room for a primary request when it is full."""
+        if shadow and len(self._queue) >= self.policy.max_queue_size // 2:
+            self.shed += 1
+            raise Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
+        if len(self._queue) >= self.policy.max_queue_size and not (not shadow and self._evict_shadow()):
             self.shed += 1
             raise Overloaded(
                 f"model '{self.model.name}' version {self.model.version}: queue is full "
@@ -104,7 +116,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter_ns()
-        item = _Pending(feeds, rows, tuple(outputs), self._key(feeds, outputs), loop.create_future(), now)
+        key = self._key(feeds, outputs)
+        item = _Pending(feeds, rows, tuple(outputs), key, loop.create_future(), now, shadow=shadow)
         timeout_ns = self.policy.default_timeout_ns
         if timeout_us and (not timeout_ns or self.policy.allow_timeout_override):
             timeout_ns = timeout_us * 1000 if not timeout_ns else min(timeout_ns, timeout_us * 1000)
@@ -123,6 +136,19 @@ class Batcher:
         finally:
             if item.timer is not None:
                 item.timer.cancel()
+
+    def _evict_shadow(self) -> bool:
+        """Fail the newest queued shadow request to free its place; False when there is none."""
+        for i in range(len(self._queue) - 1, -1, -1):
+            item = self._queue[i]
+            if item.shadow and not item.future.done():
+                del self._queue[i]
+                self.shed += 1
+                item.future.set_exception(
+                    Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
+                )
+                return True
+        return False
 
     def _key(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple:
         if not self.policy.enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class InferRequest:
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
     protocol: str = ""  # "grpc" | "http", for metrics and logs only
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case HTTP headers / gRPC metadata
 
 
 @dataclass(slots=True)

@@ -82,10 +82,40 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self._shadow_metrics(r)
         self.load_failures = Counter(
             "onnxgate_model_load_failures",
             "Model version loads that failed.",
             ["model"],
+            registry=r,
+        )
+
+    def _shadow_metrics(self, r: CollectorRegistry) -> None:
+        pair = ["route", "primary", "shadow"]
+        self.shadow_requests = Counter(
+            "onnxgate_shadow_requests",
+            "Shadow requests by outcome: compared, failed, dropped (over budget or shed).",
+            [*pair, "outcome"],
+            registry=r,
+        )
+        self.shadow_abs_diff = Histogram(
+            "onnxgate_shadow_abs_diff",
+            "Absolute difference of shadow and primary outputs per request (stat: max or mean over elements).",
+            [*pair, "output", "stat"],
+            buckets=(0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100),
+            registry=r,
+        )
+        self.shadow_argmax_rows = Counter(
+            "onnxgate_shadow_argmax_rows",
+            "Rows of 2-D float outputs whose argmax agrees (agree=true) or not between shadow and primary.",
+            [*pair, "output", "agree"],
+            registry=r,
+        )
+        self.shadow_latency_diff = Histogram(
+            "onnxgate_shadow_latency_diff_seconds",
+            "Shadow latency minus primary latency.",
+            pair,
+            buckets=(-1, -0.1, -0.01, -0.001, 0, 0.001, 0.01, 0.1, 1, 10),
             registry=r,
         )
 

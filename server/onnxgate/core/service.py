@@ -8,7 +8,7 @@ It knows nothing of gRPC or HTTP.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,13 @@ import numpy as np
 from onnxgate import __version__
 from onnxgate.core import manager as manager_mod
 from onnxgate.core import model_config
+from onnxgate.core.comparison import Comparator
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
 from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import ModelVersion
+from onnxgate.core.router import Route, RouteTable, Target
+from onnxgate.core.shadow import ShadowRunner
 from onnxgate.core.stats import VersionStats
 from onnxgate.errors import (
     Draining,
@@ -80,13 +83,18 @@ class InferenceService:
         self.ready = False
         self.draining = False
         self.control_mode = "none"  # none | poll | explicit
+        self.routes = RouteTable()
+        self.shadows = ShadowRunner(Comparator(metrics))
 
     # -- health and metadata ---------------------------------------------------------------
     def server_metadata(self) -> dict:
         return {"name": "onnxgate", "version": __version__, "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether the model (version) can serve now; unknown models raise ModelNotFound."""
+        """Whether the model (version) can serve now; unknown models raise ModelNotFound.
+        A route is ready when its primary target is."""
+        if route := self._route(name, version):
+            name, version = route.primary.model, route.primary.version
         try:
             self.manager.get(name, version)
         except Unavailable:
@@ -94,11 +102,15 @@ class InferenceService:
         return self.ready and not self.draining
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """A model's metadata; a route shows its primary target's under the route's name."""
+        asked = name
+        if route := self._route(name, version):
+            name, version = route.primary.model, route.primary.version
         ver = self.manager.get(name, version)
         model = ver.model
         assert model is not None
         return ModelMetadata(
-            name=name,
+            name=asked,
             versions=[str(v.version) for v in self.manager.models[name].ready_versions()],
             platform=model.config.platform,
             inputs=[TensorMetadata(t.name, t.dtype.v2, t.shape(model.batched)) for t in model.inputs.values()],
@@ -106,6 +118,14 @@ class InferenceService:
         )
 
     def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        """A model's completed config; a route shows its primary target's under the route's name."""
+        if route := self._route(name, version):
+            model = self.manager.get(route.primary.model, route.primary.version).model
+            assert model is not None
+            config = mc.ModelConfig()
+            config.CopyFrom(model.config)
+            config.name = name
+            return config
         model = self.manager.get(name, version).model
         assert model is not None
         return model.config
@@ -162,20 +182,75 @@ class InferenceService:
             raise Unsupported(_NO_CONTROL % "unloading")
         await self.manager.unload(name)
 
+    # -- routes ------------------------------------------------------------------------------
+    def _route(self, name: str, version: str) -> Route | None:
+        route = self.routes.get(name)
+        if route is not None and version:
+            raise ModelNotFound(f"'{name}' is a route; routes have no versions")
+        return route
+
+    def set_routes(self, routes: Iterable[Route]) -> None:
+        """Replace the whole route table in one step, after validating it."""
+        table = RouteTable(routes)
+        table.validate(list(self.manager.models))
+        self.routes = table
+
+    def put_route(self, route: Route) -> None:
+        """Add or replace one route (validated; the others stay as they are)."""
+        self.set_routes([*(r for n, r in self.routes.routes.items() if n != route.name), route])
+
+    def delete_route(self, name: str) -> None:
+        if name not in self.routes.routes:
+            raise ModelNotFound(f"unknown route '{name}'")
+        self.set_routes(r for n, r in self.routes.routes.items() if n != name)
+
+    def comparison(self, name: str) -> dict:
+        """The route's shadow comparison summary."""
+        route = self.routes.get(name)
+        if route is None:
+            raise ModelNotFound(f"unknown route '{name}'")
+        return self.shadows.comparator.summary(name)
+
     # -- inference ---------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
-        """Run one request; raises a :class:`GatewayError` subclass on any failure."""
+        """Run one request; raises a :class:`GatewayError` subclass on any failure.
+
+        A route name picks a split target (and maybe mirrors to its shadow); the response's
+        ``model_name`` and ``model_version`` say which target answered."""
+        route = self._route(request.model_name, request.model_version) if self.routes.routes else None
+        if route is None:
+            return await self._infer(request, request.model_name, request.model_version)
+        target = self.routes.choose(route, request.headers)
+        mirror = self.shadows.start(route, target, request, self._shadow) if self.routes.mirror(route) else None
+        started = time.perf_counter()
+        try:
+            response = await self._infer(request, target.model, target.version)
+        except BaseException:
+            if mirror is not None:
+                mirror.primary_failed()
+            raise
+        if mirror is not None:
+            mirror.primary_done(response, time.perf_counter() - started)
+        return response
+
+    def _shadow(self, request: InferRequest, target: Target) -> Awaitable[InferResponse]:
+        mirrored = InferRequest(
+            target.model, target.version, request.inputs, [], request.id, request.parameters, "shadow", request.headers
+        )
+        return self._infer(mirrored, target.model, target.version, shadow=True)
+
+    async def _infer(self, request: InferRequest, name: str, version_asked: str, shadow: bool = False) -> InferResponse:
         start = time.perf_counter_ns()
-        name, protocol = request.model_name, request.protocol
+        protocol = request.protocol
         ver: VersionEntry | None = None
         try:
-            ver = self.manager.get(name, request.model_version)
+            ver = self.manager.get(name, version_asked)
             model, stats, scheduler = ver.model, ver.stats, ver.scheduler
             assert model is not None and stats is not None and scheduler is not None
             feeds, rows = model.validate(request.inputs)
             wanted = model.check_outputs([o.name for o in request.outputs])
             classify = _classification(request, model)
-            results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request))
+            results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request), shadow)
             outputs = [_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:
             elapsed = time.perf_counter_ns() - start

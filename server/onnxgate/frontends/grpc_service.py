@@ -103,7 +103,9 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_mapped
     async def ModelInfer(self, request, context):
-        response = await self.service.infer(grpc_codec.decode_infer(request))
+        decoded = grpc_codec.decode_infer(request)
+        decoded.headers = _metadata(context)
+        response = await self.service.infer(decoded)
         return grpc_codec.encode_infer(response)
 
     async def ModelStreamInfer(
@@ -111,12 +113,13 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (up to ``stream_window``); replies come as they finish,
         matched to requests by ``id``. A failed request gets ``error_message``; the stream stays."""
+        headers = _metadata(context)
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
         async def run_one(req: pb.ModelInferRequest) -> None:
-            replies.put_nowait(await self._stream_one(req))
+            replies.put_nowait(await self._stream_one(req, headers))
 
         async def read() -> None:
             try:
@@ -141,9 +144,11 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _stream_one(self, req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_one(self, req: pb.ModelInferRequest, headers: dict[str, str]) -> pb.ModelStreamInferResponse:
         try:
-            response = await self.service.infer(grpc_codec.decode_infer(req))
+            decoded = grpc_codec.decode_infer(req)
+            decoded.headers = headers
+            response = await self.service.infer(decoded)
             return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_infer(response))
         except GatewayError as exc:
             failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
@@ -161,6 +166,11 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _unsupported
     CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
     TraceSetting = LogSettings = _unsupported
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Call metadata as text headers (binary ``-bin`` values are left out)."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
 def _check_repository_name(name: str) -> None:

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core import model_config
+from onnxgate.core.router import parse_route
 from onnxgate.core.service import InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, Unsupported
 from onnxgate.frontends import http_codec
@@ -99,6 +100,8 @@ class HttpApp:
             return _ok() if ok else _error(503, f"server is not {rest[1]}")
         if rest[0] == "models":
             return await self._model_route(method, rest[1:], scope, receive)
+        if rest[0] == "routes":
+            return await self._routes_route(method, rest[1:], receive)
         if rest[0] == "repository":
             return await self._repository_route(method, rest[1:], receive)
         return _error(404, f"no such endpoint: {scope['path']}")
@@ -142,6 +145,33 @@ class HttpApp:
             return self._only(method, "GET") or _ok(http_codec.stats_json(svc.statistics(name, version)))
         return _error(404, f"no such endpoint for model '{name}'")
 
+    async def _routes_route(self, method: str, rest: list[str], receive: Receive) -> _Reply:
+        """GET /v2/routes; GET|PUT|DELETE /v2/routes/{name}; GET /v2/routes/{name}/comparison."""
+        svc = self.service
+        if not rest:
+            return self._only(method, "GET") or _ok(orjson.dumps([r.to_dict() for r in svc.routes.routes.values()]))
+        name = rest[0]
+        if rest[1:] == ["comparison"]:
+            return self._only(method, "GET") or _ok(orjson.dumps(svc.comparison(name)))
+        if len(rest) != 1:
+            return _error(404, "no such routes endpoint")
+        if method == "GET":
+            route = svc.routes.get(name)
+            if route is None:
+                raise ModelNotFound(f"unknown route '{name}'")
+            return _ok(orjson.dumps(route.to_dict()))
+        if method == "PUT":
+            doc = http_codec.parse_json_object(await self._body(receive))
+            if doc.get("name", name) != name:
+                raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
+            route = parse_route({**doc, "name": name})
+            svc.put_route(route)
+            return _ok(orjson.dumps(route.to_dict()))
+        if method == "DELETE":
+            svc.delete_route(name)
+            return _ok()
+        return _error(405, f"method {method} not allowed; use GET, PUT or DELETE", [(b"allow", b"GET, PUT, DELETE")])
+
     async def _repository_route(self, method: str, rest: list[str], receive: Receive) -> _Reply:
         if bad := self._only(method, "POST"):
             return bad
@@ -178,6 +208,7 @@ class HttpApp:
             except ValueError:
                 raise InvalidInput(f"Inference-Header-Content-Length is not an integer: {raw!r}") from None
         request, binary_default = http_codec.decode_infer(body, header_length, name, version)
+        request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await _unless_disconnected(self.service.infer(request), receive)
         out, json_length = http_codec.encode_infer(response, request, binary_default)
         reply_headers: list[tuple[bytes, bytes]] = []

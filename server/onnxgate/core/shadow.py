@@ -1,0 +1,114 @@
+"""Shadow traffic: mirror a primary request to a candidate model, compare, never interfere.
+
+The mirrored request starts once the primary's inputs are decoded and runs as its own task on
+a per-route budget (``max_in_flight``; beyond it the mirror is dropped and counted). It goes
+through the shadow target's batcher as a low-priority request, shed first under load. The
+primary never waits for it: the comparison happens when both answers are in, in the shadow
+task. Every task is owned here and awaited or cancelled on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from onnxgate.core.comparison import Comparator
+from onnxgate.core.inference import InferRequest, InferResponse
+from onnxgate.core.router import Route, Target
+from onnxgate.errors import GatewayError, Overloaded
+
+log = logging.getLogger(__name__)
+
+RunShadow = Callable[[InferRequest, Target], Awaitable[InferResponse]]
+OnCompared = Callable[[InferRequest, InferResponse, InferResponse, dict[str, Any], str], None]
+
+
+class Mirror:
+    """The primary's side of one mirrored request."""
+
+    __slots__ = ("_primary",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._primary: asyncio.Future = loop.create_future()
+
+    def primary_done(self, response: InferResponse, latency_s: float) -> None:
+        if not self._primary.done():
+            self._primary.set_result((response, latency_s))
+
+    def primary_failed(self) -> None:
+        if not self._primary.done():
+            self._primary.set_result(None)
+
+
+class ShadowRunner:
+    """Owns every shadow task and each route's in-flight budget."""
+
+    def __init__(self, comparator: Comparator, on_compared: OnCompared | None = None) -> None:
+        self.comparator = comparator
+        self.on_compared = on_compared
+        self._tasks: set[asyncio.Task] = set()
+        self._in_flight: dict[str, int] = {}
+
+    def start(self, route: Route, primary: Target, request: InferRequest, run: RunShadow) -> Mirror | None:
+        """Start mirroring ``request``; None when the route's budget is used up (counted)."""
+        assert route.shadow is not None
+        shadow = route.shadow.target
+        if self._in_flight.get(route.name, 0) >= route.shadow.max_in_flight:
+            self.comparator.record_failure(route.name, str(primary), str(shadow), "dropped")
+            return None
+        loop = asyncio.get_running_loop()
+        mirror = Mirror(loop)
+        self._in_flight[route.name] = self._in_flight.get(route.name, 0) + 1
+        task = loop.create_task(self._run(route, primary, shadow, request, run, mirror))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return mirror
+
+    async def _run(
+        self, route: Route, primary: Target, shadow: Target, request: InferRequest, run: RunShadow, mirror: Mirror
+    ) -> None:
+        pair = (route.name, str(primary), str(shadow))
+        try:
+            started = time.perf_counter()
+            try:
+                answer = await run(request, shadow)
+            except Overloaded as exc:
+                self.comparator.record_failure(*pair, "dropped" if exc.reason == "shadow_shed" else "failed")
+                return
+            except GatewayError as exc:
+                log.debug("shadow %s failed: %s", shadow, exc.message)
+                self.comparator.record_failure(*pair, "failed")
+                return
+            shadow_latency = time.perf_counter() - started
+            outcome = await mirror._primary
+            if outcome is None:  # the primary failed: nothing to compare with
+                return
+            response, primary_latency = outcome
+            result = self.comparator.record(
+                *pair,
+                {o.name: o.data for o in response.outputs},
+                {o.name: o.data for o in answer.outputs},
+                shadow_latency - primary_latency,
+            )
+            if self.on_compared is not None:
+                self.on_compared(request, response, answer, result, route.name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a shadow must never take anything down
+            log.exception("shadow request on route %s failed unexpectedly", route.name)
+            self.comparator.record_failure(*pair, "failed")
+        finally:
+            self._in_flight[route.name] -= 1
+
+    async def close(self, timeout: float) -> None:
+        """Let running shadows finish for up to ``timeout`` seconds, then cancel the rest."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
