@@ -37,6 +37,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--model-control-mode", choices=["none", "poll", "explicit"],
         help="none: load at start only; poll: follow the repository; explicit: load/unload API (default none)",
     )
+    p.add_argument("--workers", type=int, help="gateway processes sharing the ports (default 1)")
     p.add_argument("--repository-poll-secs", type=float, help="poll interval in poll mode (default 15)")
     p.add_argument(
         "--load-model", action="append", metavar="NAME",
@@ -78,6 +79,7 @@ _SERVER_KEYS = (
     "model_control_mode",
     "repository_poll_secs",
     "load_model",
+    "workers",
 )
 
 
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _models_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, list(argv if argv is not None else sys.argv[1:])[1:])
     if args.command == "models":
         from onnxgate import admin
 
@@ -99,7 +101,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _worker_argv(argv: Sequence[str]) -> list[str]:
+    """The serve arguments minus those the supervisor sets for each worker."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--workers", "--http-port", "--grpc-port", "--metrics-port"):
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         config = load(args.config, {k: getattr(args, k) for k in _SERVER_KEYS})
     except ConfigError as exc:
@@ -109,6 +126,10 @@ def _serve(args: argparse.Namespace) -> int:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.server.workers > 1:
+        from onnxgate.supervisor import Supervisor
+
+        return Supervisor(config, _worker_argv(argv)).run()
     import uvloop
 
     from onnxgate.lifecycle import Gateway

@@ -50,6 +50,7 @@ class ServerConfig:
     model_control_mode: str = "none"  # none | poll | explicit
     repository_poll_secs: float = 15.0
     load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
+    workers: int = 1  # processes sharing the ports (SO_REUSEPORT)
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in ("none", "poll", "explicit"):
@@ -58,6 +59,8 @@ class ServerConfig:
             )
         if self.repository_poll_secs <= 0:
             raise ConfigError(f"server.repository_poll_secs must be > 0, got {self.repository_poll_secs}")
+        if self.workers < 1:
+            raise ConfigError(f"server.workers must be >= 1, got {self.workers}")
         if self.load_model and self.model_control_mode != "explicit":
             raise ConfigError("server.load_model (--load-model) needs model_control_mode explicit")
         for port in ("http_port", "grpc_port", "metrics_port"):

@@ -29,9 +29,11 @@ from onnxgate.core.model import LoadOptions
 from onnxgate.core.poller import RepositoryPoller
 from onnxgate.core.repository import Repository
 from onnxgate.core.service import InferenceService
+from onnxgate.core.sessions import available_cores
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.http_app import HttpApp
+from onnxgate.supervisor import worker_info
 
 log = logging.getLogger("onnxgate")
 
@@ -49,10 +51,12 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
@@ -66,10 +70,15 @@ class Gateway:
         self.config = config
         s = config.server
         self.repository_path = Path(s.model_repository) if s.model_repository else demo_repository()
+        self.worker = worker_info()
         self.metrics = Metrics(registry)
         self.manager = ModelManager(
             Repository(self.repository_path),
-            LoadOptions(default_max_batch_size=s.default_max_batch_size, cpu_threads=s.cpu_threads),
+            LoadOptions(
+                default_max_batch_size=s.default_max_batch_size,
+                cpu_threads=s.cpu_threads,
+                cpu_budget=max(1, available_cores() // self.worker[1]) if self.worker else 0,
+            ),
             metrics=self.metrics,
         )
         self.service = InferenceService(self.manager, self.metrics)
@@ -81,14 +90,34 @@ class Gateway:
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
-        """Open every listener, then load the repository; ready once the load has finished."""
+        """Open every listener, then load the repository; ready once the load has finished.
+
+        A worker of ``--workers N`` loads first and listens after, so that the kernel never
+        hands a connection to a worker whose models are still loading."""
+        if self.worker is None:
+            await self._listen()
+            await self._load()
+        else:
+            await self._load()
+            await self._listen()
+        self.service.ready = True
+        rows = self.manager.index()
+        ready = sum(r.state == "READY" for r in rows)
+        if self.worker is None:
+            log.info("ready: %d of %d model versions serving", ready, len(rows))
+        else:
+            index, _, ready_dir = self.worker
+            log.info("worker %d serving %d of %d model versions", index, ready, len(rows))
+            (ready_dir / str(index)).touch()
+
+    async def _listen(self) -> None:
         s = self.config.server
         limit = s.grpc_max_message_bytes
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.worker is not None else 0),
             ]
         )
         grpc_service.add_to_server(self._grpc, self.service)
@@ -97,17 +126,24 @@ class Gateway:
         )
         await self._grpc.start()
         self.http_port = await self._serve_http(HttpApp(self.service, s.http_max_body_bytes), s.http_port)
-        self.metrics_port = await self._serve_http(make_asgi_app(self.metrics.registry), s.metrics_port)
-        log.info(
-            "listening: http %s:%d, grpc %s:%d, metrics %s:%d; loading %s",
-            s.host,
-            self.http_port,
-            s.host,
-            self.grpc_port,
-            s.host,
-            self.metrics_port,
-            self.repository_path,
-        )
+        if self.worker is None:  # workers' metrics are served by the supervisor
+            self.metrics_port = await self._serve_http(make_asgi_app(self.metrics.registry), s.metrics_port)
+        if self.worker is None:
+            log.info(
+                "listening: http %s:%d, grpc %s:%d, metrics %s:%d; loading %s",
+                s.host,
+                self.http_port,
+                s.host,
+                self.grpc_port,
+                s.host,
+                self.metrics_port,
+                self.repository_path,
+            )
+        else:
+            log.info("worker %d accepting on http %d, grpc %d", self.worker[0], self.http_port, self.grpc_port)
+
+    async def _load(self) -> None:
+        s = self.config.server
         if s.model_control_mode == "explicit" and "*" not in s.load_model:
             await self.manager.load_all(s.load_model)
         else:
@@ -116,14 +152,10 @@ class Gateway:
         if self.poller is not None:
             await self.poller.prime()
             self.poller.start()
-        self.service.ready = True
-        rows = self.manager.index()
-        ready = sum(r.state == "READY" for r in rows)
-        log.info("ready: %d of %d model versions serving", ready, len(rows))
 
     async def _serve_http(self, app, port: int) -> int:
         s = self.config.server
-        sock = _listen(s.host, port)
+        sock = _listen(s.host, port, reuse_port=self.worker is not None)
         config = uvicorn.Config(
             app,
             http="httptools",

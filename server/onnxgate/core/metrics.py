@@ -68,6 +68,7 @@ class Metrics:
             "onnxgate_queue_depth",
             "Requests waiting in a version's queue.",
             ["model", "version"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.rejected = Counter(
@@ -80,6 +81,7 @@ class Metrics:
             "onnxgate_model_ready",
             "1 when the model version is ready to serve, 0 otherwise.",
             ["model", "version"],
+            multiprocess_mode="livemin",
             registry=r,
         )
         self._shadow_metrics(r)

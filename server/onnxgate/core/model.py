@@ -28,7 +28,8 @@ class LoadOptions:
     """Server-wide settings that shape how a version is loaded."""
 
     default_max_batch_size: int = 256
-    cpu_threads: int = 0  # intra-op threads per session; 0 = available cores
+    cpu_threads: int = 0  # intra-op threads per session; 0 = share cpu_budget between instances
+    cpu_budget: int = 0  # cores this process may use; 0 = available cores
 
 
 class ModelVersion:
@@ -58,7 +59,7 @@ class ModelVersion:
         if not path.is_file():
             raise ModelLoadError(f"version {version}: missing {path.name}")
         plans = sessions.plan_instances(config)
-        so = sessions.session_options(config, len(plans), options.cpu_threads)
+        so = sessions.session_options(config, len(plans), options.cpu_threads, options.cpu_budget)
         first = sessions.create(path, config, plans[0], so)
         graph_inputs = [GraphTensor(i.name, i.type, tuple(i.shape)) for i in first.get_inputs()]
         graph_outputs = [GraphTensor(o.name, o.type, tuple(o.shape)) for o in first.get_outputs()]

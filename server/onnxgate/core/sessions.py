@@ -103,11 +103,13 @@ def _usable(providers: list) -> list:
     return [p for p in providers if (p[0] if isinstance(p, tuple) else p) in available]
 
 
-def session_options(config: mc.ModelConfig, instances: int, cpu_threads: int) -> ort.SessionOptions:
+def session_options(
+    config: mc.ModelConfig, instances: int, cpu_threads: int, cpu_budget: int = 0
+) -> ort.SessionOptions:
     """Session options from config parameters, within the default thread budget."""
     params = {k: v.string_value for k, v in config.parameters.items()}
     so = ort.SessionOptions()
-    default_intra = cpu_threads or max(1, available_cores() // max(1, instances))
+    default_intra = cpu_threads or max(1, (cpu_budget or available_cores()) // max(1, instances))
     try:
         so.intra_op_num_threads = max(1, int(params.get("intra_op_thread_count", default_intra)))
         so.inter_op_num_threads = max(1, int(params.get("inter_op_thread_count", 1)))
