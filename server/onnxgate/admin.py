@@ -2,6 +2,8 @@
 
 ``onnxgate models list|load|unload|rollback`` print a table, or JSON with ``--json``; they exit
 0 on success, 1 when the gateway refuses (its message is printed), 2 when it cannot be reached.
+Errors go to stderr (as ``{"error": ...}`` with ``--json``), so stdout only ever holds the
+result. ``--url`` may leave out the scheme (``127.0.0.1:8000``, as tritonclient spells it).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ class AdminError(Exception):
         self.exit_code = exit_code
 
 
+def base_url(url: str) -> str:
+    """``url`` with a scheme (http when it has none) and without a trailing slash."""
+    url = url.strip()
+    return (url if "://" in url else "http://" + url).rstrip("/")
+
+
 def _call(url: str, path: str, body: dict | None = None, timeout: float = 300.0) -> Any:
     data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method="POST")
+    req = urllib.request.Request(base_url(url) + path, data=data, method="POST")
     req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -39,7 +47,10 @@ def _call(url: str, path: str, body: dict | None = None, timeout: float = 300.0)
         raise AdminError(f"{exc.code}: {message}", 1) from None
     except (urllib.error.URLError, OSError) as exc:
         raise AdminError(f"cannot reach the gateway at {url}: {getattr(exc, 'reason', exc)}", 2) from None
-    return json.loads(raw) if raw.strip() else None
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:  # something answered, but not the repository API (a wrong port or path)
+        raise AdminError(f"{url} did not answer like an onnxgate gateway: {raw[:80]!r}", 2) from None
 
 
 def index(url: str) -> list[dict]:
@@ -86,7 +97,7 @@ def run(command: str, url: str, name: str | None, version: int | None, as_json: 
         rows = index(url)
     except AdminError as exc:
         if as_json:
-            print(json.dumps({"error": str(exc)}))
+            print(json.dumps({"error": str(exc)}), file=sys.stderr)
         else:
             print(f"onnxgate: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -34,13 +34,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cpu-threads", type=int, help="intra-op threads per ONNX Runtime session (default: all cores)")
     p.add_argument(
-        "--model-control-mode", choices=["none", "poll", "explicit"],
+        "--model-control-mode",
+        choices=["none", "poll", "explicit"],
         help="none: load at start only; poll: follow the repository; explicit: load/unload API (default none)",
     )
     p.add_argument("--workers", type=int, help="gateway processes sharing the ports (default 1)")
     p.add_argument("--repository-poll-secs", type=float, help="poll interval in poll mode (default 15)")
     p.add_argument(
-        "--load-model", action="append", metavar="NAME",
+        "--load-model",
+        action="append",
+        metavar="NAME",
         help="explicit mode: load this model at start (repeatable; '*' loads all)",
     )
 
@@ -90,7 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _models_parser(sub)
+    from onnxgate import drift_report
+
+    drift_report.add_arguments(
+        sub.add_parser("drift", help="per-feature drift of a sample log against a reference; exit 1 on drift")
+    )
     args = parser.parse_args(argv)
+    if args.command == "drift":
+        return drift_report.run(args)
     if args.command == "serve":
         return _serve(args, list(argv if argv is not None else sys.argv[1:])[1:])
     if args.command == "models":

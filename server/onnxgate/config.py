@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from onnxgate.core.drift import DriftConfig
 from onnxgate.core.router import Route, parse_routes
+from onnxgate.core.sample_config import SampleLogConfig
 from onnxgate.errors import GatewayError, InvalidInput
 
-SECTIONS = ("server", "routes")
+SECTIONS = ("server", "routes", "sample_log", "drift")
 
 
 class ConfigError(GatewayError):
@@ -84,6 +86,8 @@ class GatewayConfig:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     routes: tuple[Route, ...] = ()
+    sample_log: SampleLogConfig | None = None
+    drift: DriftConfig = field(default_factory=DriftConfig)
     path: str = ""  # the file it was read from ("" = none), for SIGHUP re-reads
 
 
@@ -138,8 +142,19 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         routes = parse_routes(doc.get("routes"))
     except InvalidInput as exc:
         raise ConfigError(f"routes: {exc.message}") from None
+    sample_log = SampleLogConfig.from_dict(doc["sample_log"]) if doc.get("sample_log") is not None else None
+    drift = DriftConfig.from_dict(doc.get("drift") or {})
+    if drift.models and sample_log is None:
+        raise ConfigError(
+            "drift needs a sample_log section (live drift sees sampled requests; "
+            "use sink: {type: none} to sample for drift only)"
+        )
     return GatewayConfig(
-        server=_build(ServerConfig, "server", server), routes=routes, path=str(path) if path is not None else ""
+        server=_build(ServerConfig, "server", server),
+        routes=routes,
+        sample_log=sample_log,
+        drift=drift,
+        path=str(path) if path is not None else "",
     )
 
 

@@ -23,11 +23,13 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 
 from onnxgate import config as config_mod
 from onnxgate.config import GatewayConfig
+from onnxgate.core.drift import DriftMonitor
 from onnxgate.core.manager import ModelManager
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import LoadOptions
 from onnxgate.core.poller import RepositoryPoller
 from onnxgate.core.repository import Repository
+from onnxgate.core.sample_log import SampleLogger
 from onnxgate.core.service import InferenceService
 from onnxgate.core.sessions import available_cores
 from onnxgate.errors import GatewayError
@@ -83,6 +85,13 @@ class Gateway:
         )
         self.service = InferenceService(self.manager, self.metrics)
         self.service.control_mode = s.model_control_mode
+        self.drift = DriftMonitor(config.drift, self.metrics.registry) if config.drift.models else None
+        self.sample_log = (
+            SampleLogger(config.sample_log, self.metrics.registry, observers=[self.drift.observe] if self.drift else ())
+            if config.sample_log is not None
+            else None
+        )
+        self.service.attach_sample_log(self.sample_log)
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -94,6 +103,10 @@ class Gateway:
 
         A worker of ``--workers N`` loads first and listens after, so that the kernel never
         hands a connection to a worker whose models are still loading."""
+        if self.drift is not None:
+            await self.drift.start()
+        if self.sample_log is not None:
+            self.sample_log.start()
         if self.worker is None:
             await self._listen()
             await self._load()
@@ -211,6 +224,10 @@ class Gateway:
             waits.append(asyncio.ensure_future(self._grpc.stop(s.drain_timeout_s)))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.service.shadows.close(s.drain_timeout_s)
+        if self.sample_log is not None:
+            await self.sample_log.close(s.drain_timeout_s)
+        if self.drift is not None:
+            await self.drift.close()
         await self.manager.close(s.drain_timeout_s)
         self.service.live = False
         log.info("stopped")

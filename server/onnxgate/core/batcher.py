@@ -21,10 +21,11 @@ goes away (its task is cancelled) leaves the queue before it runs.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,11 +79,9 @@ class Batcher:
         self.stats = stats
         self.policy = policy
         self.instances = max(1, len(model.sessions))
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.instances, thread_name_prefix=f"ort-{model.name}-{model.version}"
-        )
+        self._threads = [_InstanceThread(f"ort-{model.name}-{model.version}-{i}") for i in range(self.instances)]
         self._queue: deque[_Pending] = deque()
-        self._work = asyncio.Event()
+        self._waiters: list[asyncio.Future] = []  # idle or filling workers waiting for arrivals
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = 0
@@ -127,7 +126,7 @@ class Batcher:
         self._queue.append(item)
         self._m_depth.set(len(self._queue))
         self._idle.clear()
-        self._work.set()
+        self._wake()
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -198,29 +197,45 @@ class Batcher:
         p = self.policy
         return rows >= p.max_batch_size or rows in p.preferred_batch_sizes
 
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _arrival(self, timeout_s: float | None = None) -> None:
+        """Wait for the next submit (or the timeout); no task is created."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(timeout_s, _resolve, waiter) if timeout_s is not None else None
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     async def _worker(self, slot: int) -> None:
         loop = asyncio.get_running_loop()
+        delay_ns = self.policy.max_queue_delay_ns if self.policy.enabled else 0
         while True:
             if not self._queue:
-                self._work.clear()
                 if not self._running:
                     self._idle.set()
-                await self._work.wait()
+                await self._arrival()
                 continue
             batch: list[_Pending] = []
             rows = self._take(batch, 0)
             self._m_depth.set(len(self._queue))
             if not batch:
                 continue
-            if self.policy.enabled and self.policy.max_queue_delay_ns and not self._batch_done(rows):
-                deadline = batch[0].enqueued_ns + self.policy.max_queue_delay_ns
+            if delay_ns and not self._batch_done(rows):
+                deadline = batch[0].enqueued_ns + delay_ns
                 while not self._batch_done(rows) and (left := deadline - time.perf_counter_ns()) > 0:
                     if not self._queue:
-                        self._work.clear()
-                        try:
-                            await asyncio.wait_for(self._work.wait(), left / 1e9)
-                        except TimeoutError:
-                            break
+                        await self._arrival(left / 1e9)
+                        if not self._queue:
+                            break  # the delay is over
                     before = len(batch)
                     rows = self._take(batch, rows)
                     if len(batch) == before and self._queue:
@@ -238,7 +253,7 @@ class Batcher:
         started = time.perf_counter_ns()
         rows = sum(b.rows for b in batch)
         try:
-            results, timing = await loop.run_in_executor(self._executor, self._run, batch, slot)
+            results, timing = await self._threads[slot].run(loop, self._run, batch, slot)
         except InferenceFailed as exc:
             for b in batch:
                 if not b.future.done():
@@ -307,8 +322,53 @@ class Batcher:
                 item.future.set_exception(
                     Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
                 )
-        await asyncio.to_thread(self._executor.shutdown, True)
+        for t in self._threads:
+            await asyncio.to_thread(t.close)
         self.model.close()
+
+
+def _resolve(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _set_result(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class _InstanceThread:
+    """One thread per instance, handed work through a queue: cheaper than an executor hop
+    (no concurrent.futures.Future, no chaining), and each session always runs on its thread."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:
+        future = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the waiting coroutine
+                loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
 
 
 def _with_queue(timing: ExecutionTiming, queue_ns: int) -> ExecutionTiming:

@@ -3,6 +3,11 @@
 For every shadowed request: per numeric output, the max and mean absolute difference; for
 2-D float outputs, whether the argmax of each row agrees; the latency difference (shadow minus
 primary). Exported as Prometheus metrics and kept over a sliding window for a JSON summary.
+
+A request whose answers have no numeric output in common (renamed outputs, other shapes, a
+primary output turned into class labels) counts as compared but adds nothing to the difference
+windows: it must not look like perfect agreement. A mirrored request whose primary failed has
+nothing to compare with and counts as ``primary_failed``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 
 from onnxgate.core.metrics import Metrics
 
+_COUNTS = ("compared", "failed", "dropped", "primary_failed")
+
 
 @dataclass(slots=True)
 class _Window:
@@ -24,6 +31,7 @@ class _Window:
     compared: int = 0
     failed: int = 0
     dropped: int = 0
+    primary_failed: int = 0
     rows: int = 0
     rows_agree: int = 0
     started: float = field(default_factory=time.time)
@@ -43,7 +51,10 @@ def compare_outputs(primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray
         if p.shape != s.shape:
             out[name] = {"comparable": False, "reason": f"shapes differ: {list(p.shape)} vs {list(s.shape)}"}
             continue
-        if p.dtype == object or s.dtype == object:
+        if (p.dtype == object) != (s.dtype == object):
+            out[name] = {"comparable": False, "reason": f"datatypes differ: {p.dtype} vs {s.dtype}"}
+            continue
+        if p.dtype == object:
             out[name] = {"comparable": True, "equal_share": float(np.mean(p == s)) if p.size else 1.0}
             continue
         diff = np.abs(p.astype(np.float64) - s.astype(np.float64))
@@ -94,20 +105,21 @@ class Comparator:
         w = self._window(route, primary, shadow)
         w.compared += 1
         w.latency_diff.append(latency_diff_s)
-        worst_max, worst_mean, rows, agree = 0.0, 0.0, 0, 0
+        worst_max, worst_mean, rows, agree = None, None, 0, 0
         for name, entry in result.items():
             if "max_abs_diff" in entry:
                 m.shadow_abs_diff.labels(*labels, name, "max").observe(entry["max_abs_diff"])
                 m.shadow_abs_diff.labels(*labels, name, "mean").observe(entry["mean_abs_diff"])
-                worst_max = max(worst_max, entry["max_abs_diff"])
-                worst_mean = max(worst_mean, entry["mean_abs_diff"])
+                worst_max = max(worst_max or 0.0, entry["max_abs_diff"])
+                worst_mean = max(worst_mean or 0.0, entry["mean_abs_diff"])
             if "rows" in entry:
                 m.shadow_argmax_rows.labels(*labels, name, "true").inc(entry["rows_agree"])
                 m.shadow_argmax_rows.labels(*labels, name, "false").inc(entry["rows"] - entry["rows_agree"])
                 rows += entry["rows"]
                 agree += entry["rows_agree"]
-        w.max_abs.append(worst_max)
-        w.mean_abs.append(worst_mean)
+        if worst_max is not None:  # something numeric was compared
+            w.max_abs.append(worst_max)
+            w.mean_abs.append(worst_mean)
         if rows:
             w.rows += rows
             w.rows_agree += agree
@@ -115,18 +127,21 @@ class Comparator:
         return {"outputs": result, "latency_diff_s": latency_diff_s}
 
     def record_failure(self, route: str, primary: str, shadow: str, outcome: str) -> None:
-        """A shadow request that failed ("failed") or was not run ("dropped")."""
+        """A shadow request that failed ("failed"), was not run ("dropped"), or answered when its
+        primary did not ("primary_failed")."""
         self.metrics.shadow_requests.labels(route, primary, shadow, outcome).inc()
         w = self._window(route, primary, shadow)
         if outcome == "dropped":
             w.dropped += 1
+        elif outcome == "primary_failed":
+            w.primary_failed += 1
         else:
             w.failed += 1
 
     def summary(self, route: str) -> dict[str, Any]:
         """The JSON summary of a route: totals, and one window per (primary, shadow) pair."""
         pairs = [self._pair_summary(w) for (r, _, _), w in sorted(self._windows.items()) if r == route]
-        totals = {k: sum(p["counts"][k] for p in pairs) for k in ("compared", "failed", "dropped")}
+        totals = {k: sum(p["counts"][k] for p in pairs) for k in _COUNTS}
         rows = sum(p["argmax_agreement"]["rows"] for p in pairs)
         agree = sum(p["argmax_agreement"]["rows_agree"] for p in pairs)
         return {
@@ -149,7 +164,7 @@ class Comparator:
             "shadow": w.shadow,
             "since": w.started,
             "window": {"size": self.window, "filled": len(w.max_abs)},
-            "counts": {"compared": w.compared, "failed": w.failed, "dropped": w.dropped},
+            "counts": {k: getattr(w, k) for k in _COUNTS},
             "argmax_agreement": {
                 "rows": w.rows,
                 "rows_agree": w.rows_agree,

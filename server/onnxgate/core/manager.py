@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from onnxgate.core import model_config
@@ -113,6 +113,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
         self._last_failures: dict[str, dict[int, str]] = {}
+        self.shadowed_by: Callable[[str], str | None] = lambda name: None  # a route hiding this name
 
     # -- lookups (event loop, no blocking) -------------------------------------------------
     def get(self, name: str, version: str = "") -> VersionEntry:
@@ -189,6 +190,8 @@ class ModelManager:
                 source = await asyncio.to_thread(self.repository.find, name)
             if source is None:
                 raise ModelNotFound(f"model '{name}' is not in the repository")
+            if (hider := self.shadowed_by(name)) is not None:
+                log.warning("model %s is hidden by route %s: requests for '%s' go to the route", name, hider, name)
             entry = self.models.setdefault(name, ModelEntry(name))
             if override is not None:
                 entry.override = override

@@ -30,6 +30,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._request_children: dict[tuple[str, ...], Counter] = {}
+        self._latency_children: dict[tuple[str, ...], Histogram] = {}
         self.requests = Counter(
             "onnxgate_requests",
             "Inference requests by model, version that answered, protocol and outcome.",
@@ -91,6 +93,19 @@ class Metrics:
             ["model"],
             registry=r,
         )
+
+    def request_done(self, model: str, version: str, protocol: str, outcome: str, latency_s: float | None) -> None:
+        """Count one answered request (and its latency); label children are cached."""
+        key = (model, version, protocol, outcome)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key)
+        counter.inc()
+        if latency_s is not None:
+            hist = self._latency_children.get((model, protocol))
+            if hist is None:
+                hist = self._latency_children[(model, protocol)] = self.request_latency.labels(model, protocol)
+            hist.observe(latency_s)
 
     def _shadow_metrics(self, r: CollectorRegistry) -> None:
         pair = ["route", "primary", "shadow"]

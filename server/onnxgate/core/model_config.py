@@ -90,9 +90,7 @@ def to_json_dict(config: mc.ModelConfig) -> dict:
     Like Triton's ``ModelConfigToJson``, 64-bit integers (``dims``, queue delays, ...) are JSON
     numbers, not the strings of protobuf's JSON mapping.
     """
-    doc = json_format.MessageToDict(
-        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    doc = json_format.MessageToDict(config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     _int64_as_numbers(config.DESCRIPTOR, doc)
     return doc
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,8 +173,10 @@ class RouteTable:
             out.append((acc, target))
         return out
 
-    def validate(self, known_models: Sequence[str]) -> None:
-        """Every target must be a known model, and no route may hide a model."""
+    def validate(self, known_models: Sequence[str] | Mapping[str, Collection[int]]) -> None:
+        """Every target must be a known model, and no route may hide a model. Given the known
+        versions of each model (a mapping), a target's pinned version must be one of them."""
+        versions = known_models if isinstance(known_models, Mapping) else None
         known = set(known_models)
         for route in self.routes.values():
             if route.name in known:
@@ -182,6 +184,11 @@ class RouteTable:
             for target in route.targets():
                 if target.model not in known:
                     raise InvalidInput(f"route '{route.name}': unknown target model '{target.model}'")
+                if versions is not None and target.version and int(target.version) not in versions[target.model]:
+                    raise InvalidInput(
+                        f"route '{route.name}': unknown target '{target}': model '{target.model}' "
+                        f"has no version {target.version}"
+                    )
 
     def get(self, name: str) -> Route | None:
         return self.routes.get(name)

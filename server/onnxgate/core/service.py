@@ -23,6 +23,7 @@ from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import ModelVersion
 from onnxgate.core.router import Route, RouteTable, Target
+from onnxgate.core.sample_log import Sample, SampleLogger
 from onnxgate.core.shadow import ShadowRunner
 from onnxgate.core.stats import VersionStats
 from onnxgate.errors import (
@@ -84,7 +85,11 @@ class InferenceService:
         self.draining = False
         self.control_mode = "none"  # none | poll | explicit
         self.routes = RouteTable()
+        self._route_headers = False
+        self.sample_headers = False  # set when the sample log copies or hashes headers
         self.shadows = ShadowRunner(Comparator(metrics))
+        self.sample_log: SampleLogger | None = None
+        manager.shadowed_by = lambda name: name if name in self.routes.routes else None
 
     # -- health and metadata ---------------------------------------------------------------
     def server_metadata(self) -> dict:
@@ -192,8 +197,21 @@ class InferenceService:
     def set_routes(self, routes: Iterable[Route]) -> None:
         """Replace the whole route table in one step, after validating it."""
         table = RouteTable(routes)
-        table.validate(list(self.manager.models))
+        table.validate({n: list(e.versions) for n, e in self.manager.models.items()})
         self.routes = table
+        self._route_headers = any(r.sticky_header for r in table.routes.values())
+
+    @property
+    def wants_headers(self) -> bool:
+        """Whether requests must carry their headers / metadata (sticky routes, sample log)."""
+        return self._route_headers or self.sample_headers
+
+    def attach_sample_log(self, sampler: SampleLogger | None) -> None:
+        """Hand sampled requests (and mirrored answers) to ``sampler``."""
+        self.sample_log = sampler
+        self.shadows.offer = sampler.offer if sampler is not None else None
+        cfg = sampler.config if sampler is not None else None
+        self.sample_headers = bool(cfg and (cfg.headers or cfg.hash_header))
 
     def put_route(self, route: Route) -> None:
         """Add or replace one route (validated; the others stay as they are)."""
@@ -216,21 +234,44 @@ class InferenceService:
         """Run one request; raises a :class:`GatewayError` subclass on any failure.
 
         A route name picks a split target (and maybe mirrors to its shadow); the response's
-        ``model_name`` and ``model_version`` say which target answered."""
+        ``model_name`` and ``model_version`` say which target answered. Sampled requests are
+        handed to the sample logger, with the shadow's answer when mirrored."""
         route = self._route(request.model_name, request.model_version) if self.routes.routes else None
+        sampler = self.sample_log
         if route is None:
-            return await self._infer(request, request.model_name, request.model_version)
-        target = self.routes.choose(route, request.headers)
-        mirror = self.shadows.start(route, target, request, self._shadow) if self.routes.mirror(route) else None
+            sampled = sampler is not None and sampler.should_sample(request.model_name, request.headers)
+            if not sampled:
+                return await self._infer(request, request.model_name, request.model_version)
+            target, route_name = Target(request.model_name, request.model_version), ""
+        else:
+            target, route_name = self.routes.choose(route, request.headers), route.name
+            sampled = sampler is not None and sampler.should_sample(target.model, request.headers, route.name)
+        mirror = None
+        if route is not None and self.routes.mirror(route):
+            mirror = self.shadows.start(route, target, request, self._shadow)
         started = time.perf_counter()
         try:
             response = await self._infer(request, target.model, target.version)
-        except BaseException:
+        except BaseException as exc:
             if mirror is not None:
                 mirror.primary_failed()
+            if sampled and isinstance(exc, GatewayError):
+                latency = time.perf_counter() - started
+                sampler.offer(
+                    Sample(request, None, exc, route_name, target.model, target.version, request.protocol, latency)
+                )
             raise
+        latency = time.perf_counter() - started
+        sample = None
+        if sampled:
+            sample = Sample(
+                request, response, None, route_name, response.model_name, response.model_version,
+                request.protocol, latency,
+            )
         if mirror is not None:
-            mirror.primary_done(response, time.perf_counter() - started)
+            mirror.primary_done(response, latency, sample)  # logged with the shadow's answer
+        elif sample is not None:
+            sampler.offer(sample)
         return response
 
     def _shadow(self, request: InferRequest, target: Target) -> Awaitable[InferResponse]:
@@ -258,15 +299,14 @@ class InferenceService:
             if ver is not None and ver.stats is not None:
                 ver.stats.record_failure(elapsed)
             outcome = _OUTCOMES.get(type(exc), "error")
-            self.metrics.requests.labels(name, version, protocol, outcome).inc()
+            self.metrics.request_done(name, version, protocol, outcome, None)
             if isinstance(exc, Overloaded):
                 self.metrics.rejected.labels(name, exc.reason).inc()
             raise
         elapsed = time.perf_counter_ns() - start
         stats.record_request(rows, elapsed, timing)
         version = str(ver.version)
-        self.metrics.requests.labels(name, version, protocol, "success").inc()
-        self.metrics.request_latency.labels(name, protocol).observe(elapsed / 1e9)
+        self.metrics.request_done(name, version, protocol, "success", elapsed / 1e9)
         return InferResponse(name, version, outputs, id=request.id)
 
 

@@ -13,17 +13,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from onnxgate.core.comparison import Comparator
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.router import Route, Target
+from onnxgate.core.sample_log import Sample, ShadowResult
 from onnxgate.errors import GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
 
 RunShadow = Callable[[InferRequest, Target], Awaitable[InferResponse]]
-OnCompared = Callable[[InferRequest, InferResponse, InferResponse, dict[str, Any], str], None]
 
 
 class Mirror:
@@ -34,9 +33,10 @@ class Mirror:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._primary: asyncio.Future = loop.create_future()
 
-    def primary_done(self, response: InferResponse, latency_s: float) -> None:
+    def primary_done(self, response: InferResponse, latency_s: float, sample: Sample | None = None) -> None:
+        """The primary answered; ``sample`` (when sampled) is logged with the shadow's answer."""
         if not self._primary.done():
-            self._primary.set_result((response, latency_s))
+            self._primary.set_result((response, latency_s, sample))
 
     def primary_failed(self) -> None:
         if not self._primary.done():
@@ -46,9 +46,9 @@ class Mirror:
 class ShadowRunner:
     """Owns every shadow task and each route's in-flight budget."""
 
-    def __init__(self, comparator: Comparator, on_compared: OnCompared | None = None) -> None:
+    def __init__(self, comparator: Comparator, offer: Callable[[Sample], object] | None = None) -> None:
         self.comparator = comparator
-        self.on_compared = on_compared
+        self.offer = offer  # the sample logger's offer, for sampled mirrored requests
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: dict[str, int] = {}
 
@@ -73,28 +73,36 @@ class ShadowRunner:
         pair = (route.name, str(primary), str(shadow))
         try:
             started = time.perf_counter()
+            answer: InferResponse | None = None
+            error: GatewayError | None = None
             try:
                 answer = await run(request, shadow)
             except Overloaded as exc:
                 self.comparator.record_failure(*pair, "dropped" if exc.reason == "shadow_shed" else "failed")
-                return
+                error = exc
             except GatewayError as exc:
                 log.debug("shadow %s failed: %s", shadow, exc.message)
                 self.comparator.record_failure(*pair, "failed")
-                return
+                error = exc
             shadow_latency = time.perf_counter() - started
             outcome = await mirror._primary
             if outcome is None:  # the primary failed: nothing to compare with
+                if answer is not None:
+                    self.comparator.record_failure(*pair, "primary_failed")
                 return
-            response, primary_latency = outcome
-            result = self.comparator.record(
-                *pair,
-                {o.name: o.data for o in response.outputs},
-                {o.name: o.data for o in answer.outputs},
-                shadow_latency - primary_latency,
-            )
-            if self.on_compared is not None:
-                self.on_compared(request, response, answer, result, route.name)
+            response, primary_latency, sample = outcome
+            result = None
+            if answer is not None:
+                result = self.comparator.record(
+                    *pair,
+                    {o.name: o.data for o in response.outputs},
+                    {o.name: o.data for o in answer.outputs},
+                    shadow_latency - primary_latency,
+                )
+            if sample is not None and self.offer is not None:
+                sample.shadow = ShadowResult(str(shadow), answer, error)
+                sample.comparison = result
+                self.offer(sample)
         except asyncio.CancelledError:
             raise
         except Exception:  # a shadow must never take anything down

@@ -104,7 +104,8 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_mapped
     async def ModelInfer(self, request, context):
         decoded = grpc_codec.decode_infer(request)
-        decoded.headers = _metadata(context)
+        if self.service.wants_headers:
+            decoded.headers = _metadata(context)
         response = await self.service.infer(decoded)
         return grpc_codec.encode_infer(response)
 
@@ -113,7 +114,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (up to ``stream_window``); replies come as they finish,
         matched to requests by ``id``. A failed request gets ``error_message``; the stream stays."""
-        headers = _metadata(context)
+        headers = _metadata(context) if self.service.wants_headers else {}
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()

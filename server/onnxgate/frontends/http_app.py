@@ -208,7 +208,8 @@ class HttpApp:
             except ValueError:
                 raise InvalidInput(f"Inference-Header-Content-Length is not an integer: {raw!r}") from None
         request, binary_default = http_codec.decode_infer(body, header_length, name, version)
-        request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.service.wants_headers:
+            request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await _unless_disconnected(self.service.infer(request), receive)
         out, json_length = http_codec.encode_infer(response, request, binary_default)
         reply_headers: list[tuple[bytes, bytes]] = []

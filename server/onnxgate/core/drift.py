@@ -1,0 +1,384 @@
+"""Live drift: per-feature statistics of recent inputs against a reference, as Prometheus gauges.
+
+Per configured model, :class:`LiveDrift` keeps the last ``window`` rows of each input in a ring
+buffer (``observe``: a vectorised copy, called from the sample logger's writer thread with the
+inputs of sampled, successful requests). ``compute`` (run off the event loop by
+:class:`DriftMonitor` every ``interval_s``) compares the window with the reference feature by
+feature (``core/drift_stats.py``: PSI, KS or chi-square) and sets
+
+    onnxgate_drift_psi{model,feature}      PSI of the window against the reference
+    onnxgate_drift_ks{model,feature}       KS statistic (numeric features)
+    onnxgate_drift_alert{model}            1 while any feature crosses its threshold
+    onnxgate_drift_window_rows{model}      rows in the window
+
+A ``webhook`` receives one JSON POST when a feature crosses its threshold (``state: "alert"``)
+and one when it comes back (``state: "resolved"``); a POST that fails is tried again at the
+next compute, so each crossing is announced once. Config (gateway.yaml)::
+
+    drift:
+      interval_s: 30
+      webhook: http://alerts.local/drift          # default for every model
+      models:
+        fraud: {reference: ./train.parquet, window: 5000, psi_threshold: 0.2}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from onnxgate.core.drift_stats import (
+    DriftDataError,
+    FeatureDrift,
+    FeatureTable,
+    Thresholds,
+    align,
+    as_rows,
+    compare_feature,
+    feature_names,
+    load_features,
+)
+from onnxgate.core.sample_config import check, parse_fields
+from onnxgate.core.sample_log import rfc3339
+from onnxgate.core.sinks import encode_json, post
+
+log = logging.getLogger("onnxgate.drift")
+
+_REFERENCE_ROWS = 20_000  # the reference is subsampled to this many rows (seeded), for speed
+# Live windows are large: p-values would flag differences too small to matter, so PSI alone by default.
+LIVE_THRESHOLDS = Thresholds(psi=0.2, ks_pvalue=None, chi2_pvalue=None)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDriftConfig:
+    """``drift.models.<name>``."""
+
+    reference: str = ""  # training data (Parquet, CSV, NPZ) or a sample-log directory
+    window: int = 5000  # rows of recent inputs compared
+    min_rows: int = 500  # no gauges until the window holds this many rows
+    psi_threshold: float = 0.2
+    ks_pvalue: float | None = None  # also alert when the KS p-value falls below this
+    chi2_pvalue: float | None = None
+    bins: int = 10
+    webhook: str = ""  # empty: drift.webhook
+
+
+@dataclass(frozen=True, slots=True)
+class DriftConfig:
+    """The ``drift:`` section."""
+
+    interval_s: float = 30.0
+    webhook: str = ""
+    models: Mapping[str, ModelDriftConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DriftConfig:
+        """Parse the section; raises ``onnxgate.config.ConfigError``."""
+        check(isinstance(d, Mapping), f"section 'drift' must be a mapping, got {type(d).__name__}")
+        values = parse_fields(cls, {k: v for k, v in d.items() if k != "models"}, "drift")
+        models = d.get("models") or {}
+        check(isinstance(models, Mapping), "drift.models must map model names to {reference: PATH, ...}")
+        parsed = {}
+        for name, spec in models.items():
+            where = f"drift.models.{name}"
+            c = ModelDriftConfig(**parse_fields(ModelDriftConfig, spec, where))
+            check(bool(c.reference), f"{where}.reference is required")
+            check(
+                c.window >= 2 and 1 <= c.min_rows <= c.window, f"{where}: need window >= 2 and 1 <= min_rows <= window"
+            )
+            check(c.bins >= 2 and c.psi_threshold > 0, f"{where}: bins must be >= 2 and psi_threshold > 0")
+            check(
+                not c.webhook or c.webhook.startswith(("http://", "https://")),
+                f"{where}.webhook must be an http(s) URL",
+            )
+            parsed[str(name)] = c
+        missing = [m for m in ("scipy", "pyarrow") if parsed and importlib.util.find_spec(m) is None]
+        check(not missing, f"drift needs {' and '.join(missing)}: pip install 'onnxgate[drift]'")
+        c = cls(models=MappingProxyType(parsed), **values)
+        check(c.interval_s > 0, f"drift.interval_s must be positive, got {c.interval_s}")
+        check(not c.webhook or c.webhook.startswith(("http://", "https://")), "drift.webhook must be an http(s) URL")
+        return c
+
+
+class DriftMetrics:
+    """The drift gauges, once per registry, shared by every model's LiveDrift."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.psi = Gauge(
+            "onnxgate_drift_psi", "PSI of recent inputs against the reference.", ["model", "feature"], registry=registry
+        )
+        self.ks = Gauge(
+            "onnxgate_drift_ks",
+            "KS statistic of recent inputs against the reference.",
+            ["model", "feature"],
+            registry=registry,
+        )
+        self.alert = Gauge(
+            "onnxgate_drift_alert",
+            "1 while a feature of the model crosses its drift threshold.",
+            ["model"],
+            registry=registry,
+        )
+        self.rows = Gauge("onnxgate_drift_window_rows", "Rows in the live drift window.", ["model"], registry=registry)
+        self.webhook_failures = Counter(
+            "onnxgate_drift_webhook_failures",
+            "Drift alerts the webhook did not take (retried).",
+            ["model"],
+            registry=registry,
+        )
+
+
+class _Ring:
+    """The last ``window`` rows of one tensor."""
+
+    __slots__ = ("count", "data", "pos")
+
+    def __init__(self, window: int, width: int, dtype: type) -> None:
+        self.data = np.empty((window, width), dtype=dtype)
+        self.pos = 0
+        self.count = 0
+
+    def push(self, rows: np.ndarray) -> None:
+        w, n = len(self.data), len(rows)
+        if n >= w:
+            self.data[:] = rows[-w:]
+            self.pos, self.count = 0, w
+            return
+        end = self.pos + n
+        if end <= w:
+            self.data[self.pos : end] = rows
+        else:
+            k = w - self.pos
+            self.data[self.pos :] = rows[:k]
+            self.data[: n - k] = rows[k:]
+        self.pos, self.count = end % w, min(w, self.count + n)
+
+    def snapshot(self) -> np.ndarray:
+        return self.data[: self.count].copy()
+
+
+class LiveDrift:
+    """Live drift of one model's inputs against a reference (a path or a loaded FeatureTable)."""
+
+    def __init__(
+        self,
+        model: str,
+        reference: str | Path | FeatureTable,
+        *,
+        metrics: DriftMetrics,
+        window: int = 5000,
+        min_rows: int = 500,
+        thresholds: Thresholds = LIVE_THRESHOLDS,
+        bins: int = 10,
+        webhook: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        table = reference if isinstance(reference, FeatureTable) else load_features(reference, model)
+        self.model = model
+        self.metrics = metrics
+        self.window, self.min_rows, self.bins = window, min_rows, bins
+        self.thresholds = thresholds
+        self.webhook = webhook
+        self._clock = clock
+        rng = np.random.default_rng(0)
+        self._table = FeatureTable(
+            {
+                n: v if len(v) <= _REFERENCE_ROWS else rng.choice(v, _REFERENCE_ROWS, replace=False)
+                for n, v in table.features.items()
+            },
+            dict(table.kinds),
+            table.rows,
+            table.model,
+        )
+        self._lock = threading.Lock()
+        self._rings: dict[str, _Ring] | None = None  # bound at the first observe
+        self._columns: dict[str, tuple[str, int]] = {}  # feature -> (tensor, column)
+        self._reference: dict[str, np.ndarray] = {}
+        self._notified: dict[str, str] = {}  # feature -> "alert" once announced
+        self.unbound_reason = ""
+
+    def observe(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Add the rows of one request's inputs to the window. Cheap; thread-safe."""
+        with self._lock:
+            if self._rings is None:
+                self._bind(inputs)
+            for name, ring in (self._rings or {}).items():
+                arr = inputs.get(name)
+                if arr is None:
+                    continue
+                rows = as_rows(arr)
+                if rows.shape[1] == ring.data.shape[1]:
+                    ring.push(rows)
+
+    def _bind(self, inputs: Mapping[str, np.ndarray]) -> None:
+        current = FeatureTable()
+        for name, arr in inputs.items():
+            for feature in feature_names(name, np.shape(arr)):
+                current.kinds[feature] = "input"
+                current.features[feature] = np.empty(0)
+        try:
+            reference, note = align(self._table, current)
+        except DriftDataError as exc:
+            self.unbound_reason = str(exc)
+            log.error("drift: model %s: the reference does not fit its inputs: %s", self.model, exc)
+            self._rings = {}
+            return
+        if note:
+            log.info("drift: model %s: reference columns %s", self.model, note)
+        self._reference = reference
+        widths = {name: as_rows(arr).shape[1] for name, arr in inputs.items()}
+        for name, arr in inputs.items():
+            for i, feature in enumerate(feature_names(name, np.shape(arr))):
+                if feature in reference:
+                    self._columns[feature] = (name, i)
+        tensors = {t for t, _ in self._columns.values()}
+        self._rings = {
+            t: _Ring(self.window, widths[t], object if np.asarray(inputs[t]).dtype.kind in "OSU" else np.float64)
+            for t in tensors
+        }
+
+    def rows(self) -> int:
+        """Rows in the window now."""
+        with self._lock:
+            return max((r.count for r in (self._rings or {}).values()), default=0)
+
+    def compute(self) -> dict[str, FeatureDrift]:
+        """Compare the window with the reference, set the gauges, announce crossings. Blocking: run off the loop."""
+        with self._lock:
+            snapshots = {t: r.snapshot() for t, r in (self._rings or {}).items()}
+        n = max((len(s) for s in snapshots.values()), default=0)
+        self.metrics.rows.labels(self.model).set(n)
+        if n < self.min_rows:
+            return {}
+        results: dict[str, FeatureDrift] = {}
+        for feature, (tensor, column) in self._columns.items():
+            try:
+                result = compare_feature(
+                    feature, self._reference[feature], snapshots[tensor][:, column], bins=self.bins
+                )
+            except DriftDataError:
+                continue
+            results[feature] = result
+            self.metrics.psi.labels(self.model, feature).set(result.psi)
+            if result.ks_statistic is not None:
+                self.metrics.ks.labels(self.model, feature).set(result.ks_statistic)
+        crossed = {f for f, r in results.items() if r.reasons(self.thresholds)}
+        self.metrics.alert.labels(self.model).set(1 if crossed else 0)
+        self._announce(results, crossed, n)
+        return results
+
+    def _announce(self, results: dict[str, FeatureDrift], crossed: set[str], rows: int) -> None:
+        for feature, result in results.items():
+            state = "alert" if feature in crossed else "resolved"
+            if self._notified.get(feature, "resolved") == state:
+                continue
+            if not self.webhook:
+                self._notified[feature] = state
+                continue
+            body = {
+                "type": "io.onnxgate.drift",
+                "state": state,
+                "time": rfc3339(self._clock()),
+                "model": self.model,
+                "feature": feature,
+                "reasons": result.reasons(self.thresholds),
+                "psi": result.psi,
+                "ks_statistic": result.ks_statistic,
+                "ks_pvalue": result.ks_pvalue,
+                "chi2_pvalue": result.chi2_pvalue,
+                "thresholds": {
+                    "psi": self.thresholds.psi,
+                    "ks_pvalue": self.thresholds.ks_pvalue,
+                    "chi2_pvalue": self.thresholds.chi2_pvalue,
+                },
+                "window_rows": rows,
+            }
+            try:
+                status = post(self.webhook, encode_json(body), "application/json", 5.0)
+            except OSError as exc:
+                status, reason = 0, str(exc)
+            else:
+                reason = f"HTTP {status}"
+            if 200 <= status < 300:
+                self._notified[feature] = state
+            else:
+                self.metrics.webhook_failures.labels(self.model).inc()
+                log.warning(
+                    "drift: webhook %s did not take the %s for %s/%s: %s",
+                    self.webhook,
+                    state,
+                    self.model,
+                    feature,
+                    reason,
+                )
+
+
+class DriftMonitor:
+    """Every configured model's LiveDrift, and the owned task that computes them periodically."""
+
+    def __init__(self, config: DriftConfig, registry: CollectorRegistry) -> None:
+        self.config = config
+        self.metrics = DriftMetrics(registry)
+        self.models: dict[str, LiveDrift] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Load the references (off the loop) and start computing every ``interval_s``."""
+        for name, c in self.config.models.items():
+            try:
+                table = await asyncio.to_thread(load_features, c.reference, name)
+            except DriftDataError as exc:
+                log.error("drift: model %s disabled: %s", name, exc)
+                continue
+            self.models[name] = LiveDrift(
+                name,
+                table,
+                metrics=self.metrics,
+                window=c.window,
+                min_rows=c.min_rows,
+                thresholds=Thresholds(c.psi_threshold, c.ks_pvalue, c.chi2_pvalue),
+                bins=c.bins,
+                webhook=c.webhook or self.config.webhook,
+            )
+        self._task = asyncio.create_task(self._loop(), name="onnxgate-drift")
+
+    def observe(self, model: str, inputs: Mapping[str, np.ndarray]) -> None:
+        """Feed one request's inputs (a SampleLogger observer); no-op for models without drift."""
+        live = self.models.get(model)
+        if live is not None:
+            live.observe(inputs)
+
+    def compute(self) -> dict[str, dict[str, FeatureDrift]]:
+        """Compute every model now (blocking)."""
+        out = {}
+        for name, live in self.models.items():
+            try:
+                out[name] = live.compute()
+            except Exception:
+                log.exception("drift: computing model %s failed", name)
+        return out
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            await asyncio.to_thread(self.compute)
+
+    async def close(self) -> None:
+        """Stop the periodic task and wait for it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

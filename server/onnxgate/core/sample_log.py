@@ -1,0 +1,409 @@
+"""Sampled prediction logging: which requests to record, and a writer that works off the request path.
+
+The service asks :meth:`SampleLogger.should_sample` (cheap) and, when it says yes, hands the raw
+objects to :meth:`SampleLogger.offer` wrapped in a :class:`Sample`: a non-blocking put on a
+bounded queue. A writer thread turns samples into records (:func:`make_record`: tensors to
+nested lists), passes the inputs of successful ones to observers (live drift) and the records to
+the sink (``core/sinks.py``). Whatever cannot be queued or written is dropped and counted in
+``onnxgate_sample_log_dropped_total{reason}``; nothing here raises into serving.
+
+Record schema, version 1 (JSON; the Parquet sink stores the same values, see ``sinks.py``)::
+
+    schema_version  1
+    time            RFC 3339 UTC time the gateway finished the request, "2024-05-01T12:00:00.123456Z"
+    id              the request id the client sent ("" if none)
+    route           the route the request came in on (the model name when no router is in front)
+    model, version  the model, and the version that answered ("" when none did)
+    protocol        "grpc" | "http" (the only transport-specific field)
+    latency_s       seconds from the decoded request to the response or error
+    status          "ok", or the error's class name ("InvalidInput", "Overloaded", ...)
+    error           the error message, or null
+    headers         {allowlisted header, lowercase: value}
+    inputs          [{name, datatype, shape, values}] or null when not included; values are
+                    nested lists (BYTES as UTF-8 text, NaN as null), null past max_tensor_elements
+    outputs         the same; [] for a failed request
+    shadow          {target, version, status, error, outputs, comparison} or null
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from onnxgate.core.inference import InferRequest, InferResponse
+from onnxgate.core.sample_config import INCLUDE, SampleLogConfig
+from onnxgate.core.sinks import Sink, make_sink
+
+log = logging.getLogger("onnxgate.sample_log")
+
+SCHEMA_VERSION = 1
+DROP_REASONS = ("queue_full", "disk_full", "io_error", "collector_down", "collector_rejected", "shutdown", "error")
+Observer = Callable[[str, Mapping[str, np.ndarray]], None]  # (model, {input name: array}) of an ok sample
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ShadowResult:
+    """What a shadow target answered to the same request."""
+
+    target: str
+    response: InferResponse | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class Sample:
+    """The raw objects of one sampled request; the writer thread turns it into a record."""
+
+    request: InferRequest
+    response: InferResponse | None
+    error: BaseException | None
+    route: str
+    model: str
+    version: str
+    protocol: str
+    latency_s: float
+    headers: Mapping[str, str] | None = None  # None: the request's own headers
+    shadow: ShadowResult | None = None
+    comparison: Mapping[str, Any] | None = None
+    time: float = field(default_factory=time.time)
+
+    def nbytes(self) -> int:
+        total = sum(t.data.nbytes for t in self.request.inputs)
+        return total + (sum(t.data.nbytes for t in self.response.outputs) if self.response is not None else 0)
+
+
+def rfc3339(t: float) -> str:
+    """``t`` (seconds since the epoch) as RFC 3339 UTC with microseconds."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def tensor_json(name: str, datatype: str, shape: Sequence[int], data: Any, max_elements: int = 1_000_000) -> dict:
+    """One tensor as ``{name, datatype, shape, values}``, values as nested lists."""
+    arr = np.asarray(data)
+    if arr.size > max_elements:
+        values = None
+    elif arr.dtype.kind in "OSU":
+        flat = [v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v) for v in arr.ravel()]
+        values = np.array(flat, dtype=object).reshape(arr.shape).tolist()
+    else:
+        values = arr.tolist()
+    return {"name": name, "datatype": datatype, "shape": [int(d) for d in shape], "values": values}
+
+
+def _status(error: BaseException | None) -> tuple[str, str | None]:
+    if error is None:
+        return "ok", None
+    return type(error).__name__, getattr(error, "message", None) or str(error)
+
+
+def make_record(
+    request: InferRequest,
+    response: InferResponse | None,
+    error: BaseException | None,
+    *,
+    route: str,
+    model: str,
+    version: str,
+    protocol: str,
+    latency_s: float,
+    headers: Mapping[str, str],
+    shadow: ShadowResult | None = None,
+    comparison: Mapping[str, Any] | None = None,
+    include: Sequence[str] = INCLUDE,
+    when: float | None = None,
+    max_elements: int = 1_000_000,
+) -> dict[str, Any]:
+    """The version-1 record of one request (schema in the module docstring)."""
+    status, message = _status(error)
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "time": rfc3339(time.time() if when is None else when),
+        "id": request.id,
+        "route": route,
+        "model": model,
+        "version": version,
+        "protocol": protocol,
+        "latency_s": float(latency_s),
+        "status": status,
+        "error": message,
+        "headers": {str(k): v if isinstance(v, str) else str(v) for k, v in headers.items()},
+        "inputs": None,
+        "outputs": None,
+        "shadow": None,
+    }
+    if "inputs" in include:
+        record["inputs"] = [tensor_json(t.name, t.datatype, t.shape, t.data, max_elements) for t in request.inputs]
+    if "outputs" in include:
+        outs = response.outputs if response is not None else []
+        record["outputs"] = [tensor_json(t.name, t.datatype, t.shape, t.data, max_elements) for t in outs]
+    if "shadow" in include and shadow is not None:
+        s_status, s_message = _status(shadow.error)
+        s_outs = shadow.response.outputs if shadow.response is not None else []
+        record["shadow"] = {
+            "target": shadow.target,
+            "version": shadow.response.model_version if shadow.response is not None else "",
+            "status": s_status,
+            "error": s_message,
+            "outputs": [tensor_json(t.name, t.datatype, t.shape, t.data, max_elements) for t in s_outs],
+            "comparison": dict(comparison) if comparison is not None else None,
+        }
+    return record
+
+
+# -- the logger ------------------------------------------------------------------------------
+
+_WAKE = object()  # put on the queue to wake the writer at close
+_TICK_S = 0.1  # the writer looks at the clock (rotation by age, HTTP flush) at least this often
+_BATCH = 256  # samples the writer takes off the queue at once
+
+
+def unit_hash(value: str | bytes, salt: bytes = b"") -> float:
+    """A stable number in [0, 1) for ``value``: the same header value always lands in the same place."""
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    return int.from_bytes(hashlib.blake2b(salt + b"\0" + raw, digest_size=8).digest(), "big") / 2.0**64
+
+
+class SampleLogMetrics:
+    """The sample log's metrics on the gateway's registry; also what the sink reports to."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records = Counter(
+            "onnxgate_sample_log_records", "Sampled records written to the sample-log sink.", registry=registry
+        )
+        self.dropped_records = Counter(
+            "onnxgate_sample_log_dropped",
+            "Sampled records lost, by reason (queue_full, disk_full, io_error, collector_down, ...).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in DROP_REASONS:
+            self.dropped_records.labels(reason)
+        self.queue_depth = Gauge(
+            "onnxgate_sample_log_queue_depth", "Samples waiting for the sample-log writer.", registry=registry
+        )
+
+    def written(self, n: int) -> None:
+        self.records.inc(n)
+
+    def dropped(self, reason: str, n: int) -> None:
+        self.dropped_records.labels(reason).inc(n)
+
+
+class SampleLogger:
+    """Decides which requests are recorded and writes their records off the event loop.
+
+    ``start()`` starts the writer thread; ``await close(timeout)`` writes what is queued, finishes
+    the sink (files renamed, batches sent) and returns within ``timeout``; what is still queued
+    then is dropped (``shutdown``). ``observers`` run on the writer thread with the inputs of each
+    successful sample.
+    """
+
+    def __init__(
+        self,
+        config: SampleLogConfig,
+        registry: CollectorRegistry,
+        *,
+        rng: random.Random | None = None,
+        observers: Sequence[Observer] = (),
+        sink: Sink | None = None,
+    ) -> None:
+        self.config = config
+        self._rng = rng if rng is not None else random.Random()
+        self._default = config.default_rate
+        self._rates = dict(config.rates)
+        self._hash_header = config.hash_header
+        self._salt = config.hash_salt.encode()
+        self._observers = tuple(observers)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
+        self._max_bytes = int(config.queue_max_mb * 1024 * 1024)
+        self._bytes = 0
+        self._lock = threading.Lock()  # guards _bytes
+        self._closed = False
+        self._stopping = threading.Event()
+        self._deadline = math.inf
+        self._thread: threading.Thread | None = None
+        self.metrics = SampleLogMetrics(registry)
+        self.metrics.queue_depth.set_function(self._queue.qsize)
+        self.sink = sink if sink is not None else make_sink(config.sink, self.metrics)
+        self._warned: dict[str, float] = {}
+
+    # -- the request path -------------------------------------------------------------------
+    def should_sample(self, model: str, headers: Mapping[str, str] | None = None, route: str | None = None) -> bool:
+        """Whether to record this request: by the route's or model's rate, by header hash if configured."""
+        rate = self._rates.get(route) if route is not None else None
+        if rate is None:
+            rate = self._rates.get(model, self._default)
+        if rate <= 0.0:
+            return False
+        if rate >= 1.0:
+            return True
+        if self._hash_header is not None and headers:
+            value = headers.get(self._hash_header)
+            if value is not None:
+                return unit_hash(value, self._salt) < rate
+        return self._rng.random() < rate
+
+    def offer(self, sample: Sample | Mapping[str, Any]) -> bool:
+        """Queue a sample (or a finished record) for the writer; False if it was dropped. Never blocks or raises."""
+        try:
+            if self._closed:
+                self._drop("shutdown")
+                return False
+            size = sample.nbytes() if isinstance(sample, Sample) else 0
+            with self._lock:
+                if self._bytes + size > self._max_bytes and size:
+                    self._drop("queue_full")
+                    return False
+                self._bytes += size
+            try:
+                self._queue.put_nowait((sample, size))
+            except queue.Full:
+                with self._lock:
+                    self._bytes -= size
+                self._drop("queue_full")
+                return False
+            return True
+        except Exception:
+            log.exception("sample log: offer failed")
+            return False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="onnxgate-sample-log", daemon=True)
+            self._thread.start()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Flush what is queued and finish the sink, within ``timeout`` seconds."""
+        start = time.monotonic()
+        self._closed = True
+        # Leave part of the time for finishing the sink (renames, last HTTP batch).
+        self._deadline = start + max(0.0, timeout - min(1.0, timeout * 0.2))
+        self.sink.deadline = start + timeout
+        if self._thread is None:  # never started: nothing was written
+            self._drain_all("shutdown")
+            return
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):  # when full, the writer is busy and will see the flag
+            self._queue.put_nowait((_WAKE, 0))
+        await asyncio.to_thread(self._thread.join, max(0.0, start + timeout - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("sample log: writer still busy after %.1fs; leaving it", timeout)
+
+    # -- the writer thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            batch: list[Any] = []
+            try:
+                batch.append(q.get(timeout=_TICK_S))
+                while len(batch) < _BATCH:
+                    batch.append(q.get_nowait())
+            except queue.Empty:
+                pass
+            items = [item for item, _ in batch if item is not _WAKE]
+            freed = sum(size for _, size in batch)
+            if freed:
+                with self._lock:
+                    self._bytes -= freed
+            if items:
+                self._guard(self._handle, items)
+            self._guard(self.sink.tick)
+            if self._stopping.is_set():
+                if time.monotonic() >= self._deadline:
+                    self._drain_all("shutdown")
+                    break
+                if q.empty():
+                    break
+        self._guard(self.sink.close)
+
+    def _handle(self, items: list[Any]) -> None:
+        records: list[dict] = []
+        for item in items:
+            if not isinstance(item, Sample):
+                records.append(dict(item))
+                continue
+            try:
+                records.append(self._record(item))
+            except Exception:
+                self._warn("record", "sample log: cannot build a record", exc_info=True)
+                self._drop("error")
+                continue
+            if self._observers and item.error is None:
+                inputs = {t.name: t.data for t in item.request.inputs}
+                for observe in self._observers:
+                    try:
+                        observe(item.model, inputs)
+                    except Exception:
+                        self._warn("observer", "sample log: observer %r failed", observe, exc_info=True)
+        if records:
+            try:
+                self.sink.write(records)
+            except Exception:
+                self._warn("sink", "sample log: sink failed", exc_info=True)
+                self._drop("error", len(records))
+
+    def _record(self, s: Sample) -> dict[str, Any]:
+        allow = self.config.headers
+        given = s.headers if s.headers is not None else getattr(s.request, "headers", None) or {}
+        headers = {k.lower(): v for k, v in given.items() if k.lower() in allow} if allow else {}
+        return make_record(
+            s.request,
+            s.response,
+            s.error,
+            route=s.route,
+            model=s.model,
+            version=s.version,
+            protocol=s.protocol,
+            latency_s=s.latency_s,
+            headers=headers,
+            shadow=s.shadow,
+            comparison=s.comparison,
+            include=self.config.include,
+            when=s.time,
+            max_elements=self.config.max_tensor_elements,
+        )
+
+    def _drain_all(self, reason: str) -> None:
+        n = 0
+        while True:
+            try:
+                item, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            n += item is not _WAKE
+        if n:
+            self._drop(reason, n)
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self._warn("guard", "sample log: %s failed", getattr(fn, "__name__", fn), exc_info=True)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.metrics.dropped(reason, n)
+
+    def _warn(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -math.inf) >= 60.0:
+            self._warned[key] = now
+            log.warning(msg, *args, exc_info=exc_info)
