@@ -242,7 +242,7 @@ class InferenceService:
             sampled = sampler is not None and sampler.should_sample(request.model_name, request.headers)
             if not sampled:
                 return await self._infer(request, request.model_name, request.model_version)
-            target, route_name = Target(request.model_name, request.model_version), ""
+            target, route_name = Target(request.model_name, request.model_version), request.model_name
         else:
             target, route_name = self.routes.choose(route, request.headers), route.name
             sampled = sampler is not None and sampler.should_sample(target.model, request.headers, route.name)
