@@ -54,7 +54,6 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--url", default=argparse.SUPPRESS, help="the gateway's HTTP address (http://127.0.0.1:8000)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
     p = sub.add_parser("models", parents=[common], help="list, load, unload or roll back models of a running gateway")
-    p.set_defaults(url="http://127.0.0.1:8000", json=False)
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[common], help="the repository index: models, versions, states, reasons")
     load = actions.add_parser("load", parents=[common], help="load or reload a model; --version pins one version")
@@ -106,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         from onnxgate import admin
 
-        return admin.run(args.action, args.url, getattr(args, "name", None), getattr(args, "version", None), args.json)
+        url = getattr(args, "url", "http://127.0.0.1:8000")
+        name, version = getattr(args, "name", None), getattr(args, "version", None)
+        return admin.run(args.action, url, name, version, getattr(args, "json", False))
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -193,6 +193,7 @@ class ModelManager:
             if (hider := self.shadowed_by(name)) is not None:
                 log.warning("model %s is hidden by route %s: requests for '%s' go to the route", name, hider, name)
             entry = self.models.setdefault(name, ModelEntry(name))
+            previous = entry.override
             if override is not None:
                 entry.override = override
             elif not keep_override:
@@ -204,6 +205,8 @@ class ModelManager:
                     policy = policy_from_config(ver.model.config)
                     ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics)
             self._swap(entry, new)
+            if entry.last_failures:  # a refused load changes nothing, not even the remembered override
+                entry.override = previous
             return entry
 
     def _plan_and_load(
@@ -232,6 +235,7 @@ class ModelManager:
             prints = (fingerprint(source.path / str(version)), config_print, override_print)
             old = current.get(version)
             if old is not None and old.fingerprint == prints:
+                old.reason = ""
                 new[version] = old
                 continue
             try:

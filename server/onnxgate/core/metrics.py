@@ -139,5 +139,3 @@ class Metrics:
     def model_changed(self, model: str, version: int, state: str, reason: str) -> None:
         """Follow a version's state change."""
         self.model_state.labels(model, str(version)).set(1 if state == "READY" else 0)
-        if state == "UNAVAILABLE" and reason != "unloaded":
-            self.load_failures.labels(model).inc()

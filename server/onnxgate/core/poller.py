@@ -7,6 +7,10 @@ from what was last loaded, it is (re)loaded through the manager's swap. So a ver
 that is still being copied is never loaded half-written: it is considered once nothing in it
 has changed for one poll interval. A model directory that disappears is unloaded; a model an
 operator unloaded stays unloaded until an operator loads it again.
+
+The initial load scans the repository before it loads, which can take long; whatever changed
+meanwhile (a version copied in, rewritten or removed, a new or vanished model) differs from
+what was loaded, so the polls treat it as a change.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from onnxgate.core.manager import ModelManager
+from onnxgate.core import model_config
+from onnxgate.core.manager import READY, ModelEntry, ModelManager, merge_config
 from onnxgate.core.repository import ModelSource, model_fingerprints
+from onnxgate.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,34 @@ def _snapshot(sources: dict[str, ModelSource]) -> dict[str, tuple]:
     return out
 
 
+def _matches_loaded(entry: ModelEntry | None, source: ModelSource, snap: tuple) -> bool:
+    """Whether the model on disk (``snap``) is what the initial load loaded into ``entry`` (blocking)."""
+    if entry is None:
+        return False  # appeared after the initial scan
+    config_print, version_prints = snap[0], dict(snap[1])
+    if any(v not in version_prints for v in entry.versions):
+        return False  # a version directory went away
+    for v, ver in entry.versions.items():
+        if ver.state == READY and ver.fingerprint[:2] != (version_prints[v], config_print):
+            return False  # files or config rewritten after they were loaded
+    if not entry.versions:
+        return True  # a model-level failure: nothing more to compare
+    try:
+        config = source.read_config()
+    except GatewayError:
+        return False
+    if entry.override is not None:
+        config = merge_config(config, entry.override)
+    return set(model_config.select_versions(config, source.versions)) <= set(entry.versions)  # none added
+
+
+def _loaded_snapshot(models: dict[str, ModelEntry], sources: dict[str, ModelSource], snap: dict[str, tuple]) -> dict:
+    """The part of ``snap`` that is loaded as it is now; ``()`` for loaded models gone from disk."""
+    loaded = {name: s for name, s in snap.items() if _matches_loaded(models.get(name), sources[name], s)}
+    loaded.update({name: () for name in models if name not in snap})
+    return loaded
+
+
 class RepositoryPoller:
     """Owns the polling task of poll mode."""
 
@@ -41,11 +75,13 @@ class RepositoryPoller:
         self._task: asyncio.Task | None = None
 
     async def prime(self) -> None:
-        """Record the repository as the initial load found it."""
+        """Record the repository after the initial load, and what of it that load loaded."""
         sources = await asyncio.to_thread(self.manager.repository.scan)
         snap = await asyncio.to_thread(_snapshot, sources)
         self._seen = dict(snap)
-        self._loaded = dict(snap)
+        self._loaded = await asyncio.to_thread(_loaded_snapshot, dict(self.manager.models), sources, snap)
+        for name in sorted(set(snap) - set(self._loaded)):
+            log.info("model %s changed in the repository while loading; the next polls load it", name)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
