@@ -39,6 +39,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="none: load at start only; poll: follow the repository; explicit: load/unload API (default none)",
     )
     p.add_argument("--workers", type=int, help="gateway processes sharing the ports (default 1)")
+    p.add_argument(
+        "--listen-after-load", action="store_true", default=None,
+        help="open the ports only once the repository has loaded (for balancers without health checks)",
+    )
     p.add_argument("--repository-poll-secs", type=float, help="poll interval in poll mode (default 15)")
     p.add_argument(
         "--load-model",
@@ -82,6 +86,7 @@ _SERVER_KEYS = (
     "repository_poll_secs",
     "load_model",
     "workers",
+    "listen_after_load",
 )
 
 

@@ -53,6 +53,7 @@ class ServerConfig:
     repository_poll_secs: float = 15.0
     load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
     workers: int = 1  # processes sharing the ports (SO_REUSEPORT)
+    listen_after_load: bool = False  # open the listeners only once the repository has loaded
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in ("none", "poll", "explicit"):

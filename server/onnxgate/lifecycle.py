@@ -101,13 +101,13 @@ class Gateway:
     async def start(self) -> None:
         """Open every listener, then load the repository; ready once the load has finished.
 
-        A worker of ``--workers N`` loads first and listens after, so that the kernel never
-        hands a connection to a worker whose models are still loading."""
+        A worker of ``--workers N`` (and ``--listen-after-load``) loads first and listens after,
+        so that no connection reaches a gateway whose models are still loading."""
         if self.drift is not None:
             await self.drift.start()
         if self.sample_log is not None:
             self.sample_log.start()
-        if self.worker is None:
+        if self.worker is None and not self.config.server.listen_after_load:
             await self._listen()
             await self._load()
         else:

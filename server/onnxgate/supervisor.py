@@ -86,6 +86,10 @@ class Supervisor:
 
     def run(self) -> int:
         s = self.config.server
+        # before anything is announced: a SIGTERM right after "listening" must stop us cleanly
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._forward(signal.SIGHUP))
         holds = [reserve(s.host, s.http_port), reserve(s.host, s.grpc_port)]
         http_port, grpc_port = (h.getsockname()[1] for h in holds)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
@@ -100,9 +104,6 @@ class Supervisor:
             metrics_port,
             self.count,
         )
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._forward(signal.SIGHUP))
         try:
             for i in range(self.count):
                 self.workers[i] = self._spawn(i, http_port, grpc_port)
@@ -128,7 +129,9 @@ class Supervisor:
                 log.error("worker %d (pid %d) exited with %s; restarting it", i, proc.pid, proc.returncode)
                 multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
                 (self.ready_dir / str(i)).unlink(missing_ok=True)
-                time.sleep(0.5)
+                if self._stopping.wait(0.5):  # SIGTERM meanwhile: no new worker to stop again
+                    self.workers[i] = None
+                    return
                 self.workers[i] = self._spawn(i, http_port, grpc_port)
 
     def _forward(self, sig: int) -> None:
@@ -137,17 +140,24 @@ class Supervisor:
                 proc.send_signal(sig)
 
     def _stop(self) -> int:
+        """SIGTERM every worker and wait for its drain. A worker that had not reported ready yet
+        listens on nothing (workers load before they listen), so SIGTERM ending it before its own
+        handler is installed (exit status -SIGTERM) is a clean stop too."""
         log.info("stopping %d workers", self.count)
+        ready = {i for i in range(self.count) if (self.ready_dir / str(i)).exists()}
         self._forward(signal.SIGTERM)
         deadline = time.monotonic() + self.config.server.drain_delay_s + self.config.server.drain_timeout_s + 10
-        codes = []
-        for proc in self.workers:
+        clean = True
+        for i, proc in enumerate(self.workers):
             if proc is None:
                 continue
             try:
-                codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
+                code = proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                codes.append(proc.wait())
+                code = proc.wait()
+            if code != 0 and not (code == -signal.SIGTERM and i not in ready):
+                log.error("worker %d (pid %d) exited with %s while stopping", i, proc.pid, code)
+                clean = False
         log.info("stopped")
-        return 0 if all(c == 0 for c in codes) else 1
+        return 0 if clean else 1
