@@ -10,6 +10,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+# The durations of the statistics extension's ``inference_stats``, in its order.
+INFERENCE_STAT_FIELDS = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
+
 
 @dataclass(slots=True)
 class Duration:

@@ -10,7 +10,7 @@ from onnxgate.core import tensors
 from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
 from onnxgate.core.manager import IndexRow
 from onnxgate.core.service import ModelMetadata
-from onnxgate.core.stats import Duration, VersionStats
+from onnxgate.core.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, Unsupported
 from onnxgate_client.pb import grpc_service_pb2 as pb
 
@@ -150,16 +150,7 @@ def stats_message(stats: list[VersionStats]) -> pb.ModelStatisticsResponse:
             inference_count=s.inference_count,
             execution_count=s.execution_count,
         )
-        for k in (
-            "success",
-            "fail",
-            "queue",
-            "compute_input",
-            "compute_infer",
-            "compute_output",
-            "cache_hit",
-            "cache_miss",
-        ):
+        for k in INFERENCE_STAT_FIELDS:
             getattr(m.inference_stats, k).CopyFrom(_duration(getattr(s, k)))
         for _, b in sorted(s.batches.items()):
             m.batch_stats.add(

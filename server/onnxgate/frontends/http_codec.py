@@ -14,7 +14,7 @@ from onnxgate.core import tensors
 from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
 from onnxgate.core.manager import IndexRow
 from onnxgate.core.service import ModelMetadata
-from onnxgate.core.stats import Duration, VersionStats
+from onnxgate.core.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, Unsupported
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -259,19 +259,7 @@ def stats_json(stats: list[VersionStats]) -> bytes:
                     "last_inference": s.last_inference_ms,
                     "inference_count": s.inference_count,
                     "execution_count": s.execution_count,
-                    "inference_stats": {
-                        k: _duration(getattr(s, k))
-                        for k in (
-                            "success",
-                            "fail",
-                            "queue",
-                            "compute_input",
-                            "compute_infer",
-                            "compute_output",
-                            "cache_hit",
-                            "cache_miss",
-                        )
-                    },
+                    "inference_stats": {k: _duration(getattr(s, k)) for k in INFERENCE_STAT_FIELDS},
                     "batch_stats": [
                         {
                             "batch_size": b.batch_size,
