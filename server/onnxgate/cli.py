@@ -15,7 +15,11 @@ from onnxgate.errors import GatewayError
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over gRPC and HTTP")
     p.add_argument("--config", help="gateway config file (YAML); flags override it")
-    p.add_argument("--model-repository", help="model repository path (default: the bundled demo repository)")
+    p.add_argument(
+        "--model-repository",
+        help="model repository: a path, or a URL (s3://, gs://, az://, any fsspec URL, mlflow://); "
+        "default: the bundled demo repository",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any free port)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
@@ -40,7 +44,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, help="gateway processes sharing the ports (default 1)")
     p.add_argument(
-        "--listen-after-load", action="store_true", default=None,
+        "--listen-after-load",
+        action="store_true",
+        default=None,
         help="open the ports only once the repository has loaded (for balancers without health checks)",
     )
     p.add_argument("--repository-poll-secs", type=float, help="poll interval in poll mode (default 15)")

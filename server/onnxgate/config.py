@@ -22,11 +22,12 @@ from typing import Any
 import yaml
 
 from onnxgate.core.drift import DriftConfig
+from onnxgate.core.mlflow_registry import RegistryConfig
 from onnxgate.core.router import Route, parse_routes
 from onnxgate.core.sample_config import SampleLogConfig
 from onnxgate.errors import GatewayError, InvalidInput
 
-SECTIONS = ("server", "routes", "sample_log", "drift")
+SECTIONS = ("server", "routes", "sample_log", "drift", "registry")
 
 
 class ConfigError(GatewayError):
@@ -89,6 +90,7 @@ class GatewayConfig:
     routes: tuple[Route, ...] = ()
     sample_log: SampleLogConfig | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     path: str = ""  # the file it was read from ("" = none), for SIGHUP re-reads
 
 
@@ -155,6 +157,7 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         routes=routes,
         sample_log=sample_log,
         drift=drift,
+        registry=RegistryConfig.from_dict(doc.get("registry")),
         path=str(path) if path is not None else "",
     )
 

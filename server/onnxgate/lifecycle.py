@@ -26,9 +26,10 @@ from onnxgate.config import GatewayConfig
 from onnxgate.core.drift import DriftMonitor
 from onnxgate.core.manager import ModelManager
 from onnxgate.core.metrics import Metrics
+from onnxgate.core.mlflow_registry import open_repository
 from onnxgate.core.model import LoadOptions
 from onnxgate.core.poller import RepositoryPoller
-from onnxgate.core.repository import Repository
+from onnxgate.core.remote import redact_url
 from onnxgate.core.sample_log import SampleLogger
 from onnxgate.core.service import InferenceService
 from onnxgate.core.sessions import available_cores
@@ -71,11 +72,11 @@ class Gateway:
     def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         s = config.server
-        self.repository_path = Path(s.model_repository) if s.model_repository else demo_repository()
+        self.repository_location = s.model_repository or str(demo_repository())
         self.worker = worker_info()
         self.metrics = Metrics(registry)
         self.manager = ModelManager(
-            Repository(self.repository_path),
+            open_repository(self.repository_location, config.registry),
             LoadOptions(
                 default_max_batch_size=s.default_max_batch_size,
                 cpu_threads=s.cpu_threads,
@@ -150,7 +151,7 @@ class Gateway:
                 self.grpc_port,
                 s.host,
                 self.metrics_port,
-                self.repository_path,
+                redact_url(self.repository_location),
             )
         else:
             log.info("worker %d accepting on http %d, grpc %d", self.worker[0], self.http_port, self.grpc_port)
@@ -229,6 +230,9 @@ class Gateway:
         if self.drift is not None:
             await self.drift.close()
         await self.manager.close(s.drain_timeout_s)
+        close = getattr(self.manager.repository, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
         self.service.live = False
         log.info("stopped")
 

@@ -246,6 +246,8 @@ class ModelManager:
                 failures[version] = reason
                 continue
             stats = old.stats if old is not None and old.stats is not None else VersionStats(name, version)
+            # A remote repository may have fetched the files just now: fingerprint what was loaded.
+            prints = (fingerprint(source.path / str(version)), config_print, override_print)
             new[version] = VersionEntry(version, READY, "", model, None, stats, prints)
             log.info(
                 "model %s version %d ready (max_batch_size %d, providers %s)",

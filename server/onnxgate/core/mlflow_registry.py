@@ -1,0 +1,328 @@
+"""The MLflow Model Registry as a model repository (``--model-repository mlflow://``), the ``registry``
+config section, and :func:`open_repository`, which picks the repository class for a location.
+
+Importing this module never imports MLflow: only :class:`MlflowRepository` does, when it is built.
+The tracking server is ``registry.mlflow.tracking_uri`` or else ``MLFLOW_TRACKING_URI`` (credentials
+from MLflow's own ``MLFLOW_TRACKING_TOKEN``/``_USERNAME``/``_PASSWORD``; never logged)::
+
+    registry:
+      mlflow:
+        models:
+          - {name: fraud, alias: champion}                        # the version the alias points to
+          - {name: fraud, alias: challenger, serve_as: fraud_challenger}
+          - {name: churn, versions: [3, 4]}                       # fixed versions
+          - {name: iris, alias: prod, config: "max_batch_size: 8"}  # config.pbtxt fields to add
+
+Each scan resolves every entry (one REST call per alias or version) and mirrors the result as a
+Triton repository in the cache: ``<cache>/<served name>/<mlflow version>/model.onnx`` (the version's
+``.onnx`` artifact: the ``onnx`` flavor's file of an ``mlflow.onnx.log_model`` model, else the only
+``.onnx`` file, with the files beside it such as external data) and a generated ``config.pbtxt`` with
+``version_policy { specific { versions: [...] } }`` and the parameters ``mlflow_model``,
+``mlflow_version``, ``mlflow_run_id`` and ``mlflow_alias`` (comma-separated, one per version, highest
+first). Model versions are immutable, so a cached version is fetched again only when its files were
+damaged. When an alias moves, the config's version list changes, so poll mode sees the model change
+and swaps; the version left behind is deleted from the cache ``retain_s`` later. When MLflow cannot
+be reached the last resolved state stays (nothing is unloaded because of an outage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from google.protobuf import text_format
+
+from onnxgate.core import model_config
+from onnxgate.core.remote import (
+    CacheDir,
+    RemoteError,
+    RemoteRepository,
+    is_current,
+    read_manifest,
+    redact_url,
+    why,
+    write_manifest,
+)
+from onnxgate.core.repository import DEFAULT_MODEL_FILENAME, ModelSource, Repository
+from onnxgate.errors import GatewayError
+from onnxgate_client.pb import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MlflowModelSpec:
+    """One served model: a registered model's alias or fixed versions, under ``serve_as`` or its own name."""
+
+    name: str
+    alias: str = ""
+    versions: tuple[int, ...] = ()
+    serve_as: str = ""
+    config: str = ""  # config.pbtxt text; version_policy and the mlflow_* parameters are set over it
+
+    @property
+    def served_name(self) -> str:
+        return self.serve_as or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """The ``registry`` section: the cache and object-store settings, and the MLflow models."""
+
+    cache_dir: str = ""  # "" = a private temporary directory, removed at exit
+    settle_s: float = 2.0
+    retain_s: float = 60.0
+    marker: str = ""
+    verify_checksums: bool = True
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    mlflow_tracking_uri: str = ""
+    mlflow_models: tuple[MlflowModelSpec, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RegistryConfig:
+        """Parse and check the section; raises ``onnxgate.config.ConfigError``."""
+        from onnxgate.config import ConfigError
+
+        try:
+            return cls._parse({} if d is None else d)
+        except ValueError as exc:
+            raise ConfigError(f"registry: {exc}") from None
+
+    @classmethod
+    def _parse(cls, d: Any) -> RegistryConfig:
+        _require(isinstance(d, Mapping), "must be a mapping")
+        known = ("cache_dir", "settle_s", "retain_s", "marker", "verify_checksums", "storage_options", "mlflow")
+        _require(not set(d) - set(known), f"unknown key(s) {sorted(set(d) - set(known))}; known: {', '.join(known)}")
+        for key in ("settle_s", "retain_s"):
+            value = d.get(key, 0)
+            _require(isinstance(value, int | float) and not isinstance(value, bool) and value >= 0,
+                     f"{key} must be a number >= 0, got {value!r}")
+        for key in ("cache_dir", "marker"):
+            _require(isinstance(d.get(key, ""), str), f"{key} must be a string")
+        _require("/" not in d.get("marker", ""), "marker must be a file name, not a path")
+        _require(isinstance(d.get("verify_checksums", True), bool), "verify_checksums must be true or false")
+        _require(isinstance(d.get("storage_options", {}), Mapping), "storage_options must be a mapping")
+        ml = d.get("mlflow") or {}
+        _require(isinstance(ml, Mapping) and not set(ml) - {"tracking_uri", "models"},
+                 "mlflow must be a mapping with tracking_uri and models")
+        _require(isinstance(ml.get("tracking_uri", ""), str), "mlflow.tracking_uri must be a string")
+        models = ml.get("models") or []
+        _require(isinstance(models, list), "mlflow.models must be a list")
+        specs = tuple(_spec(entry, f"mlflow.models[{i}]") for i, entry in enumerate(models))
+        served = [s.served_name for s in specs]
+        _require(len(set(served)) == len(served), f"mlflow.models serve a name twice: {served} (use serve_as)")
+        return cls(
+            cache_dir=d.get("cache_dir", ""), settle_s=float(d.get("settle_s", 2.0)),
+            retain_s=float(d.get("retain_s", 60.0)), marker=d.get("marker", ""),
+            verify_checksums=d.get("verify_checksums", True), storage_options=dict(d.get("storage_options", {})),
+            mlflow_tracking_uri=ml.get("tracking_uri", ""), mlflow_models=specs,
+        )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _spec(entry: Any, where: str) -> MlflowModelSpec:
+    _require(isinstance(entry, Mapping), f"{where} must be a mapping")
+    unknown = set(entry) - {"name", "alias", "versions", "serve_as", "config"}
+    _require(not unknown, f"{where}: unknown key(s) {sorted(unknown)}")
+    for key in ("name", "alias", "serve_as", "config"):
+        _require(isinstance(entry.get(key, ""), str), f"{where}.{key} must be a string")
+    name, alias, versions = entry.get("name", ""), entry.get("alias", ""), entry.get("versions", [])
+    _require(bool(name), f"{where} needs a name")
+    _require(isinstance(versions, list) and all(type(v) is int and v > 0 for v in versions),
+             f"{where}.versions must be a list of positive integers")
+    _require(bool(alias) != bool(versions), f"{where} needs either an alias or versions, not both")
+    serve_as, config = entry.get("serve_as", ""), entry.get("config", "")
+    spec = MlflowModelSpec(name, alias, tuple(sorted(set(versions))), serve_as, config)
+    _require("/" not in spec.served_name and not spec.served_name.startswith("."),
+             f"{where}: '{spec.served_name}' cannot be a model name (use serve_as)")
+    if spec.config:
+        try:
+            parsed = model_config.parse_pbtxt(spec.config, f"{where}.config")
+        except GatewayError as exc:
+            raise ValueError(exc.message) from None
+        _require(parsed.name in ("", spec.served_name), f"{where}.config names another model: {parsed.name!r}")
+    return spec
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Atomically replace ``path`` with ``text`` unless it holds it already (its mtime then stays)."""
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
+def open_repository(location: str, registry: RegistryConfig | None = None) -> Any:
+    """The repository for ``--model-repository``: a directory (``Repository``), ``mlflow://``
+    (``MlflowRepository``) or any other URL (``RemoteRepository``). Raises ``RemoteError``."""
+    registry = registry or RegistryConfig()
+    scheme = urlsplit(location).scheme if "://" in location else ""
+    if scheme == "mlflow":
+        if location.rstrip("/") != "mlflow:":
+            raise RemoteError("use --model-repository mlflow:// (the tracking URI comes from MLFLOW_TRACKING_URI)")
+        return MlflowRepository(registry.mlflow_models, registry.cache_dir or None, registry.mlflow_tracking_uri,
+                                retain_s=registry.retain_s)
+    if scheme:
+        return RemoteRepository(location, registry.cache_dir or None, registry.storage_options,
+                                settle_s=registry.settle_s, retain_s=registry.retain_s, marker=registry.marker,
+                                verify_checksums=registry.verify_checksums)
+    return Repository(Path(location))
+
+
+class MlflowRepository:
+    """Models of the MLflow Model Registry, mirrored into a cache laid out as a Triton repository."""
+
+    def __init__(self, models: Sequence[MlflowModelSpec], cache_dir: str | Path | None = None,
+                 tracking_uri: str = "", *, retain_s: float = 60.0) -> None:
+        if not models:
+            raise RemoteError("--model-repository mlflow:// needs registry.mlflow.models in the config file")
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri:
+            raise RemoteError("--model-repository mlflow:// needs MLFLOW_TRACKING_URI or registry.mlflow.tracking_uri")
+        try:
+            import mlflow.artifacts
+            from mlflow import MlflowClient
+        except ImportError:
+            raise RemoteError("--model-repository mlflow:// needs MLflow: pip install 'onnxgate[mlflow]'") from None
+        mlflow.set_tracking_uri(uri)  # artifact URIs (runs:/, mlflow-artifacts:/) resolve against the global one
+        self.url = redact_url(uri)
+        self._uri, self._client, self._download = uri, MlflowClient(tracking_uri=uri), mlflow.artifacts
+        self.models = {spec.served_name: spec for spec in models}
+        self.cache = CacheDir(cache_dir, retain_s)
+        self._lock = threading.RLock()
+        self._last: dict[str, ModelSource] = {}
+        log.info("model repository mlflow:// (tracking server %s; models %s; cache %s)", self.url,
+                 ", ".join(sorted(self.models)), self.cache.path)
+
+    def scan(self) -> dict[str, ModelSource]:
+        """Every configured model, resolved and cached (blocking)."""
+        with self._lock:
+            sources = {name: self._source(spec) for name, spec in sorted(self.models.items())}
+            for name in {d.name for d in self.cache.path.iterdir() if d.is_dir() and d.name[0] != "."} - set(sources):
+                self.cache.prune(name, set(), gone=True)
+            return sources
+
+    def find(self, name: str) -> ModelSource | None:
+        """One configured model, resolved now, or None (blocking)."""
+        spec = self.models.get(name)
+        if spec is None:
+            return None
+        with self._lock:
+            return self._source(spec)
+
+    def close(self) -> None:
+        self.cache.close()  # removes a private cache directory
+
+    def _source(self, spec: MlflowModelSpec) -> ModelSource:
+        name = spec.served_name
+        model_dir = self.cache.path / name
+        try:
+            resolved = self._resolve(spec)
+        except Exception as exc:  # MLflow unreachable, alias missing: keep what was resolved before
+            log.error("model %s: cannot resolve %s in MLflow (%s): %s", name, _what(spec), self.url, why(exc))
+            return self._last.get(name) or ModelSource(name, model_dir, ())
+        fetched = []
+        for version, run_id in resolved:
+            try:
+                self._fetch(spec, version)
+                fetched.append((version, run_id))
+            except Exception as exc:
+                log.error("model %s: MLflow version %d of %s not fetched: %s", name, version, spec.name,
+                          why(exc))
+        if not fetched and name in self._last:
+            return self._last[name]
+        config = model_config.parse_pbtxt(spec.config) if spec.config else mc.ModelConfig()
+        config.ClearField("version_policy")
+        config.version_policy.specific.versions.extend(sorted(v for v, _ in fetched))
+        fetched.sort(reverse=True)
+        for key, value in (("mlflow_model", spec.name), ("mlflow_alias", spec.alias),
+                           ("mlflow_version", ",".join(str(v) for v, _ in fetched)),
+                           ("mlflow_run_id", ",".join(r for _, r in fetched))):
+            config.parameters[key].string_value = value
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if write_if_changed(model_dir / "config.pbtxt", text_format.MessageToString(config)):
+            log.info("model %s: MLflow %s -> version(s) %s", name, _what(spec), [v for v, _ in fetched] or "none")
+        self.cache.prune(name, {v for v, _ in fetched})
+        self._last[name] = ModelSource(name, model_dir, tuple(sorted(v for v, _ in fetched)))
+        return self._last[name]
+
+    def _resolve(self, spec: MlflowModelSpec) -> list[tuple[int, str]]:
+        """(version, run id) of every READY model version the spec names."""
+        if spec.alias:
+            found = [self._client.get_model_version_by_alias(spec.name, spec.alias)]
+        else:
+            found = []
+            for v in spec.versions:
+                try:
+                    found.append(self._client.get_model_version(spec.name, str(v)))
+                except Exception as exc:
+                    log.error("model %s: MLflow version %d of %s: %s", spec.served_name, v, spec.name,
+                              why(exc))
+        ready = [mv for mv in found if str(getattr(mv, "status", "READY")) == "READY"]
+        for mv in found:
+            if mv not in ready:
+                log.warning("model %s: MLflow version %s of %s is %s", spec.served_name, mv.version, spec.name,
+                            mv.status)
+        return [(int(mv.version), mv.run_id or "") for mv in ready]
+
+    def _fetch(self, spec: MlflowModelSpec, version: int) -> None:
+        """Download a version's artifacts and install its .onnx file and neighbours as ``<version>/``."""
+        final = self.cache.path / spec.served_name / str(version)
+        manifest = read_manifest(final)
+        if manifest and is_current(final, manifest, {rel: e.get("remote") for rel, e in manifest.items()}):
+            return
+        download, staged = self.cache.staging(spec.served_name), self.cache.staging(spec.served_name)
+        try:
+            uri = self._client.get_model_version_download_uri(spec.name, str(version))
+            got = Path(self._download.download_artifacts(artifact_uri=uri, dst_path=str(download),
+                                                         tracking_uri=self._uri))
+            onnx_file = _onnx_file(got)
+            for entry in onnx_file.parent.iterdir() if got.is_dir() else [onnx_file]:
+                os.rename(entry, staged / (DEFAULT_MODEL_FILENAME if entry == onnx_file else entry.name))
+            files = [p for p in staged.rglob("*") if p.is_file()]
+            write_manifest(staged, {str(p.relative_to(staged)): ["mlflow", spec.name, version] for p in files})
+            self.cache.install(staged, final)
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
+        log.info("model %s: MLflow version %d of %s cached (%s)", spec.served_name, version, spec.name,
+                 onnx_file.name)
+
+
+def _what(spec: MlflowModelSpec) -> str:
+    return f"{spec.name}@{spec.alias}" if spec.alias else f"{spec.name} versions {list(spec.versions)}"
+
+
+def _onnx_file(root: Path) -> Path:
+    """The model file in a downloaded version: the onnx flavor's, else the only (or only model.onnx) .onnx."""
+    if root.is_file():
+        return root
+    for mlmodel in sorted(root.rglob("MLmodel")):
+        with open(mlmodel, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        data = ((doc.get("flavors") or {}).get("onnx") or {}).get("data")
+        if isinstance(data, str) and (mlmodel.parent / data).is_file():
+            return mlmodel.parent / data
+    found = sorted(root.rglob("*.onnx"))
+    named = [p for p in found if p.name == DEFAULT_MODEL_FILENAME]
+    if len(found) == 1 or len(named) == 1:
+        return found[0] if len(found) == 1 else named[0]
+    raise RemoteError(f"{'no' if not found else len(found)} .onnx files in the version's artifacts: cannot tell "
+                      "which to serve")

@@ -1,0 +1,204 @@
+"""The MLflow Model Registry as a repository (issue 8), against a real ``mlflow server`` on loopback
+(SQLite backend, local artifact store) shared by the module: versions registered through the MLflow
+client, aliases resolved to cached ONNX files and a generated config.pbtxt, the alias moved; the
+``registry`` config section; and, once lifecycle serves ``mlflow://``, the real gateway swapping
+versions under load with zero failed requests when the alias moves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import modelzoo
+import registry_helpers as rh
+import swap_helpers as sh
+from gateway import wait_until
+from onnxgate.config import ConfigError
+from onnxgate.core.mlflow_registry import MlflowModelSpec, MlflowRepository, RegistryConfig, open_repository
+from onnxgate.core.remote import RemoteError, RemoteRepository
+from onnxgate.core.repository import ModelSource, Repository, model_fingerprints
+
+
+def _mlflow() -> Any:
+    return rh.need("mlflow", "pip install mlflow (the full package: the tests run `mlflow server`)")
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory):
+    """One tracking server for the module; registered models: fraud v1..v2 (y = x * version, logged
+    with mlflow.onnx), churn v1..v2 (raw model.onnx artifacts), alias fraud@champion -> 1."""
+    mlflow = _mlflow()
+    mlflow_onnx = rh.need("mlflow.onnx", "pip install mlflow")
+    tmp = tmp_path_factory.mktemp("mlflow")
+    try:
+        server = rh.start_mlflow(tmp)
+    except RuntimeError as exc:
+        rh.skip(f"mlflow server did not start: {exc}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", server.url)
+        mlflow.set_tracking_uri(server.url)
+        client = mlflow.MlflowClient()
+        for version in (1, 2):
+            model_dir = modelzoo.build_scaled(tmp / f"src{version}", version=1, scale=float(version))
+            with mlflow.start_run():
+                mlflow_onnx.log_model(onnx.load(str(model_dir / "1" / "model.onnx")), name="model",
+                                      registered_model_name="fraud")
+        client.create_registered_model("churn")
+        for version in (1, 2):
+            model_dir = modelzoo.build_scaled(tmp / f"raw{version}", version=1, scale=float(version))
+            with mlflow.start_run() as run:
+                mlflow.log_artifact(str(model_dir / "1" / "model.onnx"), artifact_path="onnx")
+            client.create_model_version("churn", f"runs:/{run.info.run_id}/onnx", run_id=run.info.run_id)
+        client.set_registered_model_alias("fraud", "champion", "1")
+        yield server.url
+    server.stop()
+
+
+def client() -> Any:
+    return _mlflow().MlflowClient()
+
+
+def run(model_file: Path) -> np.ndarray:
+    return ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"]).run(["y"], {"x": sh.X})[0]
+
+
+def params(source: ModelSource) -> dict[str, str]:
+    return {k: v.string_value for k, v in source.read_config().parameters.items()}
+
+
+def test_alias_resolves_and_follows_moves(mlflow_uri, tmp_path):
+    repo = MlflowRepository([MlflowModelSpec("fraud", alias="champion")], tmp_path / "cache", retain_s=0)
+    src = repo.scan()["fraud"]
+    config = src.read_config()
+    assert src.versions == (1,) and list(config.version_policy.specific.versions) == [1]
+    run_id = client().get_model_version("fraud", "1").run_id
+    assert params(src) == {"mlflow_model": "fraud", "mlflow_alias": "champion", "mlflow_version": "1",
+                           "mlflow_run_id": run_id}
+    assert np.array_equal(run(src.model_file(1, config)), sh.X)
+    before = model_fingerprints(src)
+    assert model_fingerprints(repo.scan()["fraud"]) == before, "nothing moved: the cache is left alone"
+    client().set_registered_model_alias("fraud", "champion", "2")
+    try:
+        moved = repo.find("fraud")
+        assert moved is not None and moved.versions == (2,) and params(moved)["mlflow_version"] == "2"
+        assert model_fingerprints(moved) != before, "poll mode sees the move"
+        assert np.array_equal(run(moved.path / "2" / "model.onnx"), sh.X * 2)
+        assert not (moved.path / "1").exists(), "with retain_s 0 the version left behind is deleted"
+    finally:
+        client().set_registered_model_alias("fraud", "champion", "1")
+    assert repo.find("churn") is None
+
+
+def test_fixed_versions_raw_artifacts_and_serve_as(mlflow_uri, tmp_path):
+    specs = [MlflowModelSpec("churn", versions=(1, 2, 9)),
+             MlflowModelSpec("fraud", alias="champion", serve_as="fraud_shadow", config="max_batch_size: 8")]
+    repo = MlflowRepository(specs, tmp_path / "cache")
+    sources = repo.scan()
+    assert set(sources) == {"churn", "fraud_shadow"}
+    churn = sources["churn"]
+    assert churn.versions == (1, 2), "version 9 does not exist: served without it"
+    assert params(churn)["mlflow_version"] == "2,1" and params(churn)["mlflow_alias"] == ""
+    assert np.array_equal(run(churn.path / "2" / "model.onnx"), sh.X * 2)
+    shadow = sources["fraud_shadow"]
+    assert shadow.read_config().max_batch_size == 8 and shadow.versions == (1,)
+
+
+def test_damaged_cache_and_lost_alias(mlflow_uri, tmp_path):
+    repo = MlflowRepository([MlflowModelSpec("fraud", alias="champion")], tmp_path / "cache")
+    src = repo.scan()["fraud"]
+    good = (src.path / "1" / "model.onnx").read_bytes()
+    (src.path / "1" / "model.onnx").write_bytes(b"garbage")
+    repo.scan()
+    assert (src.path / "1" / "model.onnx").read_bytes() == good, "a damaged version is fetched again"
+    client().delete_registered_model_alias("fraud", "champion")
+    try:
+        assert repo.scan()["fraud"] == src, "an alias that cannot be resolved keeps the last state"
+        fresh = MlflowRepository([MlflowModelSpec("fraud", alias="champion")], tmp_path / "cache2").scan()["fraud"]
+        assert fresh.versions == (), "nothing resolved yet: no versions (the manager reports the model)"
+    finally:
+        client().set_registered_model_alias("fraud", "champion", "1")
+
+
+def test_registry_config_section():
+    cfg = RegistryConfig.from_dict({"cache_dir": "/var/cache/og", "settle_s": 1, "marker": "READY",
+                                    "mlflow": {"models": [{"name": "fraud", "alias": "champion"},
+                                                          {"name": "churn", "versions": [4, 3]}]}})
+    assert cfg.settle_s == 1.0 and cfg.marker == "READY" and cfg.cache_dir == "/var/cache/og"
+    assert cfg.mlflow_models == (MlflowModelSpec("fraud", alias="champion"), MlflowModelSpec("churn", versions=(3, 4)))
+    assert RegistryConfig.from_dict(None) == RegistryConfig()
+    bad = [
+        ({"nope": 1}, "unknown key"),
+        ({"settle_s": -1}, "settle_s"),
+        ({"marker": "a/b"}, "marker"),
+        ({"mlflow": {"models": [{"name": "a", "alias": "x", "versions": [1]}]}}, "not both"),
+        ({"mlflow": {"models": [{"name": "a"}]}}, "either an alias or versions"),
+        ({"mlflow": {"models": [{"name": "a", "versions": [0]}]}}, "positive integers"),
+        ({"mlflow": {"models": [{"name": "a", "alias": "x"}, {"name": "a", "alias": "y"}]}}, "serve_as"),
+        ({"mlflow": {"models": [{"name": "a", "alias": "x", "config": "max_batch_size: 'x'"}]}}, "config"),
+        ({"mlflow": {"models": [{"name": "a", "alias": "x", "config": 'name: "b"'}]}}, "another model"),
+        ({"mlflow": {"models": [{"name": "a/b", "alias": "x"}]}}, "serve_as"),
+    ]
+    for doc, needle in bad:
+        with pytest.raises(ConfigError, match=needle):
+            RegistryConfig.from_dict(doc)
+
+
+def test_open_repository_picks_by_scheme(tmp_path, monkeypatch):
+    assert isinstance(open_repository(str(tmp_path)), Repository)
+    if __import__("importlib").util.find_spec("fsspec") is not None:
+        remote = open_repository("memory://somewhere", RegistryConfig(cache_dir=str(tmp_path / "c")))
+        assert isinstance(remote, RemoteRepository)
+        remote.close()
+    with pytest.raises(RemoteError, match=r"registry\.mlflow\.models"):
+        open_repository("mlflow://")
+    with pytest.raises(RemoteError, match="mlflow://"):
+        open_repository("mlflow://host:5000", RegistryConfig(mlflow_models=(MlflowModelSpec("a", alias="b"),)))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RemoteError, match="MLFLOW_TRACKING_URI"):
+        open_repository("mlflow://", RegistryConfig(mlflow_models=(MlflowModelSpec("a", alias="b"),)))
+
+
+# -- the real gateway (needs lifecycle to build MlflowRepository for mlflow://) -------------------------------
+def test_gateway_follows_alias_under_load(mlflow_uri, tmp_path):
+    config = rh.write_config(tmp_path / "gateway.yaml", f"registry:\n  cache_dir: {tmp_path / 'cache'}\n  retain_s: 1\n"
+                             "  mlflow:\n    models:\n      - {name: fraud, alias: champion}\n")
+    args = ["--model-control-mode", "poll", "--repository-poll-secs", "0.25", "--config", str(config)]
+    gw = rh.start_gateway("mlflow://", args, {"MLFLOW_TRACKING_URI": mlflow_uri}, "model repository mlflow://")
+    try:
+        with sh.Load(gw, "fraud") as load:
+            timeline = sh.Timeline("1")
+            load.wait_answers(10)
+            timeline.mark("1", "2")
+            client().set_registered_model_alias("fraud", "champion", "2")
+            assert wait_until(lambda: sh.serving(gw, "fraud") == {"2"}, 60), sh.states(gw, "fraud")
+            load.wait_answers(20, timeline.mark("2"), "2")
+            timeline.mark("2", "1")
+            client().set_registered_model_alias("fraud", "champion", "1")
+            assert wait_until(lambda: sh.serving(gw, "fraud") == {"1"}, 60), sh.states(gw, "fraud")
+            load.wait_answers(20, timeline.mark("1"), "1")
+            calls = sh.assert_clean(load, timeline)
+        assert {c.version for c in calls} == {"1", "2"}
+        with urllib.request.urlopen(f"http://{gw.http_url}/v2/models/fraud/config", timeout=10) as resp:
+            parameters = json.loads(resp.read())["parameters"]
+        assert parameters["mlflow_version"]["string_value"] == "1"
+        assert parameters["mlflow_alias"]["string_value"] == "champion"
+        assert parameters["mlflow_run_id"]["string_value"] == client().get_model_version("fraud", "1").run_id
+    finally:
+        client().set_registered_model_alias("fraud", "champion", "1")
+        gw.stop()
+
+
+def test_the_core_never_imports_mlflow():
+    code = ("import sys, onnxgate.config, onnxgate.lifecycle, onnxgate.core.mlflow_registry, onnxgate.core.remote; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'fsspec', 's3fs')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
