@@ -1,0 +1,1 @@
+"""Load generation and benchmarking for onnxgate (see ``loadtests/README.md``)."""
