@@ -63,3 +63,4 @@ class InferResponse:
     outputs: list[InferOutput]
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
+    provenance: Mapping[str, str] = field(default_factory=dict)  # not on the wire: e.g. the MLflow run

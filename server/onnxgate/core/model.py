@@ -52,6 +52,8 @@ class ModelVersion:
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.output)}
         self.output_names = list(self.outputs)
         self.providers = self.sessions[0].get_providers() if self.sessions else []
+        # Where the version came from (registry parameters such as mlflow_run_id), for records.
+        self.provenance = {k: v.string_value for k, v in config.parameters.items() if k.startswith("mlflow_")}
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, config: mc.ModelConfig, options: LoadOptions) -> ModelVersion:

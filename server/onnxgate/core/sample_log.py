@@ -23,6 +23,8 @@ Record schema, version 1 (JSON; the Parquet sink stores the same values, see ``s
                     nested lists (BYTES as UTF-8 text, NaN as null), null past max_tensor_elements
     outputs         the same; [] for a failed request
     shadow          {target, version, status, error, outputs, comparison} or null
+    model_tags      where the answering version came from: the registry's parameters of that
+                    version (``mlflow_model``, ``mlflow_version``, ``mlflow_run_id``, ``mlflow_alias``)
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def make_record(
         "inputs": None,
         "outputs": None,
         "shadow": None,
+        "model_tags": dict(response.provenance) if response is not None else {},
     }
     if "inputs" in include:
         record["inputs"] = [tensor_json(t.name, t.datatype, t.shape, t.data, max_elements) for t in request.inputs]

@@ -307,7 +307,7 @@ class InferenceService:
         stats.record_request(rows, elapsed, timing)
         version = str(ver.version)
         self.metrics.request_done(name, version, protocol, "success", elapsed / 1e9)
-        return InferResponse(name, version, outputs, id=request.id)
+        return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance)
 
 
 def _timeout_us(request: InferRequest) -> int | None:

@@ -15,8 +15,8 @@ On a write error the part file is cut back to its last complete record (JSONL) o
 - JSONL: one record per line, UTF-8 JSON (record schema: ``core/sample_log.py``).
 - Parquet: one row per record. Scalar columns ``schema_version`` (int32), ``time``, ``id``,
   ``route``, ``model``, ``version``, ``protocol``, ``status``, ``error`` (string) and
-  ``latency_s`` (float64); the nested parts ``headers``, ``inputs``, ``outputs`` and ``shadow``
-  are JSON text columns, each holding exactly the JSON value the JSONL line holds (``json.loads``
+  ``latency_s`` (float64); the nested parts ``headers``, ``inputs``, ``outputs``, ``shadow`` and
+  ``model_tags`` are JSON text columns, each holding exactly the JSON value the JSONL line holds (``json.loads``
   them). File metadata: ``onnxgate.schema_version`` and ``onnxgate.json_columns``.
 
 **HTTP.** Records are sent as CloudEvents 1.0 in structured batch mode (one POST of
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("onnxgate.sample_log")
 
-JSON_COLUMNS = ("headers", "inputs", "outputs", "shadow")
+JSON_COLUMNS = ("headers", "inputs", "outputs", "shadow", "model_tags")
 _STRING_COLUMNS = ("time", "id", "route", "model", "version", "protocol", "status", "error")
 
 
