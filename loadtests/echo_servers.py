@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import orjson
 
+from loadtests.loadgen import varint
+
 
 def canned_grpc_reply(model: str, version: str, output: str, out_dim: int, rows: int = 1) -> bytes:
     """The ModelInferResponse the gateway sends for ``rows`` rows (zeros as data)."""
@@ -52,18 +54,6 @@ def canned_http_reply(model: str, version: str, output: str, out_dim: int, rows:
         }
     )
     return header + raw, len(header)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 class EchoApp:
@@ -110,8 +100,8 @@ async def serve(
     async def model_stream_infer(requests, context):
         async for request in requests:
             rid = parse_request(request).id.encode()
-            inner = reply + b"\x1a" + _varint(len(rid)) + rid if rid else reply
-            yield b"\x12" + _varint(len(inner)) + inner  # ModelStreamInferResponse.infer_response
+            inner = reply + b"\x1a" + varint(len(rid)) + rid if rid else reply
+            yield b"\x12" + varint(len(inner)) + inner  # ModelStreamInferResponse.infer_response
 
     limit = 256 * 1024 * 1024
     server = grpc.aio.server(

@@ -381,7 +381,7 @@ class _GrpcStream:
         rid = self.prefix + format(self.seq, "x")
         raw = rid.encode()
         # Field 3 (id) appended to the pre-encoded request: a valid ModelInferRequest with that id.
-        msg = self.owner.payload.grpc_request + b"\x1a" + _varint(len(raw)) + raw
+        msg = self.owner.payload.grpc_request + b"\x1a" + varint(len(raw)) + raw
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending[rid] = future
@@ -409,7 +409,7 @@ def _expire(future: asyncio.Future, pending: dict, key: Any) -> None:
         future.set_result("timeout")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte = n & 0x7F
