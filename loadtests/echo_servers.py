@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from loadtests.loadgen import varint
+from loadtests.lg_grpc import varint
 
 
 def canned_grpc_reply(model: str, version: str, output: str, out_dim: int, rows: int = 1) -> bytes:

@@ -175,6 +175,7 @@ class Gateway:
             http="httptools",
             lifespan="off",
             access_log=False,
+            proxy_headers=False,  # no proxy-header middleware around every request
             log_level="warning",
             timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
             timeout_keep_alive=75,

@@ -61,9 +61,17 @@ class ModelEntry:
     override: mc.ModelConfig | None = None  # operator's config override (pin), kept until cleared
     history: list[int] = field(default_factory=list)  # versions that served, oldest first
     last_failures: dict[int, str] = field(default_factory=dict)  # of the latest load; 0 = model-level
+    _ready: list[VersionEntry] = field(default_factory=list, repr=False)
+    _ready_of: dict | None = field(default=None, repr=False)
 
     def ready_versions(self) -> list[VersionEntry]:
-        return sorted((v for v in self.versions.values() if v.state == READY), key=lambda v: v.version, reverse=True)
+        """Ready versions, highest first; cached until ``versions`` is replaced (never edited)."""
+        if self._ready_of is not self.versions:
+            self._ready = sorted(
+                (v for v in self.versions.values() if v.state == READY), key=lambda v: v.version, reverse=True
+            )
+            self._ready_of = self.versions
+        return self._ready
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,157 @@
+"""Benchmark: the text report and the throughput-vs-p99 plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loadtests import models
+from loadtests.bench_common import DISTURBED_CORES, Settings, _f, _pct
+from loadtests.bench_targets import _find
+
+
+def format_report(doc: dict) -> str:
+    """The human-readable tables."""
+    s: Settings = doc["_settings"]
+    env = doc["environment"]
+    lines = [f"== onnxgate benchmark ({doc['mode']}) {doc['started']} =="]
+    lines.append(
+        f"machine: {env['cpus_online']} CPUs ({env['cpu_model']}), python {env['python']}, onnxruntime "
+        f"{env['versions']['onnxruntime']}, grpcio {env['versions']['grpcio']}, uvicorn {env['versions']['uvicorn']}"
+    )
+    git = env.get("git") or {}
+    if git:
+        lines.append(
+            f"server code: git {git.get('head', '?')[:10]} + {len(git.get('server_changes', []))} uncommitted "
+            "change(s) under server/"
+        )
+    ort_threads = next(iter(doc["ort"]["models"].values()))["settings"]["intra_op_num_threads"]
+    if s.server_cpus:
+        lines.append(
+            f"pinning: gateway, echo servers and raw ORT on CPU {','.join(map(str, s.server_cpus))} "
+            f"(ORT intra_op_num_threads={ort_threads}, as the gateway computes it for that affinity); "
+            f"load generator on CPU {','.join(map(str, s.loadgen_cpus or []))} ({s.processes} process"
+            f"{'es' if s.processes > 1 else ''}, uvloop)"
+        )
+    else:
+        lines.append(
+            f"pinning: none -- gateway, raw ORT (intra_op_num_threads={ort_threads}) and the load generator "
+            f"({s.processes} processes) share all CPUs; ratios mix client and server cost"
+        )
+    others = [r["other_cpu_cores"] for r in doc["runs"] if r.get("other_cpu_cores") is not None]
+    if others:
+        lines.append(
+            f"other load on the machine during runs (not gateway/echo, not load generator): mean "
+            f"{sum(others) / len(others):.2f} cores, max {max(others):.2f}; before start "
+            f"{_f(env['idle_machine_busy_cores_before'])} cores busy"
+        )
+    lines.append(f"runs: closed loop, 1 row per request, warm-up {s.warmup_s:g} s, measured {s.duration_s:g} s each")
+    lines.append("")
+    lines.append(f"raw ONNX Runtime, in process (CPU {','.join(map(str, s.server_cpus or [])) or 'any'})")
+    head = (
+        f"{'model':8} {'MFLOP/row':>9} {'b=1 p50_us':>10} {'idle p50_us':>11} {'b=1 rows/s':>10} {'best batch':>10} "
+        f"{'best rows/s':>11}"
+    )
+    lines += [head, "-" * len(head)]
+    for name, m in doc["ort"]["models"].items():
+        b1 = next(b for b in m["batches"] if b["batch_size"] == 1)
+        lines.append(
+            f"{name:8} {models.BY_NAME[name].flops_per_row / 1e6:>9.3f} {b1['latency_ms']['p50'] * 1e3:>10.1f} "
+            f"{_f((b1.get('idle_gap_p50_ms') or 0) * 1e3 or None, 1):>11} "
+            f"{b1['rows_per_s']:>10.0f} {m['best']['batch_size']:>10} {m['best']['rows_per_s']:>11.0f}"
+        )
+    lines.append("  (idle p50: batch 1 with 1 ms of idleness before each run, as a server at low load sees it)")
+    lines.append("  per batch size (rows/s | p50 ms): " + " ".join(f"b={b}" for b in s.batch_sizes))
+    for name, m in doc["ort"]["models"].items():
+        cells = " ".join(f"{b['rows_per_s']:.0f}|{b['latency_ms']['p50']:.3f}" for b in m["batches"])
+        lines.append(f"  {name:8} {cells}")
+    lines.append("")
+    head = (
+        f"{'server':7} {'model':6} {'transport':11} {'C':>3} {'req/s':>8} {'rows/s':>8} {'p50_ms':>8} {'p90_ms':>8} "
+        f"{'p99_ms':>8} {'p99.9_ms':>8} {'err':>4} {'srv_cpu':>7} {'lg_cpu':>6} {'other':>6}{'bound':>6} "
+        f"{'batch':>5} {'ort%':>4}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in doc["runs"]:
+        lat = r["latency_ms"]
+        b = r.get("batcher") or {}
+        lines.append(
+            f"{r['server']:7} {r['model']:6} {r['label']:11} {r['concurrency']:>3} {r['throughput_rps']:>8.1f} "
+            f"{r['rows_per_s']:>8.1f} {_f(lat['p50'], 3):>8} {_f(lat['p90'], 3):>8} {_f(lat['p99'], 3):>8} "
+            f"{_f(lat['p999'], 3):>8} {r['errors']:>4} {_f(r['server_cpu_cores']):>7} {_f(r['client_cpu_cores']):>6} "
+            f"{_f(r['other_cpu_cores']) + ('!' if r.get('disturbed') else ' '):>6}{r['bound']:>6} "
+            f"{_f(b.get('mean_batch_rows'), 1):>5} "
+            f"{_pct(b.get('ort_busy_fraction')):>4}"
+        )
+    lines.append(
+        "(srv_cpu / lg_cpu: cores used by the server / load generator in the window; other: rest of the machine; "
+        "bound: who was at >= 90% of its CPUs; batch: mean rows per ORT run; ort%: share of time ONNX Runtime ran; "
+        f"!: still disturbed (> {DISTURBED_CORES} cores of other load) after up to {s.retries} re-measurement(s))"
+    )
+    lines.append("")
+    lines.append("unary vs stream (gateway, gRPC, peak req/s over the sweep)")
+    for u in doc["unary_vs_stream"]:
+        lines.append(
+            f"  {u['model']:8} unary {u['unary_peak_rps']:8.1f}  stream {u['stream_peak_rps']:8.1f}  "
+            f"stream/unary {u['stream_over_unary']:.2f}  C=1 p50: unary {_f(u['unary_c1_p50_ms'], 3)} ms, "
+            f"stream {_f(u['stream_c1_p50_ms'], 3)} ms"
+        )
+    lines.append("")
+    head = f"{'target':24} {'value':>9} {'goal':>10} {'status':>6}  detail"
+    lines += ["targets (reported, not asserted)", head, "-" * 100]
+    for t in doc["targets"]:
+        value = "-" if t["value"] is None else (f"{t['value']:.3f}" if t["unit"] == "x" else f"{t['value']:.0f}us")
+        goal = f"{t['op']} {t['target']:g}{'us' if t['unit'] == 'us' else ''}"
+        lines.append(f"{t['id']:24} {value:>9} {goal:>10} {t['status']:>6}  {t['detail']}")
+    lines.append("")
+    for n in doc["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Throughput vs p99 latency, one panel per model, one line per server/transport."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    names = list(doc["ort"]["models"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5), squeeze=False)
+    colors = {"grpc-unary": "tab:blue", "grpc-stream": "tab:green", "http": "tab:orange"}
+    for ax, name in zip(axes[0], names, strict=True):
+        xmax = 0.0
+        for server, style in (("gateway", "-o"), ("echo", "--s")):
+            for label, color in colors.items():
+                rs = sorted(_find(doc["runs"], server, name, label), key=lambda r: r["concurrency"])
+                rs = [r for r in rs if r["latency_ms"]["p99"] is not None]
+                if not rs:
+                    continue
+                xs = [r["throughput_rps"] for r in rs]
+                ys = [r["latency_ms"]["p99"] for r in rs]
+                xmax = max(xmax, *xs)
+                ax.plot(
+                    xs, ys, style, color=color, label=f"{server} {label}", alpha=0.9 if server == "gateway" else 0.6
+                )
+                for r, x, y in zip(rs, xs, ys, strict=True):
+                    ax.annotate(str(r["concurrency"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        best = doc["ort"]["models"][name]["best"]["rows_per_s"]
+        if best <= 3 * xmax:
+            ax.axvline(best, color="gray", linestyle=":", label="raw ORT best batch (rows/s)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{name} ({models.BY_NAME[name].kind}-bound), 1 row/request")
+        ax.set_xlabel("throughput (req/s = rows/s)")
+        ax.set_ylabel("p99 latency (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    s: Settings = doc["_settings"]
+    pin = f"server CPU {s.server_cpus}, load generator CPU {s.loadgen_cpus}" if s.server_cpus else "no pinning"
+    fig.suptitle(f"onnxgate benchmark ({doc['mode']}, {pin}); labels = concurrency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
