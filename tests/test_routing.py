@@ -43,8 +43,9 @@ parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 """
 ROUTES = [
     route("split", {"a": 90, "b": 10}),
-    route("guard_invalid", {"a": 1}, shadow={"target": "mlp", "fraction": 1.0, "max_in_flight": 64}),
-    route("guard_crash", {"a": 1}, shadow={"target": "crash", "fraction": 1.0, "max_in_flight": 64}),
+    # budgets above the 200 requests sent: no shadow is dropped, every one must reach its model
+    route("guard_invalid", {"a": 1}, shadow={"target": "mlp", "fraction": 1.0, "max_in_flight": 512}),
+    route("guard_crash", {"a": 1}, shadow={"target": "crash", "fraction": 1.0, "max_in_flight": 512}),
     route("slowshadow", {"fast": 1}, shadow={"target": "slow", "fraction": 1.0, "max_in_flight": 2}),
     route("compare", {"pair_p": 1}, shadow={"target": "pair_s", "fraction": 1.0, "max_in_flight": 64}),
     route("renamed", {"a": 1}, shadow={"target": "a_z", "fraction": 1.0}),
