@@ -96,6 +96,14 @@ def format_report(doc: dict) -> str:
             f"stream {_f(u['stream_c1_p50_ms'], 3)} ms"
         )
     lines.append("")
+    worker_runs = [r for r in doc["runs"] if r["server"].startswith("gw-")]
+    if worker_runs:
+        level = worker_runs[0]["concurrency"]
+        lines.append(f"1 vs N workers (gateway unpinned, sharing the CPUs with the load generator; C={level})")
+        for label in sorted({r["label"] for r in worker_runs}):
+            cells = [f"{r['server']} {r['throughput_rps']:9.1f} req/s" for r in worker_runs if r["label"] == label]
+            lines.append(f"  {label:11} " + "   ".join(cells))
+        lines.append("")
     head = f"{'target':24} {'value':>9} {'goal':>10} {'status':>6}  detail"
     lines += ["targets (reported, not asserted)", head, "-" * 100]
     for t in doc["targets"]:

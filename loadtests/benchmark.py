@@ -22,6 +22,7 @@ the rest of the machine used in the measured window.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -117,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, help="warm-up seconds per run")
     p.add_argument("--duration", type=float, help="measured seconds per run")
     p.add_argument("--models", default=",".join(m.name for m in models.MODELS), help="models to run")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also run the overhead-bound model at the top concurrency, unpinned, against the gateway with 1 and "
+        "with N worker processes (default 2; 0 or 1 = skip)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the gateway under overhead-bound load")
     p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--replot", metavar="DIR", help="only redraw DIR/benchmark.png and .txt from DIR/benchmark.json")
@@ -152,6 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log("bare echo servers ...")
             with procs.echo_servers(overhead.name, overhead.out_dim, settings.server_cpus) as echo:
                 runs += sweep("echo", echo, overhead, settings)
+        if args.workers > 1 and overhead in chosen:
+            # Several workers need several cores: nothing is pinned here, so client and server share them.
+            _log(f"gateway with 1 and {args.workers} workers (unpinned) ...")
+            loose = dataclasses.replace(settings, levels=[settings.levels[-1]], server_cpus=None, loadgen_cpus=None)
+            for n in (1, args.workers):
+                with procs.gateway(repo, None, extra=["--workers", str(n)]) as gw:
+                    runs += sweep(f"gw-{n}w", gw, overhead, loose)
     notes = [
         "gateway p50 at C=1 includes the client's own time; the load generator's raw gRPC/HTTP client adds "
         "roughly 30-200 us per request (see lg_cpu).",
