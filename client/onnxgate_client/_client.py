@@ -16,7 +16,7 @@ every call; make one client per replica to manage or watch each of them.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,11 +42,26 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_WINDOW = 64
 
 
-def _urls(url: str | Sequence[str]) -> list[str]:
+def _transports(
+    url: str | Sequence[str],
+    grpc_transport: Callable[[str, str, bytes | None], Any],
+    http_transport: Callable[..., Any],
+    verify: bool | str | ssl.SSLContext,
+    connect_timeout: float,
+    root_certificates: bytes | None,
+) -> list[Any]:
+    """One transport per endpoint URL, of the kind its scheme names."""
     urls = [url] if isinstance(url, str) else list(url)
     if not urls:
         raise ValueError("a client needs at least one endpoint URL")
-    return urls
+    transports = []
+    for u in urls:
+        scheme, target = parse_url(u)
+        if scheme.startswith("grpc"):
+            transports.append(grpc_transport(scheme, target, root_certificates))
+        else:
+            transports.append(http_transport(target, verify=verify, connect_timeout=connect_timeout))
+    return transports
 
 
 class Client:
@@ -70,13 +85,9 @@ class Client:
         verify: bool | str | ssl.SSLContext = True,
         root_certificates: bytes | None = None,
     ) -> None:
-        transports: list[SyncTransport] = []
-        for u in _urls(url):
-            scheme, target = parse_url(u)
-            if scheme.startswith("grpc"):
-                transports.append(GrpcTransport(scheme, target, root_certificates))
-            else:
-                transports.append(HttpTransport(target, verify=verify, connect_timeout=connect_timeout))
+        transports: list[SyncTransport] = _transports(
+            url, GrpcTransport, HttpTransport, verify, connect_timeout, root_certificates
+        )
         self.timeout = timeout
         self._balancer: Balancer[SyncTransport] = Balancer(transports)
 
@@ -226,13 +237,9 @@ class AsyncClient:
         verify: bool | str | ssl.SSLContext = True,
         root_certificates: bytes | None = None,
     ) -> None:
-        transports: list[AsyncTransport] = []
-        for u in _urls(url):
-            scheme, target = parse_url(u)
-            if scheme.startswith("grpc"):
-                transports.append(AsyncGrpcTransport(scheme, target, root_certificates))
-            else:
-                transports.append(AsyncHttpTransport(target, verify=verify, connect_timeout=connect_timeout))
+        transports: list[AsyncTransport] = _transports(
+            url, AsyncGrpcTransport, AsyncHttpTransport, verify, connect_timeout, root_certificates
+        )
         self.timeout = timeout
         self._balancer: Balancer[AsyncTransport] = Balancer(transports)
 

@@ -58,7 +58,6 @@ class _Pending:
     key: tuple
     future: asyncio.Future
     enqueued_ns: int
-    deadline_ns: int = 0
     timer: asyncio.TimerHandle | None = field(default=None)
     shadow: bool = False
 
@@ -86,7 +85,6 @@ class Batcher:
         self._idle.set()
         self._running = 0
         self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in range(self.instances)]
-        self.shed = 0  # requests rejected without running (queue full or timed out)
 
     @property
     def queued(self) -> int:
@@ -105,10 +103,8 @@ class Batcher:
         Shadow requests are the first shed: refused once the queue is half full, and evicted
         (newest first) to make room for a primary request when it is full."""
         if shadow and len(self._queue) >= self.policy.max_queue_size // 2:
-            self.shed += 1
             raise Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
         if len(self._queue) >= self.policy.max_queue_size and not (not shadow and self._evict_shadow()):
-            self.shed += 1
             raise Overloaded(
                 f"model '{self.model.name}' version {self.model.version}: queue is full "
                 f"({self.policy.max_queue_size} requests waiting)"
@@ -121,7 +117,6 @@ class Batcher:
         if timeout_us and (not timeout_ns or self.policy.allow_timeout_override):
             timeout_ns = timeout_us * 1000 if not timeout_ns else min(timeout_ns, timeout_us * 1000)
         if timeout_ns > 0:
-            item.deadline_ns = now + timeout_ns
             item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
         self._queue.append(item)
         self._m_depth.set(len(self._queue))
@@ -142,7 +137,6 @@ class Batcher:
             item = self._queue[i]
             if item.shadow and not item.future.done():
                 del self._queue[i]
-                self.shed += 1
                 item.future.set_exception(
                     Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
                 )
@@ -156,7 +150,6 @@ class Batcher:
 
     def _expire(self, item: _Pending) -> None:
         if not item.future.done():
-            self.shed += 1
             item.future.set_exception(
                 Overloaded(
                     f"model '{self.model.name}' version {self.model.version}: request timed out "

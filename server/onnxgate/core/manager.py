@@ -298,7 +298,7 @@ class ModelManager:
             entry.history.append(ready[0].version)
             del entry.history[:-16]
         for v, ver in new.items():
-            self.metrics.model_changed(entry.name, v, ver.state, ver.reason)
+            self.metrics.model_changed(entry.name, v, ver.state)
         for v in set(old) - set(new):
             self.metrics.model_state.labels(entry.name, str(v)).set(0)
         keep = {id(ver) for ver in new.values()}
@@ -347,9 +347,9 @@ class ModelManager:
                 task.add_done_callback(self._retiring.discard)
 
     @staticmethod
-    async def _close(ver: VersionEntry, timeout: float | None = None) -> None:
+    async def _close(ver: VersionEntry) -> None:
         assert ver.scheduler is not None
-        await ver.scheduler.drain(timeout)
+        await ver.scheduler.drain()
         await ver.scheduler.close()
         ver.scheduler = None
         ver.model = None

@@ -136,6 +136,6 @@ class Metrics:
             registry=r,
         )
 
-    def model_changed(self, model: str, version: int, state: str, reason: str) -> None:
+    def model_changed(self, model: str, version: int, state: str) -> None:
         """Follow a version's state change."""
         self.model_state.labels(model, str(version)).set(1 if state == "READY" else 0)

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onnxgate.core.service import InferenceService
-from onnxgate.errors import GatewayError, InvalidInput, ModelLoadError, Unsupported
+from onnxgate.errors import GatewayError, InvalidInput
 from onnxgate.frontends import grpc_codec
 from onnxgate.frontends.status import grpc_code
 from onnxgate_client.pb import grpc_service_pb2 as pb
@@ -218,6 +218,3 @@ def add_to_server(server: grpc.aio.Server, service: InferenceService) -> None:
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)
-
-
-__all__ = ["GrpcInferenceServicer", "HealthServicer", "ModelLoadError", "Unsupported", "add_to_server"]
