@@ -1,5 +1,5 @@
-"""Sample logging: sampling, records, file and HTTP sinks, drops and shutdown, with real threads,
-files and a real HTTP collector on port 0."""
+"""Sample logging: config, sampling, records, file sinks, drops and shutdown, with real threads
+and files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,110 +22,11 @@ from prometheus_client import CollectorRegistry
 
 from onnxgate.config import ConfigError
 from onnxgate.core.drift_stats import log_files, read_records
-from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
+from onnxgate.core.inference import InferOutput, InferResponse
 from onnxgate.core.sample_config import SampleLogConfig
-from onnxgate.core.sample_log import DROP_REASONS, Sample, SampleLogger, ShadowResult, make_record
+from onnxgate.core.sample_log import Sample, SampleLogger, ShadowResult, make_record
 from onnxgate.errors import InvalidInput
-
-
-class Collector:
-    """A real HTTP server on 127.0.0.1:0 that keeps every POST; answers ``statuses`` in order, then 200."""
-
-    def __init__(self, statuses: tuple[int, ...] = (), hold: threading.Event | None = None) -> None:
-        self.posts: list[tuple[dict[str, str], bytes]] = []
-        self.statuses = list(statuses)
-        self.hold = hold
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if outer.hold is not None:
-                    outer.hold.wait(20)
-                with outer.lock:
-                    outer.posts.append((dict(self.headers), body))
-                    status = outer.statuses.pop(0) if outer.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
-
-    def __enter__(self) -> Collector:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.hold is not None:
-            self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def events(self) -> list[dict]:
-        with self.lock:
-            return [e for _, body in self.posts for e in json.loads(body)]
-
-
-def sample(
-    i: int,
-    *,
-    model: str = "m",
-    protocol: str = "http",
-    error: Exception | None = None,
-    rows: int = 2,
-    noisy: bool = False,
-) -> Sample:
-    x = (np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + i) / 4
-    if noisy:  # incompressible values
-        x = np.random.default_rng(i).random((rows, 3), dtype=np.float32)
-    words = np.array([f"w{i}-{r}-é" for r in range(rows)], dtype=object)
-    headers = {"x-user-id": f"u{i}", "authorization": "secret"}
-    request = InferRequest(
-        model, "", [InferInput("x", "FP32", [rows, 3], x), InferInput("s", "BYTES", [rows], words)], id=f"r{i}"
-    )
-    request.protocol, request.headers = protocol, headers
-    response = None
-    if error is None:
-        response = InferResponse(model, "1", [InferOutput("y", "INT64", [rows], np.arange(rows) + i)], id=f"r{i}")
-    return Sample(
-        request,
-        response,
-        error,
-        "route-" + model,
-        model,
-        "1" if error is None else "",
-        protocol,
-        0.002,
-        time=1714564800.0 + i,
-    )
-
-
-def cfg(sink: dict, **extra: object) -> SampleLogConfig:
-    return SampleLogConfig.from_dict({"default": {"rate": 1.0}, "headers": ["X-User-Id"], "sink": sink, **extra})
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def write_all(logger: SampleLogger, samples: list[Sample], timeout: float = 20.0) -> list[bool]:
-    logger.start()
-    accepted = [logger.offer(s) for s in samples]
-    await logger.close(timeout)
-    return accepted
-
-
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels or None) or 0.0
-
+from sample_log_helpers import Collector, cfg, run, sample, value, write_all
 
 # -- config -----------------------------------------------------------------------------------
 
@@ -497,116 +397,3 @@ def test_disk_full_drops_counts_and_keeps_going(tiny_disk: Path, kind: str) -> N
     assert lost > 0 and kept > 0
     assert not [p for p in (tiny_disk / "log").iterdir() if p.name.startswith(".")]
     assert kept + lost == 600 and value(reg, "onnxgate_sample_log_dropped_total", reason="error") == 0
-
-
-# -- HTTP sink --------------------------------------------------------------------------------------
-
-
-def test_http_sink_posts_cloudevents_batches() -> None:
-    with Collector() as collector:
-        reg = CollectorRegistry()
-        logger = SampleLogger(cfg({"type": "http", "url": collector.url, "batch_size": 10, "flush_s": 60}), reg)
-        run(write_all(logger, [sample(i) for i in range(25)]))
-    assert [len(json.loads(body)) for _, body in collector.posts] == [10, 10, 5]
-    headers = collector.posts[0][0]
-    assert headers["Content-Type"] == "application/cloudevents-batch+json; charset=utf-8"
-    events = collector.events()
-    assert len({e["id"] for e in events}) == 25
-    e = events[3]
-    assert e["specversion"] == "1.0" and e["type"] == "io.onnxgate.sample" and e["source"] == "/onnxgate"
-    assert e["datacontenttype"] == "application/json" and e["subject"] == "m"
-    assert e["time"] == e["data"]["time"] and e["data"]["schema_version"] == 1 and e["data"]["id"] == "r3"
-    assert value(reg, "onnxgate_sample_log_records_total") == 25
-
-
-def test_http_sink_flushes_a_partial_batch_after_flush_s() -> None:
-    with Collector() as collector:
-        logger = SampleLogger(
-            cfg({"type": "http", "url": collector.url, "batch_size": 100, "flush_s": 0.2}), CollectorRegistry()
-        )
-
-        async def go() -> int:
-            logger.start()
-            for i in range(3):
-                logger.offer(sample(i))
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if collector.events():
-                    break
-            n = len(collector.events())
-            await logger.close(5)
-            return n
-
-        assert run(go()) == 3
-
-
-def test_collector_down_retries_with_backoff_then_drops() -> None:
-    with Collector(statuses=(503,) * 3) as collector:
-        reg = CollectorRegistry()
-        c = cfg({"type": "http", "url": collector.url, "batch_size": 5, "retries": 2, "backoff_s": 0.05})
-        logger = SampleLogger(c, reg)
-
-        async def go() -> None:
-            logger.start()
-            for i in range(5):
-                logger.offer(sample(i))
-            for _ in range(200):
-                await asyncio.sleep(0.02)
-                if value(reg, "onnxgate_sample_log_dropped_total", reason="collector_down"):
-                    break
-            await asyncio.sleep(0.3)  # past the circuit's wait: the collector answers 200 again
-            for i in range(5, 10):
-                logger.offer(sample(i))
-            await logger.close(5)
-
-        run(go())
-    assert len(collector.posts) == 3 + 1  # one try and two retries, then the next batch gets through
-    assert value(reg, "onnxgate_sample_log_dropped_total", reason="collector_down") == 5
-    assert [e["data"]["id"] for e in collector.events()[-5:]] == [f"r{i}" for i in range(5, 10)]
-    assert value(reg, "onnxgate_sample_log_records_total") == 5
-
-
-def test_unreachable_collector_and_refused_batches_are_counted() -> None:
-    with Collector() as probe:
-        dead_url = probe.url  # nothing listens there once the collector is gone
-    reg = CollectorRegistry()
-    c = cfg({"type": "http", "url": dead_url, "batch_size": 4, "retries": 1, "backoff_s": 0.01, "timeout_s": 1})
-    run(write_all(SampleLogger(c, reg), [sample(i) for i in range(8)]))
-    assert value(reg, "onnxgate_sample_log_dropped_total", reason="collector_down") == 8
-    with Collector(statuses=(400,)) as collector:
-        reg = CollectorRegistry()
-        run(
-            write_all(
-                SampleLogger(cfg({"type": "http", "url": collector.url, "batch_size": 4}), reg),
-                [sample(i) for i in range(8)],
-            )
-        )
-    assert len(collector.posts) == 2  # a 400 is not retried
-    assert value(reg, "onnxgate_sample_log_dropped_total", reason="collector_rejected") == 4
-    assert value(reg, "onnxgate_sample_log_records_total") == 4
-
-
-def test_close_returns_within_timeout_when_the_collector_hangs() -> None:
-    hold = threading.Event()
-    with Collector(hold=hold) as collector:
-        reg = CollectorRegistry()
-        c = cfg({"type": "http", "url": collector.url, "batch_size": 10, "timeout_s": 30})
-        logger = SampleLogger(c, reg)
-        started = time.monotonic()
-        run(write_all(logger, [sample(i) for i in range(30)], timeout=1.0))
-        elapsed = time.monotonic() - started
-        hold.set()
-    assert elapsed < 2.0
-    # Every record is accounted for exactly once. What was still queued is dropped at shutdown;
-    # the batch the writer had already posted to the hanging collector ends either way (written
-    # once the collector lets go, or dropped).
-    def accounted() -> tuple[float, dict[str, float]]:
-        dropped = {r: value(reg, "onnxgate_sample_log_dropped_total", reason=r) or 0 for r in DROP_REASONS}
-        return (value(reg, "onnxgate_sample_log_records_total") or 0), dropped
-
-    deadline = time.monotonic() + 10  # the released post may still be finishing
-    while sum(accounted()[1].values()) + accounted()[0] < 30 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    written, dropped = accounted()
-    assert written + sum(dropped.values()) == 30, (written, dropped)
-    assert dropped["shutdown"] >= 20, dropped
