@@ -240,11 +240,12 @@ def settled_rss(gw: GatewayProcess) -> float:
 
 def test_unload_answers_in_flight_requests(tmp_path):
     repo = tmp_path / "repo"
-    # No batching: requests queue one after another, so several are always inside the gateway. A small
+    # No batching: requests queue one after another, so several are always inside the gateway; each
+    # takes long enough that few finish during the unload call itself. A small
     # max_batch_size keeps the warm-up (one run at the largest batch) short.
-    modelzoo.write_config(modelzoo.build_slow(repo, dim=1024, layers=64),
+    modelzoo.write_config(modelzoo.build_slow(repo, dim=1024, layers=128),
                           'max_batch_size: 32  parameters { key: "dynamic_batching" value: { string_value: "off" } }')
-    x = np.random.RandomState(5).uniform(-1, 1, (32, 1024)).astype(np.float32)  # ~0.1 s a request alone
+    x = np.random.RandomState(5).uniform(-1, 1, (32, 1024)).astype(np.float32)  # ~0.2 s a request alone
     want = modelzoo.reference_run(repo / "slow" / "1" / "model.onnx", {"x": x})["y"]
 
     def check(version: str, y: np.ndarray | None) -> bool:
