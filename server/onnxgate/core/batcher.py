@@ -12,10 +12,17 @@ Every request of a version goes through its :class:`Batcher`. One worker per mod
   instances are busy and run together (throughput).
 * **Batching off**: each request is one execution.
 
-Requests are counted in rows. Over ``max_queue_size`` queued requests, ``submit`` raises
-:class:`Overloaded` at once. A request still queued when its timeout expires is rejected with
-:class:`Overloaded` too (both are load shedding: HTTP 429 / RESOURCE_EXHAUSTED). A caller that
-goes away (its task is cancelled) leaves the queue before it runs.
+Requests are counted in rows. Over ``max_queue_size`` queued requests (or ``max_queue_bytes``
+of queued tensors), ``submit`` raises :class:`Overloaded` at once. A request still queued when
+its timeout expires is rejected with :class:`Overloaded` too (both are load shedding: HTTP 429 /
+RESOURCE_EXHAUSTED); the timeout covers queueing only, never a running batch. A caller that goes
+away (its task is cancelled) and a request that expired leave the queue at once, freeing their
+place.
+
+**Nothing accepted is lost.** A request is queued, held by a worker that is filling a batch, or
+running; :meth:`drain` flushes batches being filled (they run at once instead of waiting out
+their delay) and waits until all three are empty; :meth:`close` answers whatever is still
+queued, held or running with :class:`Unavailable`, and ``submit`` refuses once closing began.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +53,7 @@ class BatchPolicy:
     max_queue_delay_ns: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024
+    max_queue_bytes: int = 0  # 0 = no byte bound
     default_timeout_ns: int = 0  # 0 = no timeout
     allow_timeout_override: bool = True
 
@@ -58,6 +66,7 @@ class _Pending:
     key: tuple
     future: asyncio.Future
     enqueued_ns: int
+    nbytes: int = 0
     timer: asyncio.TimerHandle | None = field(default=None)
     shadow: bool = False
 
@@ -79,16 +88,25 @@ class Batcher:
         self.policy = policy
         self.instances = max(1, len(model.sessions))
         self._threads = [_InstanceThread(f"ort-{model.name}-{model.version}-{i}") for i in range(self.instances)]
-        self._queue: deque[_Pending] = deque()
+        # Live queued requests, oldest first; an entry leaves the moment it is taken, expires or
+        # is cancelled, so the size bound counts only requests that can still run.
+        self._queue: OrderedDict[_Pending, None] = OrderedDict()
+        self._queued_bytes = 0
+        self._held: list[list[_Pending]] = [[] for _ in range(self.instances)]  # taken by worker i
         self._waiters: list[asyncio.Future] = []  # idle or filling workers waiting for arrivals
         self._idle = asyncio.Event()
         self._idle.set()
-        self._running = 0
+        self._flush = False  # draining: batches being filled run at once
+        self._closed = False
         self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in range(self.instances)]
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     async def submit(
         self,
@@ -97,48 +115,74 @@ class Batcher:
         outputs: Sequence[str],
         timeout_us: int | None = None,
         shadow: bool = False,
+        nbytes: int = 0,
     ) -> tuple[list[np.ndarray], ExecutionTiming]:
         """Queue one validated request and wait for its own rows of ``outputs``.
 
-        Shadow requests are the first shed: refused once the queue is half full, and evicted
-        (newest first) to make room for a primary request when it is full."""
-        if shadow and len(self._queue) >= self.policy.max_queue_size // 2:
+        ``nbytes`` is what its feeds hold, for the queue's byte bound. Shadow requests are the
+        first shed: refused once the queue is half full, and evicted (newest first) to make room
+        for a primary request when it is full."""
+        if self._closed:
+            raise Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
+        p = self.policy
+        if shadow and (
+            len(self._queue) >= p.max_queue_size // 2
+            or (p.max_queue_bytes and self._queued_bytes + nbytes > p.max_queue_bytes // 2)
+        ):
             raise Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
-        if len(self._queue) >= self.policy.max_queue_size and not (not shadow and self._evict_shadow()):
-            raise Overloaded(
-                f"model '{self.model.name}' version {self.model.version}: queue is full "
-                f"({self.policy.max_queue_size} requests waiting)"
-            )
+        while len(self._queue) >= p.max_queue_size:
+            if shadow or not self._evict_shadow():
+                raise Overloaded(
+                    f"model '{self.model.name}' version {self.model.version}: queue is full "
+                    f"({p.max_queue_size} requests waiting)"
+                )
+        while p.max_queue_bytes and self._queue and self._queued_bytes + nbytes > p.max_queue_bytes:
+            if shadow or not self._evict_shadow():
+                raise Overloaded(
+                    f"model '{self.model.name}' version {self.model.version}: queued tensors would exceed "
+                    f"{p.max_queue_bytes} bytes",
+                    reason="queue_bytes",
+                )
         loop = asyncio.get_running_loop()
         now = time.perf_counter_ns()
         key = self._key(feeds, outputs)
-        item = _Pending(feeds, rows, tuple(outputs), key, loop.create_future(), now, shadow=shadow)
-        timeout_ns = self.policy.default_timeout_ns
-        if timeout_us and (not timeout_ns or self.policy.allow_timeout_override):
+        item = _Pending(feeds, rows, tuple(outputs), key, loop.create_future(), now, nbytes, shadow=shadow)
+        timeout_ns = p.default_timeout_ns
+        if timeout_us and (not timeout_ns or p.allow_timeout_override):
             timeout_ns = timeout_us * 1000 if not timeout_ns else min(timeout_ns, timeout_us * 1000)
         if timeout_ns > 0:
             item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
-        self._queue.append(item)
+        self._queue[item] = None
+        self._queued_bytes += nbytes
         self._m_depth.set(len(self._queue))
         self._idle.clear()
         self._wake()
         try:
             return await item.future
         except asyncio.CancelledError:
-            item.future.cancel()  # a worker that has not taken it yet will skip it
+            self._unqueue(item)  # a caller gone before its request was taken frees its place now
+            item.future.cancel()  # a worker holding it skips it
             raise
-        finally:
-            if item.timer is not None:
-                item.timer.cancel()
+
+    def _unqueue(self, item: _Pending) -> bool:
+        """Take ``item`` off the queue (if still there) and stop its timer."""
+        if item.timer is not None:
+            item.timer.cancel()
+            item.timer = None
+        if self._queue.pop(item, False) is None:
+            self._queued_bytes -= item.nbytes
+            self._m_depth.set(len(self._queue))
+            return True
+        return False
 
     def _evict_shadow(self) -> bool:
         """Fail the newest queued shadow request to free its place; False when there is none."""
-        for i in range(len(self._queue) - 1, -1, -1):
-            item = self._queue[i]
-            if item.shadow and not item.future.done():
-                del self._queue[i]
-                item.future.set_exception(
-                    Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
+        for item in reversed(self._queue):
+            if item.shadow:
+                self._unqueue(item)
+                _set_exception(
+                    item.future,
+                    Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed"),
                 )
                 return True
         return False
@@ -149,13 +193,16 @@ class Batcher:
         return (tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()), tuple(outputs))
 
     def _expire(self, item: _Pending) -> None:
-        if not item.future.done():
-            item.future.set_exception(
+        """A queued request's timeout: it leaves the queue (timers stop when it is taken)."""
+        item.timer = None
+        if self._unqueue(item):
+            _set_exception(
+                item.future,
                 Overloaded(
                     f"model '{self.model.name}' version {self.model.version}: request timed out "
                     f"after waiting {(time.perf_counter_ns() - item.enqueued_ns) / 1e6:.1f} ms in the queue",
                     reason="timeout",
-                )
+                ),
             )
 
     # -- workers -----------------------------------------------------------------------------
@@ -163,32 +210,30 @@ class Batcher:
         """Move compatible queued requests into ``batch``; returns the batch's rows."""
         limit = self.policy.max_batch_size if self.policy.enabled else 1
         key = batch[0].key if batch else None
-        skipped: list[_Pending] = []
-        queue = self._queue
-        while queue:
-            item = queue[0]
-            if item.future.done():  # cancelled or timed out while queued
-                queue.popleft()
-                continue
+        taken: list[_Pending] = []
+        skipped = 0
+        for item in self._queue:
             if key is None:
                 key = item.key
             if item.key != key:
-                skipped.append(queue.popleft())
-                if len(skipped) > 64:
+                skipped += 1
+                if skipped > 64:
                     break
                 continue
-            if batch and (not self.policy.enabled or rows + item.rows > limit):
+            if (batch or taken) and (not self.policy.enabled or rows + item.rows > limit):
                 break
-            batch.append(queue.popleft())
+            taken.append(item)
             rows += item.rows
             if rows >= limit:
                 break
-        queue.extendleft(reversed(skipped))
+        for item in taken:
+            self._unqueue(item)
+        batch.extend(taken)
         return rows
 
     def _batch_done(self, rows: int) -> bool:
         p = self.policy
-        return rows >= p.max_batch_size or rows in p.preferred_batch_sizes
+        return self._flush or rows >= p.max_batch_size or rows in p.preferred_batch_sizes
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -208,39 +253,48 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
 
+    def _check_idle(self) -> None:
+        if not self._queue and not any(self._held):
+            self._idle.set()
+
     async def _worker(self, slot: int) -> None:
         loop = asyncio.get_running_loop()
         delay_ns = self.policy.max_queue_delay_ns if self.policy.enabled else 0
-        while True:
-            if not self._queue:
-                if not self._running:
-                    self._idle.set()
-                await self._arrival()
-                continue
-            batch: list[_Pending] = []
-            rows = self._take(batch, 0)
-            self._m_depth.set(len(self._queue))
-            if not batch:
-                continue
-            if delay_ns and not self._batch_done(rows):
-                deadline = batch[0].enqueued_ns + delay_ns
-                while not self._batch_done(rows) and (left := deadline - time.perf_counter_ns()) > 0:
-                    if not self._queue:
-                        await self._arrival(left / 1e9)
+        batch = self._held[slot]  # what this worker holds is visible to drain and close
+        try:
+            while True:
+                if not self._queue:
+                    self._check_idle()
+                    await self._arrival()
+                    continue
+                rows = self._take(batch, 0)
+                if delay_ns and not self._batch_done(rows):
+                    deadline = batch[0].enqueued_ns + delay_ns
+                    while not self._batch_done(rows) and (left := deadline - time.perf_counter_ns()) > 0:
                         if not self._queue:
-                            break  # the delay is over
-                    before = len(batch)
-                    rows = self._take(batch, rows)
-                    if len(batch) == before and self._queue:
-                        break  # what is queued does not fit this batch
-            batch = [b for b in batch if not b.future.done()]
-            if not batch:
-                continue
-            self._running += 1
-            try:
-                await self._execute(loop, batch, slot)
-            finally:
-                self._running -= 1
+                            await self._arrival(left / 1e9)
+                            if not self._queue:
+                                break  # the delay is over (or a flush)
+                        before = len(batch)
+                        rows = self._take(batch, rows)
+                        if len(batch) == before and self._queue:
+                            break  # what is queued does not fit this batch
+                live = [b for b in batch if not b.future.done()]
+                if live:
+                    await self._execute(loop, live, slot)
+                batch.clear()
+        finally:
+            # Cancelled (close): whatever this worker still holds is answered, never dropped.
+            self._fail(batch, self._gone())
+            batch.clear()
+
+    def _gone(self) -> Unavailable:
+        return Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
+
+    @staticmethod
+    def _fail(items, exc: BaseException) -> None:
+        for b in items:
+            _set_exception(b.future, exc)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], slot: int) -> None:
         started = time.perf_counter_ns()
@@ -248,15 +302,10 @@ class Batcher:
         try:
             results, timing = await self._threads[slot].run(loop, self._run, batch, slot)
         except InferenceFailed as exc:
-            for b in batch:
-                if not b.future.done():
-                    b.future.set_exception(exc)
+            self._fail(batch, exc)
             return
         except Exception as exc:  # never leave a caller waiting
-            failure = InferenceFailed(f"model '{self.model.name}': {exc}")
-            for b in batch:
-                if not b.future.done():
-                    b.future.set_exception(failure)
+            self._fail(batch, InferenceFailed(f"model '{self.model.name}': {exc}"))
             return
         self.stats.record_execution(rows, timing)
         self._m_batch.observe(rows)
@@ -265,8 +314,7 @@ class Batcher:
             self._m_queue_wait.observe((started - b.enqueued_ns) / 1e9)
         if len(batch) == 1:
             b = batch[0]
-            if not b.future.done():
-                b.future.set_result((results, _with_queue(timing, started - b.enqueued_ns)))
+            _set_result(b.future, (results, _with_queue(timing, started - b.enqueued_ns)))
             return
         offset = 0
         for b in batch:
@@ -297,7 +345,11 @@ class Batcher:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is queued or running; False when the timeout came first."""
+        """Run what is queued or being batched now (no more waiting for batches to fill) and wait
+        until nothing is queued, held or running; False when the timeout came first."""
+        self._flush = True
+        self._wake()
+        self._check_idle()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
@@ -305,16 +357,16 @@ class Batcher:
             return False
 
     async def close(self) -> None:
-        """Stop the workers, fail what is still queued, release the sessions."""
+        """Refuse new work, stop the workers, answer everything still queued, held or running
+        with :class:`Unavailable`, release the sessions."""
+        self._closed = True
         for w in self._workers:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(
-                    Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
-                )
+        left = list(self._queue)
+        for item in left:
+            self._unqueue(item)
+        self._fail(left, self._gone())
         for t in self._threads:
             await asyncio.to_thread(t.close)
         self.model.close()

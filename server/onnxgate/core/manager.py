@@ -348,20 +348,31 @@ class ModelManager:
 
     @staticmethod
     async def _close(ver: VersionEntry) -> None:
-        assert ver.scheduler is not None
-        await ver.scheduler.drain()
-        await ver.scheduler.close()
-        ver.scheduler = None
-        ver.model = None
+        """Run what the version accepted, then release it; cancelled, it answers the rest
+        (queued, being batched or running) with UNAVAILABLE before releasing."""
+        scheduler = ver.scheduler
+        assert scheduler is not None
+        try:
+            await scheduler.drain()
+        finally:
+            await scheduler.close()
+            ver.scheduler = None
+            ver.model = None
         await asyncio.to_thread(_release_memory)
 
     async def close(self, timeout: float) -> None:
-        """Drain every version (up to ``timeout`` seconds) and release all sessions."""
+        """Drain every version for up to ``timeout`` seconds, then answer what is left with
+        UNAVAILABLE and release all sessions. Returns only when every version is closed."""
         for entry in self.models.values():
             self._retire(entry.versions.values())
             entry.versions = {}
-        if self._retiring:
-            await asyncio.wait(list(self._retiring), timeout=timeout)
+        if not self._retiring:
+            return
+        _, late = await asyncio.wait(list(self._retiring), timeout=max(0.0, timeout))
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 def _release_memory() -> None:

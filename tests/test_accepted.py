@@ -1,0 +1,166 @@
+"""Nothing accepted is lost: every request a version took is answered when the version retires
+(unload, reload, shutdown), and the queue bound counts only requests that can still run."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+import modelzoo
+import swap_helpers as sh
+from gateway import GatewayProcess
+
+EXPLICIT = ["--model-control-mode", "explicit", "--load-model", "*"]
+# Two instances and a long batching delay: one worker holds the request while it waits for
+# the batch to fill, the other is idle.
+FILLING = """
+max_batch_size: 8
+instance_group [{ count: 2, kind: KIND_CPU }]
+dynamic_batching { max_queue_delay_microseconds: 3000000 }
+"""
+SLOW = """
+max_batch_size: 256
+instance_group [{ count: 1, kind: KIND_CPU }]
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+dynamic_batching { default_queue_policy { max_queue_size: 2 } }
+"""
+GAP_S = 0.3  # the request is inside the gateway, held by a filling worker, by then
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "filling", scale=2.0)
+    modelzoo.write_config(repo / "filling", FILLING)
+    return repo
+
+
+class Call(threading.Thread):
+    """One HTTP infer in the background; ``outcome`` is the status it got (200 or the error's)."""
+
+    def __init__(self, gw: GatewayProcess, model: str, x: np.ndarray, **kw) -> None:
+        super().__init__(daemon=True)
+        self.gw, self.model, self.x, self.kw = gw, model, x, kw
+        self.outcome: int | str | None = None
+        self.y: np.ndarray | None = None
+
+    def run(self) -> None:
+        client = httpclient.InferenceServerClient(self.gw.http_url, network_timeout=30.0, connection_timeout=30.0)
+        inp = httpclient.InferInput("x", list(self.x.shape), "FP32")
+        inp.set_data_from_numpy(self.x)
+        try:
+            self.y = client.infer(self.model, [inp], **self.kw).as_numpy("y")
+            self.outcome = 200
+        except InferenceServerException as exc:
+            self.outcome = int(exc.status()) if exc.status() and str(exc.status()).isdigit() else str(exc)
+        except Exception as exc:  # a timeout: the request was never answered
+            self.outcome = f"no answer: {exc!r}"
+
+    def answered(self) -> int | str | None:
+        self.join(40)
+        return self.outcome
+
+
+def _held_request(gw: GatewayProcess) -> Call:
+    call = Call(gw, "filling", np.ones((1, 4), np.float32))
+    call.start()
+    time.sleep(GAP_S)
+    assert call.outcome is None, f"answered before the batching delay ran out: {call.outcome}"
+    return call
+
+
+def test_unload_answers_a_request_held_by_a_filling_batch(repo):
+    with GatewayProcess(repo, EXPLICIT) as gw:
+        call = _held_request(gw)
+        assert sh.unload_model(gw, "filling")[0] == 200
+        assert call.answered() in (200, 503)
+        if call.outcome == 200:
+            np.testing.assert_array_equal(call.y, np.full((1, 4), 2.0, np.float32))
+
+
+def test_reload_with_changed_files_answers_a_request_held_by_a_filling_batch(repo):
+    with GatewayProcess(repo, EXPLICIT) as gw:
+        call = _held_request(gw)
+        modelzoo.build_scaled(repo, "filling", scale=3.0)  # the same version, new files
+        status, body = sh.load_model(gw, "filling")
+        assert status == 200, body
+        assert call.answered() in (200, 503)
+        if call.outcome == 200:
+            assert call.y is not None and call.y[0, 0] in (2.0, 3.0)
+
+
+def test_sigterm_answers_a_request_held_by_a_filling_batch(repo):
+    gw = GatewayProcess(repo).start()
+    try:
+        call = _held_request(gw)
+        gw.signal(signal.SIGTERM)
+        assert call.answered() in (200, 503)
+        assert gw.proc.wait(60) == 0
+    finally:
+        gw.stop()
+
+
+# -- queue accounting ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slow_gw(tmp_path_factory: pytest.TempPathFactory):
+    repo = tmp_path_factory.mktemp("slow")
+    modelzoo.build_slow(repo, "slow", layers=128)  # a 256-row request runs for about a second
+    modelzoo.write_config(repo / "slow", SLOW)
+    with GatewayProcess(repo) as gw:
+        yield gw
+
+
+def _executions(gw: GatewayProcess) -> int:
+    client = httpclient.InferenceServerClient(gw.http_url)
+    return int(client.get_inference_statistics("slow")["model_stats"][0]["execution_count"])
+
+
+def _occupy(gw: GatewayProcess) -> Call:
+    before = _executions(gw)
+    call = Call(gw, "slow", np.random.default_rng(0).random((256, 1024), dtype=np.float32))
+    call.start()
+    time.sleep(GAP_S)
+    assert _executions(gw) == before, "the large request finished too soon"
+    return call
+
+
+def test_queue_timeout_never_fails_a_running_request(slow_gw):
+    before = _executions(slow_gw)
+    # Taken at once (the queue is empty), then runs for far longer than its queue timeout.
+    call = Call(slow_gw, "slow", np.random.default_rng(1).random((256, 1024), dtype=np.float32), timeout=100_000)
+    call.start()
+    assert call.answered() == 200
+    assert _executions(slow_gw) == before + 1
+    stats = httpclient.InferenceServerClient(slow_gw.http_url).get_inference_statistics("slow")["model_stats"][0]
+    infer_ns = stats["batch_stats"][-1]["compute_infer"]["ns"] / stats["batch_stats"][-1]["compute_infer"]["count"]
+    assert infer_ns > 100_000_000, "the execution was shorter than the timeout; the test proves nothing"
+
+
+def test_expired_and_cancelled_requests_free_their_queue_places_at_once(slow_gw):
+    x = np.ones((1, 1024), np.float32)
+    big = _occupy(slow_gw)
+    before = _executions(slow_gw)
+    # Two requests fill the queue (max_queue_size 2): one expires, one is cancelled by its caller.
+    expired = Call(slow_gw, "slow", x, timeout=50_000)
+    expired.start()
+    client = grpcclient.InferenceServerClient(slow_gw.grpc_url)
+    inp = grpcclient.InferInput("x", [1, 1024], "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("slow", [inp], client_timeout=0.1)
+    assert expired.answered() == 429
+    assert _executions(slow_gw) == before, "the large request finished; the queue was emptied anyway"
+    # Both places are free again: two more requests are accepted while the large one still runs.
+    late = [Call(slow_gw, "slow", x) for _ in range(2)]
+    for c in late:
+        c.start()
+    assert big.answered() == 200
+    assert [c.answered() for c in late] == [200, 200]
