@@ -36,7 +36,7 @@ from onnxgate.core.sessions import available_cores
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.http_app import HttpApp
-from onnxgate.supervisor import worker_info
+from onnxgate.supervisor import watch_supervisor, worker_info
 
 log = logging.getLogger("onnxgate")
 
@@ -243,10 +243,13 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload_routes)
+        unwatch = watch_supervisor(self.request_stop) if self.worker is not None else None  # drain if orphaned
         try:
             await self.start()
             await self.wait_stopped()
         finally:
+            if unwatch is not None:
+                unwatch()
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

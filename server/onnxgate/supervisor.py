@@ -3,14 +3,25 @@
 The supervisor reserves the ports (SO_REUSEPORT, so port 0 works too), starts N workers that
 each load their own sessions with ``cores // N`` threads and then listen on the same ports (the
 kernel spreads connections between them), serves the Prometheus metrics of all workers together
-(prometheus-client multiprocess mode) on the metrics port, restarts a worker that dies, and on
-SIGTERM/SIGINT forwards SIGTERM so every worker drains, then exits 0. SIGHUP is forwarded.
+(prometheus-client multiprocess mode) on the metrics port, and on SIGTERM/SIGINT forwards SIGTERM
+so every worker drains, then exits 0. SIGHUP is forwarded.
+
+A worker that dies is restarted after a delay that starts at 0.5 s and doubles with each exit in
+a row, up to 30 s; a worker that stayed up 60 s starts the sequence afresh. So a worker that
+cannot start (say, routes naming a model the repository lacks) is retried ever more slowly
+instead of in a tight loop, and comes up on the first try after the cause is fixed.
+
+Workers die with the supervisor, however it ends: each holds the read end of a pipe whose write
+end only the supervisor has, and drains when it reads end-of-file (:func:`watch_supervisor`).
+The pipe works on every POSIX system and with threads, unlike ``PR_SET_PDEATHSIG`` set in a
+``preexec_fn``.
 
 Each worker answers the statistics extension for itself only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -21,7 +32,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from onnxgate.config import GatewayConfig
@@ -29,6 +41,7 @@ from onnxgate.config import GatewayConfig
 log = logging.getLogger("onnxgate")
 
 WORKER_ENV = "ONNXGATE_WORKER"  # "<index>:<count>:<ready dir>" in a worker's environment
+LIFELINE_ENV = "ONNXGATE_SUPERVISOR_FD"  # the read end of the supervisor's pipe, in a worker
 
 
 def reserve(host: str, port: int) -> socket.socket:
@@ -50,6 +63,35 @@ def worker_info() -> tuple[int, int, Path] | None:
     return int(index), int(count), Path(ready_dir)
 
 
+def watch_supervisor(on_gone: Callable[[], None]) -> Callable[[], None] | None:
+    """In a worker, on the running loop: call ``on_gone`` once the supervisor has exited.
+
+    The supervisor holds the only write end of the pipe whose read end the worker inherited, so
+    the read end turns readable with end-of-file as soon as the supervisor is gone, killed or
+    not. Returns a function that stops watching; ``None`` when this is not a worker."""
+    value = os.environ.get(LIFELINE_ENV)
+    if not value:
+        return None
+    fd = int(value)
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.error("supervisor gone: draining")
+            on_gone()
+
+    loop.add_reader(fd, readable)
+    return lambda: loop.remove_reader(fd)
+
+
 def _serve_metrics(host: str, port: int) -> int:
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
@@ -59,30 +101,75 @@ def _serve_metrics(host: str, port: int) -> int:
     return server.server_port
 
 
+class Backoff:
+    """Delays before restarting one worker: ``initial`` doubling with each exit, up to
+    ``maximum``; an exit after ``stable_s`` or more of uptime starts again at ``initial``."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, stable_s: float = 60.0) -> None:
+        self.initial, self.maximum, self.stable_s = initial, maximum, stable_s
+        self._next = initial
+
+    def after_exit(self, uptime: float) -> float:
+        """The delay before the next start of a worker that exited after ``uptime`` seconds."""
+        if uptime >= self.stable_s:
+            self._next = self.initial
+        delay = self._next
+        self._next = min(self.maximum, delay * 2)
+        return delay
+
+
+@dataclass
+class _Slot:
+    """One worker index: its process (None while waiting to restart), when it started, and
+    when it is due to start again."""
+
+    backoff: Backoff
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    restarts: int = 0
+
+
 class Supervisor:
     """Starts, watches and stops the worker processes."""
 
-    def __init__(self, config: GatewayConfig, argv: Sequence[str]) -> None:
+    def __init__(
+        self, config: GatewayConfig, argv: Sequence[str], backoff: Callable[[], Backoff] = Backoff
+    ) -> None:
         self.config = config
         self.argv = list(argv)
         self.count = config.server.workers
-        self.workers: list[subprocess.Popen | None] = [None] * self.count
+        self.slots = [_Slot(backoff()) for _ in range(self.count)]
         self._stopping = threading.Event()
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxgate-workers-"))
         self.metrics_dir = self._tmp / "metrics"
         self.ready_dir = self._tmp / "ready"
-        self.metrics_dir.mkdir()
-        self.ready_dir.mkdir()
+        for d in (self.metrics_dir, self.ready_dir):
+            d.mkdir()
+        self._lifeline: tuple[int, int] | None = None  # (read end for the workers, write end)
 
-    def _spawn(self, index: int, http_port: int, grpc_port: int) -> subprocess.Popen:
+    @property
+    def workers(self) -> list[subprocess.Popen | None]:
+        return [slot.proc for slot in self.slots]
+
+    def _spawn(self, index: int, http_port: int, grpc_port: int) -> None:
+        assert self._lifeline is not None
+        read_end = self._lifeline[0]
         env = {
             **os.environ,
             WORKER_ENV: f"{index}:{self.count}:{self.ready_dir}",
+            LIFELINE_ENV: str(read_end),
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
         cmd = [sys.executable, "-m", "onnxgate", "serve", *self.argv]
         cmd += ["--workers", "1", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", "0"]
-        return subprocess.Popen(cmd, env=env)
+        slot = self.slots[index]
+        # only the read end is inherited: the write end stays with us, so our exit is its EOF
+        slot.proc = subprocess.Popen(cmd, env=env, pass_fds=(read_end,))
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        if slot.restarts:
+            log.info("worker %d restarted as pid %d (restart %d)", index, slot.proc.pid, slot.restarts)
 
     def run(self) -> int:
         s = self.config.server
@@ -94,6 +181,7 @@ class Supervisor:
         http_port, grpc_port = (h.getsockname()[1] for h in holds)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         metrics_port = _serve_metrics(s.host, s.metrics_port)
+        self._lifeline = os.pipe()
         log.info(
             "listening: http %s:%d, grpc %s:%d, metrics %s:%d; %d workers",
             s.host,
@@ -106,7 +194,7 @@ class Supervisor:
         )
         try:
             for i in range(self.count):
-                self.workers[i] = self._spawn(i, http_port, grpc_port)
+                self._spawn(i, http_port, grpc_port)
             announced = False
             while not self._stopping.wait(0.2):
                 if not announced and len(list(self.ready_dir.iterdir())) >= self.count:
@@ -119,20 +207,31 @@ class Supervisor:
         finally:
             for h in holds:
                 h.close()
+            for fd in self._lifeline:
+                os.close(fd)
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _restart_dead(self, http_port: int, grpc_port: int) -> None:
+        """Note workers that exited, and start those whose backoff delay has passed."""
         from prometheus_client import multiprocess
 
-        for i, proc in enumerate(self.workers):
-            if proc is not None and proc.poll() is not None and not self._stopping.is_set():
-                log.error("worker %d (pid %d) exited with %s; restarting it", i, proc.pid, proc.returncode)
+        now = time.monotonic()
+        for i, slot in enumerate(self.slots):
+            if self._stopping.is_set():  # SIGTERM meanwhile: no new worker to stop again
+                return
+            proc = slot.proc
+            if proc is not None and proc.poll() is not None:
+                delay = slot.backoff.after_exit(now - slot.started)
+                slot.restarts += 1
+                log.error(
+                    "worker %d (pid %d) exited with %s; restarting it in %.1f s (restart %d)",
+                    i, proc.pid, proc.returncode, delay, slot.restarts,
+                )
                 multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
                 (self.ready_dir / str(i)).unlink(missing_ok=True)
-                if self._stopping.wait(0.5):  # SIGTERM meanwhile: no new worker to stop again
-                    self.workers[i] = None
-                    return
-                self.workers[i] = self._spawn(i, http_port, grpc_port)
+                slot.proc, slot.restart_at = None, now + delay
+            if slot.proc is None and slot.restart_at is not None and now >= slot.restart_at:
+                self._spawn(i, http_port, grpc_port)
 
     def _forward(self, sig: int) -> None:
         for proc in self.workers:
