@@ -91,7 +91,7 @@ def merge_config(base: mc.ModelConfig, override: mc.ModelConfig) -> mc.ModelConf
     for fd, value in override.ListFields():
         out.ClearField(fd.name)
         target = getattr(out, fd.name)
-        if fd.label == fd.LABEL_REPEATED:
+        if fd.is_repeated:  # protobuf >= 6 (7 dropped ``label``)
             if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
                 target.MergeFrom(value)
             else:
