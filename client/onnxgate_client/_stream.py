@@ -4,7 +4,9 @@ Up to ``window`` requests are outstanding (sent and not yet handed to the caller
 of the caller's sequence carries ``id = str(i)``; the server answers out of order and echoes the
 id, and results are handed back in input order. A request that fails on the server comes back
 as ``error_message`` and becomes a :class:`RequestFailed` in its place (raised, or yielded when
-``return_exceptions`` is true); the stream carries on.
+``return_exceptions`` is true); the stream carries on. Its ``code`` is the gRPC status the
+server names in the reply's ``grpc_status_code`` parameter (``UNKNOWN`` from a server that
+names none, such as Triton).
 
 When the stream itself fails with a retriable error (the replica went away, is draining, or is
 overloaded), a new stream is opened on the next gRPC endpoint and every unanswered request is
@@ -34,6 +36,7 @@ from onnxgate_client.pb import grpc_service_pb2 as pb
 Result = dict[str, np.ndarray] | OnnxgateError
 Inputs = Mapping[str, Any]
 _END = object()
+_STATUS_PARAMETER = "grpc_status_code"  # in a failed request's reply: the status, by name
 
 
 class StreamBook:
@@ -84,7 +87,11 @@ class StreamBook:
         except (ValueError, KeyError):
             raise ServerError(f"stream reply with unknown id {rid!r}", endpoint=endpoint) from None
         if reply.error_message:
-            self.done[i] = RequestFailed(reply.error_message, index=i, endpoint=endpoint)
+            failed = RequestFailed(reply.error_message, index=i, endpoint=endpoint)
+            params = reply.infer_response.parameters
+            if _STATUS_PARAMETER in params and params[_STATUS_PARAMETER].string_param:
+                failed.code = params[_STATUS_PARAMETER].string_param
+            self.done[i] = failed
             return
         try:
             self.done[i] = _codec.grpc_outputs(reply.infer_response)

@@ -48,8 +48,20 @@ def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+#: Stream call metadata (Triton's): the first failed request ends the stream with its status.
+GRPC_ERROR_HEADER = "triton_grpc_error"
+#: Without it: the parameter of a failed request's reply naming its gRPC status code.
+STREAM_STATUS_PARAMETER = "grpc_status_code"
+
+
 class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """V2 gRPC API over the inference service."""
+    """V2 gRPC API over the inference service.
+
+    Unary calls fail with the status ``status.grpc_code`` maps the core error to. A failed
+    request of a ``ModelStreamInfer`` stream gets a reply with ``error_message`` and, in
+    ``infer_response.parameters["grpc_status_code"]``, the name of that same status; the stream
+    stays open. A stream opened with the metadata ``triton_grpc_error: true`` (Triton's
+    convention) ends at its first failure, with that status and message instead."""
 
     def __init__(self, service: InferenceService, stream_window: int = 256) -> None:
         self.service = service
@@ -113,9 +125,20 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (up to ``stream_window``); replies come as they finish,
-        matched to requests by ``id``. A failed request gets ``error_message``; the stream stays."""
+        matched to requests by ``id``.
+
+        A failed request, by default, gets a reply of its own and the stream stays open: as in
+        Triton, ``error_message`` holds the message and ``infer_response`` only the request's
+        ``id`` (and name and version); onnxgate adds the status a unary call would have got, by
+        name, in ``infer_response.parameters["grpc_status_code"]`` (a ``string_param`` such as
+        ``"INVALID_ARGUMENT"``), so a client can tell a retryable failure from bad input.
+
+        With the call metadata ``triton_grpc_error: true`` (Triton's opt-in), the first failure
+        instead ends the stream with that status and message; requests still running are
+        cancelled and replies not yet sent are dropped."""
         headers = _metadata(context) if self.service.wants_headers else {}
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        close_on_error = _grpc_error_mode(context)
+        replies: asyncio.Queue[tuple[pb.ModelStreamInferResponse, grpc.StatusCode | None] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
@@ -136,7 +159,10 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (reply := await replies.get()) is not None:
+            while (item := await replies.get()) is not None:
+                reply, code = item
+                if code is not None and close_on_error:
+                    await context.abort(code, reply.error_message)
                 yield reply
                 window.release()
             await reader
@@ -145,21 +171,23 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _stream_one(self, req: pb.ModelInferRequest, headers: dict[str, str]) -> pb.ModelStreamInferResponse:
+    async def _stream_one(
+        self, req: pb.ModelInferRequest, headers: dict[str, str]
+    ) -> tuple[pb.ModelStreamInferResponse, grpc.StatusCode | None]:
+        """The reply to one streamed request, and the status it failed with (None: it did not)."""
         try:
             decoded = grpc_codec.decode_infer(req)
             decoded.headers = headers
             response = await self.service.infer(decoded)
-            return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_infer(response))
+            return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_infer(response)), None
         except GatewayError as exc:
-            failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
-            return pb.ModelStreamInferResponse(error_message=exc.message, infer_response=failed)
+            code, message = grpc_code(exc), exc.message
         except Exception:
             log.exception("unhandled error in ModelStreamInfer")
-            failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
-            return pb.ModelStreamInferResponse(
-                error_message="internal error; see the gateway log", infer_response=failed
-            )
+            code, message = grpc.StatusCode.INTERNAL, "internal error; see the gateway log"
+        failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
+        failed.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=failed), code
 
     async def _unsupported(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not supported by onnxgate")
@@ -167,6 +195,11 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _unsupported
     CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
     TraceSetting = LogSettings = _unsupported
+
+
+def _grpc_error_mode(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the stream asked, with Triton's ``triton_grpc_error: true``, to end on an error."""
+    return any(k == GRPC_ERROR_HEADER and str(v).lower() == "true" for k, v in context.invocation_metadata() or ())
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
