@@ -53,6 +53,8 @@ def test_infer_on_both_transports(gw, scheme):
     url = gw.grpc_url if scheme == "grpc" else gw.http_url
     with Client(f"{scheme}://{url}") as client:
         assert client.ready()
+        assert client.model_config("scaled")["max_batch_size"] > 0
+        assert client.model_metadata("scaled")["inputs"][0]["name"] == "x"
         np.testing.assert_array_equal(client.infer("scaled", {"x": X}, version=1)["y"], X)
         np.testing.assert_array_equal(client.infer("scaled", {"x": X}, version=2)["y"], X * 2)
 

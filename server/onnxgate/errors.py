@@ -17,11 +17,18 @@ The mapping to HTTP statuses and gRPC codes lives in ``frontends/status.py`` onl
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 2048  # a message echoes client input (names, shapes); it never grows past this
+
 
 class GatewayError(Exception):
-    """Base of every error the gateway reports to a caller."""
+    """Base of every error the gateway reports to a caller.
+
+    The message is cut to :data:`MAX_MESSAGE_CHARS`: it travels in a gRPC trailer (clients
+    refuse metadata past 8 KiB by default) and in log lines, whatever the client sent."""
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 20] + f"... ({len(message)} chars)"
         super().__init__(message)
         self.message = message
 

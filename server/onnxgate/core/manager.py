@@ -103,6 +103,17 @@ def merge_config(base: mc.ModelConfig, override: mc.ModelConfig) -> mc.ModelConf
     return out
 
 
+MAX_VERSION_DIGITS = 18  # versions are int64 in the model config
+
+
+def parse_version(text: str) -> int | None:
+    """A version as written in a request ("3"), or None when it is not one: ASCII digits only
+    (``"²".isdigit()`` is true, ``int("²")`` fails) and short enough for an int64."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS:
+        return int(text)
+    return None
+
+
 def pin_config(version: int) -> mc.ModelConfig:
     """An override that serves exactly ``version``."""
     config = mc.ModelConfig()
@@ -130,9 +141,10 @@ class ModelManager:
         if entry is None:
             raise ModelNotFound(f"unknown model '{name}'")
         if version:
-            if not version.isdigit():
+            number = parse_version(version)
+            if number is None:
                 raise ModelNotFound(f"unknown version '{version}' of model '{name}': versions are integers")
-            ver = entry.versions.get(int(version))
+            ver = entry.versions.get(number)
             if ver is None:
                 raise ModelNotFound(f"unknown version {version} of model '{name}'")
             if ver.state != READY:

@@ -22,6 +22,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from onnxgate.core.manager import parse_version
 from onnxgate.errors import InvalidInput
 
 
@@ -37,7 +38,7 @@ class Target:
         if not isinstance(text, str) or not text or text.count(":") > 1:
             raise InvalidInput(f"{where}: target must be 'model' or 'model:version', got {text!r}")
         model, _, version = text.partition(":")
-        if not model or (version and not (version.isdigit() and int(version) > 0)):
+        if not model or (version and not ((number := parse_version(version)) is not None and number > 0)):
             raise InvalidInput(f"{where}: target must be 'model' or 'model:version', got {text!r}")
         return cls(model, version)
 

@@ -47,7 +47,14 @@ EXTENSIONS = (
     "statistics",
 )
 
+UNKNOWN_MODEL_LABEL = ""  # the metrics' model label of requests for names the repository lacks
+
 _NO_CONTROL = "model control mode 'none' does not allow %s; start with --model-control-mode explicit or poll"
+_NOT_SHARED = (
+    "%s is refused under --workers N: it would change only the worker process that took this call, "
+    "not the others. Run with --workers 1, or change the repository or config file and restart the "
+    "workers one at a time (SIGHUP to the supervisor re-reads the routes in every worker)"
+)
 
 _OUTCOMES: dict[type, str] = {
     InvalidInput: "invalid_input",
@@ -84,6 +91,7 @@ class InferenceService:
         self.ready = False
         self.draining = False
         self.control_mode = "none"  # none | poll | explicit
+        self.control_plane_shared = True  # False in one of --workers N: changes would reach only it
         self.routes = RouteTable()
         self._route_headers = False
         self.sample_headers = False  # set when the sample log copies or hashes headers
@@ -161,8 +169,8 @@ class InferenceService:
             raise InvalidInput("load parameter 'config' must be a string holding JSON")
         version = params.pop("version", None)
         if version is not None:
-            if isinstance(version, str) and version.isdigit():
-                version = int(version)
+            if isinstance(version, str) and (number := manager_mod.parse_version(version)) is not None:
+                version = number
             if isinstance(version, bool) or not isinstance(version, int) or version < 1:
                 raise InvalidInput(f"load parameter 'version' must be a positive integer, got {version!r}")
         rollback = params.pop("rollback", False)
@@ -170,6 +178,7 @@ class InferenceService:
             raise InvalidInput(f"load parameter 'rollback' must be a boolean, got {rollback!r}")
         if self.control_mode == "none":
             raise Unsupported(_NO_CONTROL % "loading")
+        self._check_shared("loading (or pinning, or rolling back) a model")
         if rollback:
             entry = await self.manager.rollback(name)
         else:
@@ -185,7 +194,13 @@ class InferenceService:
     async def unload_model(self, name: str) -> None:
         if self.control_mode == "none":
             raise Unsupported(_NO_CONTROL % "unloading")
+        self._check_shared("unloading a model")
         await self.manager.unload(name)
+
+    def _check_shared(self, what: str) -> None:
+        """Refuse a control-plane change that would apply to this process only."""
+        if not self.control_plane_shared:
+            raise Unsupported(_NOT_SHARED % what.capitalize())
 
     # -- routes ------------------------------------------------------------------------------
     def _route(self, name: str, version: str) -> Route | None:
@@ -215,9 +230,11 @@ class InferenceService:
 
     def put_route(self, route: Route) -> None:
         """Add or replace one route (validated; the others stay as they are)."""
+        self._check_shared("changing a route")
         self.set_routes([*(r for n, r in self.routes.routes.items() if n != route.name), route])
 
     def delete_route(self, name: str) -> None:
+        self._check_shared("deleting a route")
         if name not in self.routes.routes:
             raise ModelNotFound(f"unknown route '{name}'")
         self.set_routes(r for n, r in self.routes.routes.items() if n != name)
@@ -299,9 +316,12 @@ class InferenceService:
             if ver is not None and ver.stats is not None:
                 ver.stats.record_failure(elapsed)
             outcome = _OUTCOMES.get(type(exc), "error")
-            self.metrics.request_done(name, version, protocol, outcome, None)
+            # Label values only ever come from the repository's models: a name the gateway does
+            # not serve is counted under model="" (one series, whatever clients send).
+            label = name if name in self.manager.models else UNKNOWN_MODEL_LABEL
+            self.metrics.request_done(label, version, protocol, outcome, None)
             if isinstance(exc, Overloaded):
-                self.metrics.rejected.labels(name, exc.reason).inc()
+                self.metrics.rejected.labels(label, exc.reason).inc()
             raise
         elapsed = time.perf_counter_ns() - start
         stats.record_request(rows, elapsed, timing)

@@ -60,6 +60,9 @@ _U32 = struct.Struct("<I")
 
 # numpy (1.x) arrays have at most 32 dimensions; more would fail deep inside numpy.
 MAX_RANK = 32
+# No request tensor comes near this many elements (bodies are bounded far below); the bound
+# keeps every size computation inside numpy's index range, even for shapes holding a 0.
+MAX_ELEMENTS = 1 << 40
 
 
 def element_count(shape: Sequence[int]) -> int:
@@ -71,9 +74,15 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 def check_rank(name: str, shape: Sequence[int]) -> None:
-    """Reject shapes with more dimensions than an array can have."""
+    """Reject shapes no array can have: too many dimensions, or dimensions whose product (zeros
+    counted as 1) passes :data:`MAX_ELEMENTS`, which numpy cannot index even when a 0 empties it."""
     if len(shape) > MAX_RANK:
         raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions, at most {MAX_RANK} are supported")
+    n = 1
+    for d in shape:
+        n *= d or 1
+        if n > MAX_ELEMENTS:
+            raise InvalidInput(f"input '{name}': shape {list(shape)[:MAX_RANK]} is too large")
 
 
 def decode_raw(name: str, dtype: DataType, shape: Sequence[int], buf: bytes | memoryview) -> np.ndarray:

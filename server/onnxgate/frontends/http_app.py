@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core import model_config
+from onnxgate.core.manager import parse_version
 from onnxgate.core.router import parse_route
 from onnxgate.core.service import InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, Unsupported
@@ -122,7 +123,7 @@ class HttpApp:
         version = ""
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
-            if not version.isdigit():
+            if parse_version(version) is None:
                 raise ModelNotFound(f"unknown version '{version}' of model '{name}': versions are integers")
         action = rest[0] if len(rest) == 1 else ("" if not rest else None)
         if action == "infer":
