@@ -86,6 +86,7 @@ class Gateway:
         )
         self.service = InferenceService(self.manager, self.metrics)
         self.service.control_mode = s.model_control_mode
+        self.service.control_plane_shared = self.worker is None  # a worker would change itself alone
         self.drift = DriftMonitor(config.drift, self.metrics.registry) if config.drift.models else None
         self.sample_log = (
             SampleLogger(config.sample_log, self.metrics.registry, observers=[self.drift.observe] if self.drift else ())

@@ -1,0 +1,84 @@
+"""``--workers N`` answers for the whole gateway (issue 11, item 3): control-plane changes that
+would reach only the worker whose socket took the call are refused on both transports (501 /
+UNIMPLEMENTED, saying what to do instead), and statistics add up every worker's counts.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+import modelzoo
+from gateway import GatewayProcess
+from workers_helpers import ARGS, children, pin_each
+
+CONTROL = ["--model-control-mode", "explicit", "--load-model", "*"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("control_repo")
+    modelzoo.build_scaled(repo, version=1, scale=3.0)
+    modelzoo.build_scaled(repo, version=2, scale=3.0)  # the same answers: the index tells them apart
+    modelzoo.write_config(repo / "scaled", "version_policy: { all { } }\n")
+    return repo
+
+
+def _http(gw: GatewayProcess, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=30)
+    try:
+        conn.request(method, path, json.dumps(body).encode() if body is not None else None)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+def _refused(message: str) -> bool:
+    return "refused under --workers N" in message and "--workers 1" in message and "SIGHUP" in message
+
+
+def test_control_plane_changes_are_refused_on_both_transports_and_change_nothing(repo):
+    with GatewayProcess(repo, [*ARGS, *CONTROL]) as gw:
+        assert gw.proc is not None
+        for path, body in (
+            ("/v2/repository/models/scaled/load", {}),
+            ("/v2/repository/models/scaled/load", {"parameters": {"version": 1}}),  # pin
+            ("/v2/repository/models/scaled/load", {"parameters": {"rollback": True}}),
+            ("/v2/repository/models/scaled/unload", {}),
+        ):
+            status, doc = _http(gw, "POST", path, body)
+            assert status == 501 and _refused(doc["error"]), (path, body, status, doc)
+        route = {"split": [{"target": "scaled:1", "weight": 1}]}
+        status, doc = _http(gw, "PUT", "/v2/routes/r", route)
+        assert status == 501 and _refused(doc["error"]), doc
+        status, doc = _http(gw, "DELETE", "/v2/routes/r")
+        assert status == 501 and _refused(doc["error"]), doc
+
+        with grpc.insecure_channel(gw.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for call, request in (
+                (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="scaled")),
+                (stub.RepositoryModelUnload, service_pb2.RepositoryModelUnloadRequest(model_name="scaled")),
+            ):
+                with pytest.raises(grpc.RpcError) as failure:
+                    call(request, timeout=30)
+                assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED, failure.value
+                assert _refused(failure.value.details()), failure.value.details()
+
+        # every worker still serves both versions, with no route: nothing changed anywhere
+        for p in pin_each(gw, children(gw.proc.pid)).values():
+            assert p.infer("scaled") == [[3.0, 6.0, 9.0, 12.0]]
+            index = p.call("POST", "/v2/repository/index", {})
+            assert sorted((r["name"], r["version"], r["state"]) for r in index) == [
+                ("scaled", "1", "READY"), ("scaled", "2", "READY")], index
+            p.conn.request("GET", "/v2/routes")
+            resp = p.conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read()) == []
+    assert gw.proc.returncode == 0, gw.log
