@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import re
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ from onnxgate.core.inference import InferOutput, InferResponse
 from onnxgate.core.sample_config import SampleLogConfig
 from onnxgate.core.sample_log import Sample, SampleLogger, ShadowResult, make_record
 from onnxgate.errors import InvalidInput
-from sample_log_helpers import Collector, cfg, run, sample, value, write_all
+from sample_log_helpers import Collector, cfg, run, sample, tiny_tmpfs, value, write_all
 
 # -- config -----------------------------------------------------------------------------------
 
@@ -332,7 +329,8 @@ def test_full_queue_drops_and_counts_while_offer_stays_fast() -> None:
 
 def test_queue_byte_budget() -> None:
     reg = CollectorRegistry()
-    logger = SampleLogger(cfg({"type": "none"}, queue_max_mb=0.0001), reg)  # 104 bytes: one 56-byte sample fits
+    size = sample(0, rows=2).nbytes()
+    logger = SampleLogger(cfg({"type": "none"}, queue_max_mb=1.5 * size / 2**20), reg)  # one sample fits, not two
     assert logger.offer(sample(0, rows=2))
     assert not logger.offer(sample(1, rows=2))
     run(logger.close(1))  # never started: what is queued is dropped as shutdown
@@ -365,17 +363,8 @@ def test_unwritable_directory_drops_counts_and_recovers(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A 256 KiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])

@@ -104,7 +104,7 @@ class SampleLogConfig:
       sample_by: header:x-user-id        # or "random" (default): same header value, same decision
       hash_salt: ""                      # change it to sample a different set of users
       queue_size: 10000                  # samples waiting for the writer; beyond: dropped
-      queue_max_mb: 256                  # tensor bytes waiting for the writer; beyond: dropped
+      queue_max_mb: 256                  # memory samples waiting for the writer hold; beyond: dropped
       max_tensor_elements: 1000000       # larger tensors are logged with values: null
       sink: {type: parquet, path: ./sample-log, rotate_mb: 64, rotate_s: 300}
     """

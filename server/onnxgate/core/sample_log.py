@@ -7,6 +7,11 @@ nested lists), passes the inputs of successful ones to observers (live drift) an
 the sink (``core/sinks.py``). Whatever cannot be queued or written is dropped and counted in
 ``onnxgate_sample_log_dropped_total{reason}``; nothing here raises into serving.
 
+``queue_max_mb`` bounds the memory of the samples queued or being written, counted at offer
+(:meth:`Sample.nbytes`: buffers, each string of a BYTES tensor, headers, the objects). A view
+into a larger buffer (a batch's output, an HTTP body) is first copied, only its own rows
+(:meth:`Sample.compact`), so a queued sample never keeps a whole batch or body alive.
+
 Record schema, version 1 (JSON; the Parquet sink stores the same values, see ``sinks.py``)::
 
     schema_version  1
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -48,6 +54,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.sample_config import INCLUDE, SampleLogConfig
+from onnxgate.core.sample_memory import SAMPLE_OVERHEAD, headers_nbytes, held_nbytes, owned_copies
 from onnxgate.core.sinks import Sink, make_sink
 
 log = logging.getLogger("onnxgate.sample_log")
@@ -87,8 +94,32 @@ class Sample:
     time: float = field(default_factory=time.time)
 
     def nbytes(self) -> int:
-        total = sum(t.data.nbytes for t in self.request.inputs)
-        return total + (sum(t.data.nbytes for t in self.response.outputs) if self.response is not None else 0)
+        """Memory this sample keeps alive: its tensors (a view counts all it is a view of), the
+        strings of BYTES tensors, the headers and its own objects. Exact or over, never under."""
+        tensors = [t.data for t in self.request.inputs]
+        if self.response is not None:
+            tensors += [t.data for t in self.response.outputs]
+        if self.shadow is not None and self.shadow.response is not None:
+            tensors += [t.data for t in self.shadow.response.outputs]
+        total = SAMPLE_OVERHEAD + sum(map(held_nbytes, tensors)) + headers_nbytes(self.request.headers)
+        if self.headers is not None and self.headers is not self.request.headers:
+            total += headers_nbytes(self.headers)
+        return total
+
+    def compact(self) -> None:
+        """Copy tensors that are views into larger buffers (only their own rows), replacing the
+        request and responses by shallow copies: never changed, the caller may still use them."""
+        inputs = owned_copies(self.request.inputs)
+        if inputs is not None:
+            self.request = dataclasses.replace(self.request, inputs=inputs)
+        if self.response is not None:
+            outputs = owned_copies(self.response.outputs)
+            if outputs is not None:
+                self.response = dataclasses.replace(self.response, outputs=outputs)
+        if self.shadow is not None and self.shadow.response is not None:
+            outputs = owned_copies(self.shadow.response.outputs)
+            if outputs is not None:
+                self.shadow.response = dataclasses.replace(self.shadow.response, outputs=outputs)
 
 
 def rfc3339(t: float) -> str:
@@ -269,7 +300,10 @@ class SampleLogger:
             if self._closed:
                 self._drop("shutdown")
                 return False
-            size = sample.nbytes() if isinstance(sample, Sample) else 0
+            size = 0
+            if isinstance(sample, Sample):
+                sample.compact()
+                size = sample.nbytes()
             with self._lock:
                 if self._bytes + size > self._max_bytes and size:
                     self._drop("queue_full")
@@ -284,7 +318,8 @@ class SampleLogger:
                 return False
             return True
         except Exception:
-            log.exception("sample log: offer failed")
+            self._warn("offer", "sample log: offer failed", exc_info=True)
+            self._drop("error")
             return False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -323,12 +358,14 @@ class SampleLogger:
             except queue.Empty:
                 pass
             items = [item for item, _ in batch if item is not _WAKE]
+            if items:
+                self._guard(self._handle, items)
+            # The budget is given back once the samples are written: those in the writer's hands are held too.
             freed = sum(size for _, size in batch)
+            del batch, items  # not kept alive while the writer waits for the next ones
             if freed:
                 with self._lock:
                     self._bytes -= freed
-            if items:
-                self._guard(self._handle, items)
             self._guard(self.sink.tick)
             if self._stopping.is_set():
                 if time.monotonic() >= self._deadline:

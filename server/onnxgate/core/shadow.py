@@ -10,6 +10,7 @@ task. Every task is owned here and awaited or cancelled on close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,12 @@ class Mirror:
         self._primary: asyncio.Future = loop.create_future()
 
     def primary_done(self, response: InferResponse, latency_s: float, sample: Sample | None = None) -> None:
-        """The primary answered; ``sample`` (when sampled) is logged with the shadow's answer."""
+        """The primary answered; ``sample`` (when sampled) is logged with the shadow's answer.
+
+        The sample lets go of the primary's batch now, not once the shadow is in."""
+        if sample is not None:
+            with contextlib.suppress(Exception):  # never fails the primary; offer tries again, and counts
+                sample.compact()
         if not self._primary.done():
             self._primary.set_result((response, latency_s, sample))
 
