@@ -1,13 +1,21 @@
-"""Shared pieces of the sample-log tests: a real HTTP collector on port 0, samples, config."""
+"""Shared pieces of the sample-log tests: a real HTTP collector on port 0, samples, config, a
+tiny disk."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import subprocess
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
@@ -112,3 +120,19 @@ async def write_all(logger: SampleLogger, samples: list[Sample], timeout: float 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels or None) or 0.0
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("256k", "1m") at ``mount``: a disk that fills up (the test is skipped
+    without root and mount rights)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
