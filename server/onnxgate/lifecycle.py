@@ -1,24 +1,23 @@
 """Composition root: build the core, start the front ends on one loop, own signals, drain.
 
 Start: listeners open (live, not ready) -> the repository loads -> ready.
-Stop (SIGTERM/SIGINT): readiness false -> optional delay while still serving -> listeners
-stop accepting and in-flight requests finish (up to the drain timeout) -> versions drain ->
-sessions are released.
+Stop (SIGTERM/SIGINT): readiness false -> optional delay while still serving -> then one budget,
+``drain_timeout_s``, for all that follows: listeners stop accepting and in-flight requests
+finish until the deadline, what is left is answered 503 / UNAVAILABLE; shadows, the sample log
+(always closed, so its files are renamed), drift and the versions each get what remains of the
+budget -> sessions are released.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
 import grpc
-import uvicorn
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 from onnxgate import config as config_mod
@@ -33,37 +32,23 @@ from onnxgate.core.remote import redact_url
 from onnxgate.core.sample_log import SampleLogger
 from onnxgate.core.service import InferenceService
 from onnxgate.core.sessions import available_cores
+from onnxgate.core.stats_share import SharedStats
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.http_app import HttpApp
-from onnxgate.supervisor import watch_supervisor, worker_info
+from onnxgate.listeners import HttpServer, RpcCutter, drain_grpc, grpc_options, listen
+from onnxgate.supervisor import watch_supervisor, worker_info, worker_stats_dir
 
 log = logging.getLogger("onnxgate")
+
+# A closing step that overruns the budget it was given by more than this is abandoned, so that
+# one stuck step can hold neither the exit nor the steps after it (the sample log's among them).
+_OVERRUN_S = 1.0
 
 
 def demo_repository() -> Path:
     """The bundled demo model repository."""
     return Path(str(resources.files("onnxgate.demo") / "models"))
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn on a loop and signals that the gateway owns."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 class Gateway:
@@ -87,6 +72,9 @@ class Gateway:
         self.service = InferenceService(self.manager, self.metrics)
         self.service.control_mode = s.model_control_mode
         self.service.control_plane_shared = self.worker is None  # a worker would change itself alone
+        stats_dir = worker_stats_dir() if self.worker is not None else None
+        self.shared_stats = SharedStats(stats_dir, self.manager.all_stats) if stats_dir is not None else None
+        self.service.shared_stats = self.shared_stats
         self.drift = DriftMonitor(config.drift, self.metrics.registry) if config.drift.models else None
         self.sample_log = (
             SampleLogger(config.sample_log, self.metrics.registry, observers=[self.drift.observe] if self.drift else ())
@@ -97,7 +85,8 @@ class Gateway:
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._http: list[tuple[_EmbeddedServer, asyncio.Task]] = []
+        self._rpcs = RpcCutter()
+        self._http: list[tuple[HttpServer, asyncio.Task]] = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -109,6 +98,8 @@ class Gateway:
             await self.drift.start()
         if self.sample_log is not None:
             self.sample_log.start()
+        if self.shared_stats is not None:
+            self.shared_stats.start()
         if self.worker is None and not self.config.server.listen_after_load:
             await self._listen()
             await self._load()
@@ -127,14 +118,7 @@ class Gateway:
 
     async def _listen(self) -> None:
         s = self.config.server
-        limit = s.grpc_max_message_bytes
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 1 if self.worker is not None else 0),
-            ]
-        )
+        self._grpc = grpc.aio.server(interceptors=[self._rpcs], options=grpc_options(s, self.worker is not None))
         grpc_service.add_to_server(self._grpc, self.service)
         self.grpc_port = self._grpc.add_insecure_port(
             f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
@@ -170,18 +154,8 @@ class Gateway:
 
     async def _serve_http(self, app, port: int) -> int:
         s = self.config.server
-        sock = _listen(s.host, port, reuse_port=self.worker is not None)
-        config = uvicorn.Config(
-            app,
-            http="httptools",
-            lifespan="off",
-            access_log=False,
-            proxy_headers=False,  # no proxy-header middleware around every request
-            log_level="warning",
-            timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
-            timeout_keep_alive=75,
-        )
-        server = _EmbeddedServer(config)
+        sock = listen(s.host, port, s.http_backlog, reuse_port=self.worker is not None)
+        server = HttpServer(app, s)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():
@@ -210,7 +184,10 @@ class Gateway:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """The drain sequence; returns when everything is closed."""
+        """The drain sequence; returns when everything is closed.
+
+        After the delay, ``drain_timeout_s`` is the budget of the whole rest: one deadline, and
+        each step gets only what remains of it (the closing steps are still called with 0 left)."""
         s = self.config.server
         # Readiness turns false first; requests are still served (a load balancer needs a
         # moment to notice) until the listeners close, and in-flight ones finish after that.
@@ -220,23 +197,49 @@ class Gateway:
             await self.poller.stop()
         if s.drain_delay_s:
             await asyncio.sleep(s.drain_delay_s)
-        for server, _ in self._http:
-            server.should_exit = True
-        waits = [task for _, task in self._http]
-        if self._grpc is not None:
-            waits.append(asyncio.ensure_future(self._grpc.stop(s.drain_timeout_s)))
-        await asyncio.gather(*waits, return_exceptions=True)
-        await self.service.shadows.close(s.drain_timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.drain_timeout_s
+        await self._stop_listeners(deadline)
+        steps: list[tuple[str, Callable[[float], Awaitable[object]]]] = [("shadows", self.service.shadows.close)]
         if self.sample_log is not None:
-            await self.sample_log.close(s.drain_timeout_s)
+            steps.append(("sample log", self.sample_log.close))
         if self.drift is not None:
-            await self.drift.close()
-        await self.manager.close(s.drain_timeout_s)
+            drift = self.drift
+            steps.append(("drift", lambda _: drift.close()))
+        steps.append(("model versions", self.manager.close))
         close = getattr(self.manager.repository, "close", None)
         if close is not None:
-            await asyncio.to_thread(close)
+            steps.append(("repository", lambda _: asyncio.to_thread(close)))
+        for name, step in steps:
+            budget = max(0.0, deadline - loop.time())
+            log.info("drain: closing %s with %.2fs of the drain budget left", name, budget)
+            try:
+                await asyncio.wait_for(step(budget), budget + _OVERRUN_S)
+            except TimeoutError:
+                log.error("drain: closing %s overran its %.2fs by %.1fs; left unfinished", name, budget, _OVERRUN_S)
+            except Exception:
+                log.exception("drain: closing %s failed", name)
         self.service.live = False
         log.info("stopped")
+
+    async def _stop_listeners(self, deadline: float) -> None:
+        """Stop accepting; in-flight requests run until ``deadline``, then are answered 503 /
+        UNAVAILABLE (by the listeners, see :mod:`onnxgate.listeners`)."""
+        for server, _ in self._http:
+            server.drain(deadline)
+        waits = [task for _, task in self._http]
+        if self._grpc is not None:
+            waits.append(asyncio.ensure_future(drain_grpc(self._grpc, self._rpcs, deadline)))
+        if not waits:
+            return
+        loop = asyncio.get_running_loop()
+        done, late = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()) + 2 * _OVERRUN_S)
+        for task in late:
+            log.error("drain: a listener did not stop %.1fs after the deadline; cancelled", 2 * _OVERRUN_S)
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("drain: a listener failed to stop", exc_info=task.exception())
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then drain."""

@@ -16,7 +16,8 @@ end only the supervisor has, and drains when it reads end-of-file (:func:`watch_
 The pipe works on every POSIX system and with threads, unlike ``PR_SET_PDEATHSIG`` set in a
 ``preexec_fn``.
 
-Each worker answers the statistics extension for itself only.
+Statistics: each worker shares a snapshot of its own in a directory the supervisor makes
+(:mod:`onnxgate.core.stats_share`), so the statistics extension answers for all workers.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger("onnxgate")
 
 WORKER_ENV = "ONNXGATE_WORKER"  # "<index>:<count>:<ready dir>" in a worker's environment
 LIFELINE_ENV = "ONNXGATE_SUPERVISOR_FD"  # the read end of the supervisor's pipe, in a worker
+STATS_ENV = "ONNXGATE_WORKER_STATS"  # the directory where workers share statistics snapshots
 
 
 def reserve(host: str, port: int) -> socket.socket:
@@ -61,6 +63,12 @@ def worker_info() -> tuple[int, int, Path] | None:
         return None
     index, count, ready_dir = value.split(":", 2)
     return int(index), int(count), Path(ready_dir)
+
+
+def worker_stats_dir() -> Path | None:
+    """The directory where this worker and its siblings share statistics; None outside a worker."""
+    value = os.environ.get(STATS_ENV)
+    return Path(value) if value else None
 
 
 def watch_supervisor(on_gone: Callable[[], None]) -> Callable[[], None] | None:
@@ -144,7 +152,8 @@ class Supervisor:
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxgate-workers-"))
         self.metrics_dir = self._tmp / "metrics"
         self.ready_dir = self._tmp / "ready"
-        for d in (self.metrics_dir, self.ready_dir):
+        self.stats_dir = self._tmp / "stats"
+        for d in (self.metrics_dir, self.ready_dir, self.stats_dir):
             d.mkdir()
         self._lifeline: tuple[int, int] | None = None  # (read end for the workers, write end)
 
@@ -159,6 +168,7 @@ class Supervisor:
             **os.environ,
             WORKER_ENV: f"{index}:{self.count}:{self.ready_dir}",
             LIFELINE_ENV: str(read_end),
+            STATS_ENV: str(self.stats_dir),
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
         cmd = [sys.executable, "-m", "onnxgate", "serve", *self.argv]

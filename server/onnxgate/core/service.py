@@ -26,6 +26,7 @@ from onnxgate.core.router import Route, RouteTable, Target
 from onnxgate.core.sample_log import Sample, SampleLogger
 from onnxgate.core.shadow import ShadowRunner
 from onnxgate.core.stats import VersionStats
+from onnxgate.core.stats_share import SharedStats
 from onnxgate.errors import (
     Draining,
     GatewayError,
@@ -92,6 +93,7 @@ class InferenceService:
         self.draining = False
         self.control_mode = "none"  # none | poll | explicit
         self.control_plane_shared = True  # False in one of --workers N: changes would reach only it
+        self.shared_stats: SharedStats | None = None  # under --workers N: the other workers' counts
         self.routes = RouteTable()
         self._route_headers = False
         self.sample_headers = False  # set when the sample log copies or hashes headers
@@ -144,7 +146,12 @@ class InferenceService:
         return model.config
 
     def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
-        """Statistics of one version, all versions of a model, or everything."""
+        """Statistics of one version, all versions of a model, or everything; under
+        ``--workers N``, this worker's with every other worker's added."""
+        own = self._own_statistics(name, version)
+        return own if self.shared_stats is None else self.shared_stats.merged(own)
+
+    def _own_statistics(self, name: str, version: str) -> list[VersionStats]:
         if not name:
             return self.manager.all_stats()
         entry = self.manager.models.get(name)
