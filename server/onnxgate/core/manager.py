@@ -232,8 +232,22 @@ class ModelManager:
     def _plan_and_load(
         self, source: ModelSource, override: mc.ModelConfig | None, current: dict[int, VersionEntry]
     ) -> dict[int, VersionEntry]:
-        """Blocking: the version set to serve next. Unchanged serving versions are reused."""
+        """Blocking: the version set to serve next. Unchanged serving versions are reused. Any
+        failure (a bad file, config or value, no memory, no permission) fails this model only."""
+        try:
+            return self._plan_and_load_versions(source, override, current)
+        except Exception as exc:
+            reason = _reason(exc)
+            log.error("model %s failed to load: %s", source.name, reason)
+            return self._failed(source.name, current, {0: reason})
+
+    def _plan_and_load_versions(
+        self, source: ModelSource, override: mc.ModelConfig | None, current: dict[int, VersionEntry]
+    ) -> dict[int, VersionEntry]:
         name = source.name
+        if source.error:
+            log.error("model %s: %s", name, source.error)
+            return self._failed(name, current, {0: source.error})
         try:
             config = source.read_config()
             if override is not None:
@@ -260,8 +274,8 @@ class ModelManager:
                 continue
             try:
                 model = ModelVersion.load(name, version, source.model_file(version, config), config, self.options)
-            except (GatewayError, OSError, ValueError) as exc:
-                reason = getattr(exc, "message", None) or str(exc)
+            except Exception as exc:  # MemoryError, TypeError from ORT options, PermissionError, ...
+                reason = _reason(exc)
                 log.error("model %s version %d failed to load: %s", name, version, reason)
                 failures[version] = reason
                 continue
@@ -385,6 +399,16 @@ class ModelManager:
             task.cancel()
         if late:
             await asyncio.gather(*late, return_exceptions=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """A load failure's reason for the index: the gateway's message, or the error's own words."""
+    if isinstance(exc, GatewayError):
+        return exc.message
+    text = str(exc)
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + text if text else ''}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _release_memory() -> None:

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxgate.core import model_config
@@ -20,6 +20,7 @@ class ModelSource:
     name: str
     path: Path
     versions: tuple[int, ...]
+    error: str = field(default="", kw_only=True)  # why the directory could not be read ("" = it could)
 
     @property
     def config_path(self) -> Path:
@@ -52,8 +53,11 @@ class Repository:
         if not self.root.is_dir():
             return found
         for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
+            try:
+                if entry.name.startswith(".") or not entry.is_dir():
+                    continue
+            except OSError:  # cannot even stat it: reported as that model's failure
+                pass
             found[entry.name] = self._source(entry)
         return found
 
@@ -66,7 +70,12 @@ class Repository:
 
     @staticmethod
     def _source(path: Path) -> ModelSource:
-        versions = tuple(sorted(int(v.name) for v in path.iterdir() if v.is_dir() and _is_version(v.name)))
+        """The model directory's versions; one that cannot be read is a source with an ``error``
+        (that model is unavailable, the others load)."""
+        try:
+            versions = tuple(sorted(int(v.name) for v in path.iterdir() if v.is_dir() and _is_version(v.name)))
+        except OSError as exc:
+            return ModelSource(path.name, path, (), error=f"cannot read model directory: {exc.strerror or exc}")
         return ModelSource(path.name, path, versions)
 
 

@@ -12,6 +12,10 @@ Config knobs (all optional, in ``config.pbtxt``):
   (``disable``/``basic``/``extended``/``all``); Triton's ``optimization { graph { level } }``
   is honoured too (-1 disable, 0/absent all, 1 extended).
 * Default thread budget: ``instances x intra-op threads <= available cores``.
+
+Limits (a config past one fails that model with the reason, never the gateway): at most
+:data:`MAX_INSTANCES` instances, :data:`MAX_THREADS` threads per pool, and warm-up inputs of at
+most :data:`WARMUP_MAX_BYTES` per run, with ``batch_size <= max_batch_size``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
 WARMUP_BUDGET_BYTES = 16 * 1024 * 1024  # the default warm-up batch's inputs stay under this
+WARMUP_MAX_BYTES = 256 * 1024 * 1024  # a declared model_warmup run's inputs may not pass this
+MAX_INSTANCES = 64  # sessions of one version, over all instance groups
+MAX_THREADS = 256  # intra- or inter-op threads of one session
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -83,6 +90,9 @@ def plan_instances(config: mc.ModelConfig) -> list[InstancePlan]:
     accelerators = [a.name.lower() for a in config.optimization.execution_accelerators.gpu_execution_accelerator]
     plans: list[InstancePlan] = []
     groups = list(config.instance_group) or [mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)]
+    total = sum(max(1, g.count or 1) for g in groups)
+    if total > MAX_INSTANCES or any(g.count < 0 for g in groups):
+        raise ModelLoadError(f"instance_group asks for {total} instances; 1..{MAX_INSTANCES} are allowed")
     for group in groups:
         for i in range(max(1, group.count or 1)):
             if group.kind == mc.ModelInstanceGroup.KIND_GPU:
@@ -110,11 +120,8 @@ def session_options(
     params = {k: v.string_value for k, v in config.parameters.items()}
     so = ort.SessionOptions()
     default_intra = cpu_threads or max(1, (cpu_budget or available_cores()) // max(1, instances))
-    try:
-        so.intra_op_num_threads = max(1, int(params.get("intra_op_thread_count", default_intra)))
-        so.inter_op_num_threads = max(1, int(params.get("inter_op_thread_count", 1)))
-    except ValueError as exc:
-        raise ModelLoadError(f"thread count parameter is not an integer: {exc}") from None
+    so.intra_op_num_threads = _threads(params, "intra_op_thread_count", default_intra)
+    so.inter_op_num_threads = _threads(params, "inter_op_thread_count", 1)
     mode = params.get("execution_mode", "sequential").lower()
     if mode not in ("sequential", "parallel", "0", "1"):
         raise ModelLoadError(f"execution_mode must be sequential or parallel, got {mode!r}")
@@ -129,6 +136,19 @@ def session_options(
         so.graph_optimization_level = _OPT_LEVELS[level.lower()]
     so.log_severity_level = 3
     return so
+
+
+def _threads(params: dict[str, str], key: str, default: int) -> int:
+    raw = params.get(key)
+    if raw is None:
+        return max(1, min(default, MAX_THREADS))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ModelLoadError(f"parameter {key} must be an integer, got {raw[:64]!r}") from None
+    if not 0 <= value <= MAX_THREADS:
+        raise ModelLoadError(f"parameter {key} must be 0..{MAX_THREADS} (0 = the default), got {value}")
+    return value or max(1, min(default, MAX_THREADS))
 
 
 def create(path: Path, config: mc.ModelConfig, plan: InstancePlan, options: ort.SessionOptions) -> ort.InferenceSession:
@@ -162,16 +182,26 @@ def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_di
         return [(feeds, 1)]
     runs = []
     for w in config.model_warmup:
+        if batched and w.batch_size > config.max_batch_size:
+            raise ModelLoadError(
+                f"model_warmup '{w.name}': batch_size {w.batch_size} exceeds max_batch_size {config.max_batch_size}"
+            )
         rows = max(1, w.batch_size) if batched else 0
         feeds = {}
+        size = 0
         for name, spec in inputs.items():
             item = w.inputs.get(name)
             if item is None:
                 raise ModelLoadError(f"model_warmup '{w.name}' has no data for input '{name}'")
             shape = _shape(rows, list(item.dims) or spec.dims)
+            size += max(1, spec.dtype.itemsize) * int(np.prod(shape, dtype=object))
+            if size > WARMUP_MAX_BYTES:
+                raise ModelLoadError(
+                    f"model_warmup '{w.name}': inputs of {size} bytes exceed the warm-up limit of {WARMUP_MAX_BYTES}"
+                )
             kind = item.WhichOneof("input_data_type") or "zero_data"
             if kind == "input_data_file":
-                raw = (model_dir / "warmup" / item.input_data_file).read_bytes()
+                raw = _warmup_file(model_dir, w.name, item.input_data_file)
                 arr = np.frombuffer(raw, dtype=spec.dtype.numpy)
                 count = int(np.prod(shape[1:] if batched else shape))
                 arr = arr[:count].reshape(shape[1:] if batched else shape)
@@ -180,6 +210,22 @@ def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_di
                 feeds[name] = _filled(spec.dtype.numpy, shape, "random" if kind == "random_data" else "zero")
         runs.append((feeds, max(1, w.count)))
     return runs
+
+
+def _warmup_file(model_dir: Path, warmup: str, name: str) -> bytes:
+    """A warm-up data file: a regular file inside ``<model>/warmup`` of at most WARMUP_MAX_BYTES.
+    One message for every refusal, so that it tells nothing about the files outside."""
+    base = (model_dir / "warmup").resolve()
+    path = (base / name).resolve()
+    try:
+        if path.is_relative_to(base) and path.is_file() and path.stat().st_size <= WARMUP_MAX_BYTES:
+            return path.read_bytes()
+    except OSError:
+        pass
+    raise ModelLoadError(
+        f"model_warmup '{warmup}': input_data_file must name a readable file of at most {WARMUP_MAX_BYTES} bytes "
+        "inside the model's warmup directory"
+    )
 
 
 def _shape(rows: int, dims) -> list[int]:
