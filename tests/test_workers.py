@@ -1,6 +1,7 @@
 """``onnxgate serve --workers 2`` (issue 7, item 3): two worker processes share the HTTP and gRPC
-ports (SO_REUSEPORT), each answering for itself; the supervisor serves the metrics of both
-together, restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
+ports (SO_REUSEPORT); the supervisor serves the metrics of both together, statistics add up
+both from either, the supervisor restarts a worker that dies, and on SIGTERM drains every worker
+and exits 0.
 
 Restart backoff, orphaned workers and faults under load are in ``test_worker_faults.py``; the
 control plane and statistics across workers in ``test_worker_control.py``.
@@ -61,11 +62,11 @@ def test_two_workers_share_the_ports_and_their_metrics_add_up(repo):
             hits[pid] += 5 + 7 * n
         for _ in range(20):
             grpc_infer_fresh(gw)
-        # each worker counts exactly what went to it (its HTTP connections plus its share of the
-        # gRPC ones): the ports are shared, the workers are not, and both took gRPC traffic too
-        served = {pid: p.served() for pid, p in pinned.items()}
-        grpc_shares = {pid: served[pid] - hits[pid] for pid in workers}
-        assert min(grpc_shares.values()) > 0 and sum(grpc_shares.values()) == 20, (served, hits)
+        # either worker's statistics count every request, its own at once and the other's with
+        # that one's next snapshot (test_worker_control.py has more)
+        total = sum(hits.values()) + 20
+        for p in pinned.values():
+            assert wait_until(lambda p=p: p.served() == total, 30), (p.served(), hits)
         # the supervisor's metrics port adds up both workers
         assert requests_total(gw, "http") == sum(hits.values())
         assert requests_total(gw, "grpc") == 20
@@ -96,7 +97,8 @@ def test_killed_worker_is_restarted_and_serving_resumes(repo):
         (newcomer,) = workers - {survivor}
         hits: dict[int, int] = {}
         fresh = pin_each(gw, workers, hits)[newcomer]
-        assert fresh.served() == hits[newcomer]  # its counts start afresh
+        assert fresh.infer() == [[3.0, 6.0, 9.0, 12.0]]
+        hits[newcomer] += 1
         for _ in range(10):
             grpc_infer_fresh(gw)
         # the killed worker's counts stay in the sum: counters never go down

@@ -93,7 +93,8 @@ class Pinned:
         return np.asarray(out["data"], np.float32).reshape(out["shape"]).tolist()
 
     def served(self) -> int:
-        """Successful inferences of ``scaled`` counted by this connection's worker."""
+        """Successful inferences of ``scaled`` as this connection's worker counts them: its own,
+        and every other worker's as of their last statistics snapshots."""
         return self.call("GET", "/v2/models/scaled/versions/1/stats")["model_stats"][0]["inference_stats"]["success"][
             "count"]
 
