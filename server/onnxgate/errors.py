@@ -4,6 +4,7 @@
 
     GatewayError
     ├── InvalidInput        the request is malformed or does not match the model
+    │   └── PayloadTooLarge the request is larger than its model can accept
     ├── ModelNotFound       unknown model or version
     ├── Unavailable         the model, version or server cannot serve now
     │   └── Draining        the server is shutting down
@@ -35,6 +36,10 @@ class GatewayError(Exception):
 
 class InvalidInput(GatewayError):
     """The request is malformed or does not match the model's inputs."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request is larger than any valid request for its model (or the transport's limit)."""
 
 
 class ModelNotFound(GatewayError):

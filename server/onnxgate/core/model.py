@@ -7,6 +7,7 @@ Everything here is synchronous. ``load`` and ``run`` block and belong in worker 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class ModelVersion:
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.input)}
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.output)}
         self.output_names = list(self.outputs)
+        self.max_request_elements = _max_request_elements(self)
         self.providers = self.sessions[0].get_providers() if self.sessions else []
         # Where the version came from (registry parameters such as mlflow_run_id), for records.
         self.provenance = {k: v.string_value for k, v in config.parameters.items() if k.startswith("mlflow_")}
@@ -140,3 +142,16 @@ class ModelVersion:
     def close(self) -> None:
         """Drop the sessions so their memory returns."""
         self.sessions.clear()
+
+
+def _max_request_elements(model: ModelVersion) -> int | None:
+    """The most tensor elements a valid request for ``model`` can carry; None when a variable
+    dim or a BYTES input leaves it unbounded (then the transport's limit bounds the request)."""
+    rows = model.max_batch_size if model.batched else 1
+    total = 0
+    for spec in model.inputs.values():
+        dims = list(spec.dims)
+        if spec.dtype.v2 == "BYTES" or any(d < 0 for d in dims):
+            return None
+        total += rows * math.prod(dims)
+    return total

@@ -17,6 +17,7 @@ import numpy as np
 from onnxgate import __version__
 from onnxgate.core import manager as manager_mod
 from onnxgate.core import model_config
+from onnxgate.core.admission import DecodeBudget
 from onnxgate.core.comparison import Comparator
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
 from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
@@ -34,6 +35,7 @@ from onnxgate.errors import (
     ModelLoadError,
     ModelNotFound,
     Overloaded,
+    PayloadTooLarge,
     Unavailable,
     Unsupported,
 )
@@ -48,6 +50,7 @@ EXTENSIONS = (
     "statistics",
 )
 
+DEFAULT_DECODE_BUDGET = 512 * 1024 * 1024  # bytes all requests may be reading and decoding at once
 UNKNOWN_MODEL_LABEL = ""  # the metrics' model label of requests for names the repository lacks
 
 _NO_CONTROL = "model control mode 'none' does not allow %s; start with --model-control-mode explicit or poll"
@@ -59,6 +62,7 @@ _NOT_SHARED = (
 
 _OUTCOMES: dict[type, str] = {
     InvalidInput: "invalid_input",
+    PayloadTooLarge: "too_large",
     ModelNotFound: "not_found",
     Overloaded: "overloaded",
     Draining: "draining",
@@ -85,9 +89,12 @@ class ModelMetadata:
 class InferenceService:
     """The core's one entry point for front ends."""
 
-    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+    def __init__(
+        self, manager: ModelManager, metrics: Metrics, decode_budget_bytes: int = DEFAULT_DECODE_BUDGET
+    ) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.decode_budget = DecodeBudget(decode_budget_bytes)
         self.live = True
         self.ready = False
         self.draining = False
@@ -254,6 +261,37 @@ class InferenceService:
         return self.shadows.comparator.summary(name)
 
     # -- inference ---------------------------------------------------------------------------
+    def request_bound(self, name: str, version: str, protocol: str) -> tuple[str, int | None]:
+        """Before a request is read: the model (or route's primary) that will take it, as its
+        metrics label, and the most tensor elements a valid request for it carries (None:
+        unbounded but for the transport's limit). Unknown or unready names raise (counted)
+        here, so no body is read for them."""
+        asked = name
+        try:
+            if route := self._route(name, version):
+                name, version = route.primary.model, route.primary.version
+            model = self.manager.get(name, version).model
+        except GatewayError as exc:
+            self.count_refusal(asked, "", protocol, exc)
+            raise
+        assert model is not None
+        return name, model.max_request_elements
+
+    def decoding(self, label: str, nbytes: int, protocol: str):
+        """``with service.decoding(model, n, protocol):`` around reading and decoding ``n`` bytes
+        of one request: a share of the gateway's decode budget (refused at once, and counted,
+        when it is spent)."""
+        return self.decode_budget.hold(nbytes, lambda exc: self.count_refusal(label, "", protocol, exc))
+
+    def count_refusal(self, name: str, version: str, protocol: str, exc: GatewayError) -> None:
+        """Count a request refused or failed. Label values only ever come from the repository's
+        models: a name the gateway does not serve is counted under model="" (one series,
+        whatever clients send)."""
+        label = name if name in self.manager.models else UNKNOWN_MODEL_LABEL
+        self.metrics.request_done(label, version, protocol, _OUTCOMES.get(type(exc), "error"), None)
+        if isinstance(exc, Overloaded):
+            self.metrics.rejected.labels(label, exc.reason).inc()
+
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run one request; raises a :class:`GatewayError` subclass on any failure.
 
@@ -322,13 +360,7 @@ class InferenceService:
             version = str(ver.version) if ver is not None else ""
             if ver is not None and ver.stats is not None:
                 ver.stats.record_failure(elapsed)
-            outcome = _OUTCOMES.get(type(exc), "error")
-            # Label values only ever come from the repository's models: a name the gateway does
-            # not serve is counted under model="" (one series, whatever clients send).
-            label = name if name in self.manager.models else UNKNOWN_MODEL_LABEL
-            self.metrics.request_done(label, version, protocol, outcome, None)
-            if isinstance(exc, Overloaded):
-                self.metrics.rejected.labels(label, exc.reason).inc()
+            self.count_refusal(name, version, protocol, exc)
             raise
         elapsed = time.perf_counter_ns() - start
         stats.record_request(rows, elapsed, timing)

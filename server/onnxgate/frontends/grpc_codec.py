@@ -43,6 +43,16 @@ def params_dict(params) -> dict[str, Any]:
     return {k: param_value(v) for k, v in params.items()} if params else {}
 
 
+MESSAGE_SLACK_BYTES = 64 * 1024  # names, parameters and framing beyond the elements
+BYTES_PER_ELEMENT = 10  # the most an element takes: a 10-byte varint in typed contents
+
+
+def message_limit(elements: int | None) -> int | None:
+    """The largest ModelInferRequest a valid request of at most ``elements`` tensor elements
+    can be (None: no model bound; the transport's message limit applies)."""
+    return None if elements is None else MESSAGE_SLACK_BYTES + BYTES_PER_ELEMENT * elements
+
+
 def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
     """Decode a ModelInferRequest; every error names the input at fault."""
     raw = req.raw_input_contents

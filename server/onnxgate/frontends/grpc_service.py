@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from onnxgate.core.inference import InferRequest
 from onnxgate.core.service import InferenceService
-from onnxgate.errors import GatewayError, InvalidInput
+from onnxgate.errors import GatewayError, InvalidInput, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
 from onnxgate.frontends.status import grpc_code
 from onnxgate_client.pb import grpc_service_pb2 as pb
@@ -33,6 +35,8 @@ def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext) -> T:
         try:
+            if isinstance(request, Malformed):
+                raise InvalidInput(request.message)
             return await method(self, request, context)
         except GatewayError as exc:
             await context.abort(grpc_code(exc), exc.message)
@@ -115,11 +119,28 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_mapped
     async def ModelInfer(self, request, context):
-        decoded = grpc_codec.decode_infer(request)
+        decoded = await self._decode(request)
         if self.service.wants_headers:
             decoded.headers = _metadata(context)
         response = await self.service.infer(decoded)
         return grpc_codec.encode_infer(response)
+
+    async def _decode(self, req: pb.ModelInferRequest | Malformed) -> InferRequest:
+        """Look the model up, check the message against what it can accept, decode under the
+        gateway's decode budget (large messages off the loop)."""
+        if isinstance(req, Malformed):
+            raise InvalidInput(req.message)
+        svc = self.service
+        label, elements = svc.request_bound(req.model_name, req.model_version, "grpc")
+        size = req.ByteSize()
+        limit = grpc_codec.message_limit(elements)
+        if limit is not None and size > limit:
+            raise PayloadTooLarge(
+                f"request of {size} bytes exceeds {limit} bytes, the most a valid request for "
+                f"'{req.model_name}' needs"
+            )
+        with svc.decoding(label, size, "grpc"):
+            return await svc.decode_budget.decode(size, lambda: grpc_codec.decode_infer(req))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -176,7 +197,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[pb.ModelStreamInferResponse, grpc.StatusCode | None]:
         """The reply to one streamed request, and the status it failed with (None: it did not)."""
         try:
-            decoded = grpc_codec.decode_infer(req)
+            decoded = await self._decode(req)
             decoded.headers = headers
             response = await self.service.infer(decoded)
             return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_infer(response)), None
@@ -230,6 +251,27 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 _STREAMING = {"ModelStreamInfer"}
 
 
+class Malformed:
+    """What a request message that does not parse becomes: its handler answers INVALID_ARGUMENT
+    (grpc would answer UNKNOWN and log a traceback per message)."""
+
+    __slots__ = ("message",)
+    model_name = model_version = id = ""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _parser(cls: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return Malformed(f"the request is not a valid {cls.DESCRIPTOR.full_name} message")
+
+    return parse
+
+
 def add_to_server(server: grpc.aio.Server, service: InferenceService) -> None:
     """Register the inference and health services on ``server``.
 
@@ -247,7 +289,7 @@ def add_to_server(server: grpc.aio.Server, service: InferenceService) -> None:
             grpc.stream_stream_rpc_method_handler if method.name in _STREAMING else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = factory(
-            fn, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString
+            fn, request_deserializer=_parser(request_cls), response_serializer=response_cls.SerializeToString
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)

@@ -19,7 +19,7 @@ from onnxgate.core import model_config
 from onnxgate.core.manager import parse_version
 from onnxgate.core.router import parse_route
 from onnxgate.core.service import InferenceService
-from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, Unsupported
+from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge, Unsupported
 from onnxgate.frontends import http_codec
 from onnxgate.frontends.status import http_status
 
@@ -32,6 +32,7 @@ Send = Callable[[dict], Awaitable[None]]
 T = TypeVar("T")
 
 _JSON = [(b"content-type", b"application/json")]
+CONTROL_BODY_LIMIT = 4 * 1024 * 1024  # repository and route bodies: small JSON documents
 
 
 class _Reply:
@@ -162,7 +163,7 @@ class HttpApp:
                 raise ModelNotFound(f"unknown route '{name}'")
             return _ok(orjson.dumps(route.to_dict()))
         if method == "PUT":
-            doc = http_codec.parse_json_object(await self._body(receive))
+            doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
             if doc.get("name", name) != name:
                 raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
             route = parse_route({**doc, "name": name})
@@ -176,7 +177,7 @@ class HttpApp:
     async def _repository_route(self, method: str, rest: list[str], receive: Receive) -> _Reply:
         if bad := self._only(method, "POST"):
             return bad
-        body = await self._body(receive)
+        body = await self._body(receive, CONTROL_BODY_LIMIT)
         svc = self.service
         if rest == ["index"]:
             doc = http_codec.parse_json_object(body)
@@ -194,21 +195,32 @@ class HttpApp:
         return _error(404, "no such repository endpoint")
 
     async def _infer(self, name: str, version: str, scope: Scope, receive: Receive) -> _Reply:
+        """The model is looked up before the body is read; the body is bounded by what that model
+        can accept (413 past it, before reading when Content-Length says so), and read, inflated
+        and decoded under the gateway's decode budget."""
+        svc = self.service
         headers = dict(scope["headers"])
-        body = await self._body(receive)
+        label, elements = svc.request_bound(name, version, "http")
+        limit = http_codec.body_limit(elements, self.max_body_bytes)
         encoding = headers.get(b"content-encoding")
-        if encoding:
-            try:
-                body = http_codec.decompress(body, encoding.decode("latin-1"), self.max_body_bytes)
-            except Unsupported as exc:  # like Triton: 501 and the encodings that would work
-                return _error(http_status(exc), exc.message, [(b"accept-encoding", b"gzip, deflate")])
-        header_length = None
-        if (raw := headers.get(b"inference-header-content-length")) is not None:
-            try:
-                header_length = int(raw)
-            except ValueError:
-                raise InvalidInput(f"Inference-Header-Content-Length is not an integer: {raw!r}") from None
-        request, binary_default = http_codec.decode_infer(body, header_length, name, version)
+        if encoding and encoding.strip().lower() not in (b"", b"identity", b"gzip", b"deflate"):
+            exc = Unsupported(f"unsupported Content-Encoding '{encoding.decode('latin-1')}'; use gzip or deflate")
+            return _error(http_status(exc), exc.message, [(b"accept-encoding", b"gzip, deflate")])  # as Triton
+        wire_limit = self.max_body_bytes if encoding else limit  # inflated, it must fit ``limit``
+        length = _header_int(headers, "Content-Length")
+        if length is not None and length > wire_limit:
+            raise PayloadTooLarge(_too_large(name, length, wire_limit))
+        header_length = _header_int(headers, "Inference-Header-Content-Length")
+        budget = svc.decode_budget
+        with svc.decoding(label, wire_limit if length is None else length, "http"):
+            body = await self._body(receive, wire_limit)
+            if encoding:
+                text = encoding.decode("latin-1")
+                body = await budget.decode(len(body), lambda: http_codec.decompress(body, text, limit))
+            with svc.decoding(label, len(body) if encoding else 0, "http"):
+                request, binary_default = await budget.decode(
+                    len(body), lambda: http_codec.decode_infer(body, header_length, name, version)
+                )
         if self.service.wants_headers:
             request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await _unless_disconnected(self.service.infer(request), receive)
@@ -226,7 +238,7 @@ class HttpApp:
                 reply_headers.append((b"content-encoding", used.encode()))
         return _Reply(200, out, reply_headers)
 
-    async def _body(self, receive: Receive) -> bytes:
+    async def _body(self, receive: Receive, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -235,11 +247,25 @@ class HttpApp:
                 raise InvalidInput("client disconnected before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                raise InvalidInput(f"request body exceeds {self.max_body_bytes} bytes")
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _header_int(headers: dict[bytes, bytes], name: str) -> int | None:
+    raw = headers.get(name.lower().encode())
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidInput(f"{name} is not a non-negative integer: {raw[:32]!r}")
+    return int(raw)
+
+
+def _too_large(name: str, size: int, limit: int) -> str:
+    return f"request body of {size} bytes exceeds {limit} bytes, the most a valid request for '{name}' needs"
 
 
 class ClientGone(Exception):

@@ -15,7 +15,7 @@ from onnxgate.core.inference import InferInput, InferRequest, InferResponse, Req
 from onnxgate.core.manager import IndexRow
 from onnxgate.core.service import ModelMetadata
 from onnxgate.core.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
-from onnxgate.errors import InvalidInput, Unsupported
+from onnxgate.errors import InvalidInput, PayloadTooLarge, Unsupported
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _COMPRESS_MIN_BYTES = 1024
@@ -35,8 +35,20 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     except zlib.error as exc:
         raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
     if len(out) > limit:
-        raise InvalidInput(f"decompressed request body exceeds {limit} bytes")
+        raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes")
     return out
+
+
+BODY_SLACK_BYTES = 64 * 1024  # names, parameters and JSON punctuation beyond the elements
+JSON_BYTES_PER_ELEMENT = 64  # "-1.2345678901234567e-308, " with room for pretty-printing
+
+
+def body_limit(elements: int | None, transport_limit: int) -> int:
+    """The largest body a valid request of at most ``elements`` tensor elements can have in
+    JSON or the binary extension (None: no model bound, the transport's limit)."""
+    if elements is None:
+        return transport_limit
+    return min(transport_limit, BODY_SLACK_BYTES + JSON_BYTES_PER_ELEMENT * elements)
 
 
 def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:

@@ -12,12 +12,14 @@ from onnxgate.errors import (
     ModelLoadError,
     ModelNotFound,
     Overloaded,
+    PayloadTooLarge,
     Unavailable,
     Unsupported,
 )
 
 # Most specific first: the first matching class wins.
 _TABLE: tuple[tuple[type[GatewayError], int, grpc.StatusCode], ...] = (
+    (PayloadTooLarge, 413, grpc.StatusCode.INVALID_ARGUMENT),  # no valid request is this large: do not retry
     (InvalidInput, 400, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, 404, grpc.StatusCode.NOT_FOUND),
     (Draining, 503, grpc.StatusCode.UNAVAILABLE),

@@ -1,0 +1,103 @@
+"""A request costs what its model can accept, not what the client sends: the model is looked up
+before the body is read, bodies past the model's bound are refused (413 / INVALID_ARGUMENT)
+before they are read or decoded, compressed bodies inflate only up to that bound, and the
+gateway keeps serving. ``mlp`` takes at most 256 rows of 16 floats: a few hundred KiB."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+
+import grpc
+import numpy as np
+
+from onnxgate_client.pb import grpc_service_pb2 as pb
+from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
+
+
+def _raw_http(gw, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``head`` (and ``body``) on a fresh socket; the reply's status and body. Fails when
+    the gateway does not answer within ``timeout`` (it is waiting for a body never sent)."""
+    with socket.create_connection(("127.0.0.1", gw.http_port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head_part, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_part.split(b"\r\n")
+        lengths = [line.split(b":", 1)[1] for line in lines if line.lower().startswith(b"content-length")]
+        length = int(lengths[0]) if lengths else 0
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    return int(head_part.split(b" ", 2)[1]), rest
+
+
+def _head(path: str, length: int, extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def test_unknown_model_is_refused_before_its_body_is_read(gateway):
+    status, body = _raw_http(gateway, _head("/v2/models/no_such_model/infer", 200 * 1024 * 1024))
+    assert status == 404, body
+    assert "no_such_model" in json.loads(body)["error"]
+
+
+def test_a_body_larger_than_the_model_accepts_is_refused_before_it_is_read(gateway):
+    status, body = _raw_http(gateway, _head("/v2/models/mlp/infer", 64 * 1024 * 1024))
+    assert status == 413, body
+    assert "mlp" in json.loads(body)["error"]
+
+
+def test_a_chunked_body_is_cut_at_the_model_bound(gateway):
+    head = (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"[" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(64))  # 4 MiB, never finished
+    status, reply = _raw_http(gateway, head, body)
+    assert status == 413, reply
+
+
+def test_a_gzip_bomb_inflates_only_up_to_the_model_bound(gateway):
+    bomb = gzip.compress(b'{"inputs": [' + b" " * (64 * 1024 * 1024) + b"]}", compresslevel=9)
+    assert len(bomb) < 128 * 1024
+    status, reply = _raw_http(gateway, _head("/v2/models/mlp/infer", len(bomb), "Content-Encoding: gzip\r\n"), bomb)
+    assert status == 413, reply
+    assert "decompressed" in json.loads(reply)["error"]
+
+
+def test_a_grpc_message_larger_than_the_model_accepts_is_invalid(gateway):
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gateway.grpc_url))
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])
+    tensor.contents.fp32_contents.extend(np.zeros(1_000_000, np.float32).tolist())
+    try:
+        stub.ModelInfer(pb.ModelInferRequest(model_name="mlp", inputs=[tensor]), timeout=30)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+        assert "the most a valid request for 'mlp' needs" in exc.details()
+    else:
+        raise AssertionError("an oversized request was accepted")
+
+
+def test_the_largest_valid_requests_still_pass_and_the_gateway_serves(gateway):
+    x = np.random.default_rng(0).random((256, 16), dtype=np.float32)
+    doc = {"inputs": [{"name": "x", "shape": [256, 16], "datatype": "FP32", "data": x.tolist()}]}
+    body = json.dumps(doc, indent=4).encode()  # pretty-printed, the largest JSON form in common use
+    status, reply = _raw_http(gateway, _head("/v2/models/mlp/infer", len(body)), body)
+    assert status == 200, reply[:500]
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gateway.grpc_url))
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[256, 16])
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    reply = stub.ModelInfer(pb.ModelInferRequest(model_name="mlp", inputs=[tensor]), timeout=30)
+    assert reply.outputs[0].shape == [256, 10]
