@@ -4,17 +4,24 @@ A slow model (a chain of 256x256 MatMuls, ~25 ms a row on one thread) keeps requ
 signal arrives. Every answered request is checked against ONNX Runtime; a request may be
 refused (UNAVAILABLE / 503 / connection error) but never fail otherwise or come back wrong,
 and every request that was in flight when the signal came must succeed.
+
+The drain timeout is one budget for the whole drain (issue 11, defect B): a stalled client or
+a request longer than the budget does not hold the exit; what is unfinished at the deadline is
+answered 503 / UNAVAILABLE, not dropped, and every closing step after it gets only what is left.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -239,5 +246,122 @@ def test_signal_when_idle_exits_zero(slow, sig):
         gw.signal(sig)
         assert gw.proc.wait(30) == 0, gw.log[-3000:]
         assert "Traceback" not in gw.log and "stopped" in gw.log, gw.log[-3000:]
+    finally:
+        gw.kill()
+
+
+# -- the drain timeout is one budget (issue 11, defect B) -----------------------------------------
+BOUND = 30.0  # seconds: only ever a failure bound
+
+
+def _stalled_body(gw) -> socket.socket:
+    """A client that sent an infer's head and half its body, then stalls. ``Expect: 100-continue``
+    makes the gateway say when its handler is reading the body, so the request is surely in."""
+    sock = socket.create_connection(("127.0.0.1", gw.http_port), timeout=BOUND)
+    sock.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 4096\r\nExpect: 100-continue\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 100 "), "the gateway did not start reading the body"
+    sock.sendall(b'{"inputs": [')
+    return sock
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_drain_timeout_ends_the_drain_despite_stalled_clients(slow):
+    gw = GatewayProcess(slow[0], [*ARGS, "--drain-timeout-s", "0.5"]).start()
+    try:
+        stalled = _stalled_body(gw)
+        half_head = socket.create_connection(("127.0.0.1", gw.http_port), timeout=BOUND)
+        half_head.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: g")
+        gw.signal(signal.SIGTERM)
+        code = gw.proc.wait(BOUND)
+        assert code == 0, f"exit code {code}:\n{gw.log[-3000:]}"
+        answer = _until_closed(stalled)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer  # answered, not dropped
+        assert _until_closed(half_head) == b""  # no request yet: closed
+        assert "Traceback" not in gw.log, gw.log[-5000:]
+    finally:
+        gw.kill()
+
+
+def _queued(gw, model: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.metrics_port, timeout=BOUND)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    m = re.search(rf'^onnxgate_queue_depth{{model="{model}",version="1"}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_drain_budget_is_shared_and_unfinished_requests_are_answered(slow, tmp_path):
+    """Two requests each far longer than the 1 s budget (one running, one queued behind it) and a
+    stalled client: the gateway exits, each got an answer (its result, or 503 / UNAVAILABLE), and
+    each closing step was given what was left of the one budget, the sample log's included."""
+    repo, x, y = slow
+    rows = np.tile(x, (8, 1))  # 128 rows: seconds of compute on one thread
+    expected = np.tile(y, (8, 1))
+    (tmp_path / "samples").mkdir()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"sample_log:\n  default: {{rate: 1.0}}\n  sink: {{type: jsonl, path: {tmp_path / 'samples'}}}\n")
+    gw = GatewayProcess(repo, [*ARGS, "--drain-timeout-s", "1", "--config", str(cfg)]).start()
+    outcomes: dict[str, str] = {}
+
+    def http_call():
+        try:
+            client = httpclient.InferenceServerClient(gw.http_url, connection_timeout=BOUND, network_timeout=BOUND)
+            inp = httpclient.InferInput("x", list(rows.shape), "FP32")
+            inp.set_data_from_numpy(rows)
+            got = client.infer("slow", [inp]).as_numpy("y")
+            outcomes["http"] = "ok" if np.allclose(got, expected, rtol=1e-4, atol=1e-5) else "wrong"
+        except InferenceServerException as exc:
+            outcomes["http"] = str(exc.status())
+        except Exception as exc:
+            outcomes["http"] = f"dropped: {type(exc).__name__}: {exc}"
+
+    def grpc_call():
+        try:
+            client = grpcclient.InferenceServerClient(gw.grpc_url)
+            inp = grpcclient.InferInput("x", list(rows.shape), "FP32")
+            inp.set_data_from_numpy(rows)
+            got = client.infer("slow", [inp], client_timeout=BOUND).as_numpy("y")
+            outcomes["grpc"] = "ok" if np.allclose(got, expected, rtol=1e-4, atol=1e-5) else "wrong"
+        except InferenceServerException as exc:
+            outcomes["grpc"] = str(exc.status())
+
+    try:
+        quick = httpclient.InferInput("x", [1, N], "FP32")
+        quick.set_data_from_numpy(x[:1])
+        httpclient.InferenceServerClient(gw.http_url).infer("slow", [quick])  # one sample for the log
+        calls = [threading.Thread(target=f, daemon=True) for f in (http_call, grpc_call)]
+        for call in calls:
+            call.start()
+        deadline = time.monotonic() + BOUND
+        while _queued(gw, "slow") < 1:  # one runs, the other waits behind it: both are in
+            assert time.monotonic() < deadline and not outcomes, f"requests not in flight: {outcomes}"
+            time.sleep(0.02)
+        stalled = _stalled_body(gw)
+        gw.signal(signal.SIGTERM)
+        code = gw.proc.wait(BOUND)
+        for call in calls:
+            call.join(BOUND)
+        assert code == 0, f"exit code {code}:\n{gw.log[-3000:]}"
+        assert outcomes.get("http") in ("ok", "503"), outcomes
+        assert outcomes.get("grpc") in ("ok", str(grpc.StatusCode.UNAVAILABLE)), outcomes
+        assert _until_closed(stalled).startswith(b"HTTP/1.1 503 ")
+        steps = re.findall(r"drain: closing (.+?) with ([\d.]+)s of the drain budget left", gw.log)
+        assert [name for name, _ in steps][:2] == ["shadows", "sample log"], gw.log[-3000:]
+        left = [float(budget) for _, budget in steps]
+        assert left[0] <= 1.0 and left == sorted(left, reverse=True), steps  # one budget, shrinking
+        assert "overran" not in gw.log, gw.log[-3000:]
+        files = sorted(p.name for p in (tmp_path / "samples").iterdir())
+        assert files and not [f for f in files if f.endswith(".part")], files  # closed with 0 s left: renamed
     finally:
         gw.kill()

@@ -28,9 +28,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drain-delay-s", type=float, help="seconds to keep serving after readiness turns false (default 0)"
     )
-    p.add_argument("--drain-timeout-s", type=float, help="seconds in-flight requests get to finish (default 30)")
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        help="budget of the whole drain after the delay: in-flight requests finish within it, then what is "
+        "left is answered 503/UNAVAILABLE and files are closed (default 30)",
+    )
     p.add_argument("--grpc-max-message-bytes", type=int, help="gRPC message size limit (default 256 MiB)")
     p.add_argument("--http-max-body-bytes", type=int, help="HTTP body size limit (default 256 MiB)")
+    _limit_arguments(p)
     p.add_argument(
         "--default-max-batch-size",
         type=int,
@@ -55,6 +61,31 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="NAME",
         help="explicit mode: load this model at start (repeatable; '*' loads all)",
+    )
+
+
+def _limit_arguments(p: argparse.ArgumentParser) -> None:
+    """Connection limits (the rest are config-file keys; README "Limits and failure behaviour")."""
+    p.add_argument("--http-max-header-bytes", type=int, help="request line + headers limit; beyond: 431 (32768)")
+    p.add_argument(
+        "--http-header-timeout-s", type=float, help="a request head must arrive within this; else 408 (10; 0 = off)"
+    )
+    p.add_argument(
+        "--http-body-timeout-s", type=float, help="longest pause while a body arrives; else 408 (30; 0 = off)"
+    )
+    p.add_argument("--http-keep-alive-timeout-s", type=float, help="idle keep-alive connections close after (75)")
+    p.add_argument(
+        "--http-max-connections", type=int, help="HTTP connections served at once; beyond: 503 (1024; 0 = off)"
+    )
+    p.add_argument(
+        "--grpc-max-concurrent-streams", type=int, help="gRPC calls at once per connection; beyond, clients queue (100)"
+    )
+    p.add_argument("--grpc-max-metadata-bytes", type=int, help="gRPC request metadata limit (32768)")
+    p.add_argument(
+        "--grpc-max-connection-idle-s", type=float, help="close gRPC connections without calls after (300; 0 = off)"
+    )
+    p.add_argument(
+        "--grpc-max-connection-age-s", type=float, help="GOAWAY gRPC connections older than this (300; 0 = off)"
     )
 
 
@@ -93,6 +124,15 @@ _SERVER_KEYS = (
     "load_model",
     "workers",
     "listen_after_load",
+    "http_max_header_bytes",
+    "http_header_timeout_s",
+    "http_body_timeout_s",
+    "http_keep_alive_timeout_s",
+    "http_max_connections",
+    "grpc_max_concurrent_streams",
+    "grpc_max_metadata_bytes",
+    "grpc_max_connection_idle_s",
+    "grpc_max_connection_age_s",
 )
 
 

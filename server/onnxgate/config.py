@@ -34,6 +34,24 @@ class ConfigError(GatewayError):
     """The gateway config file or flags are invalid."""
 
 
+# Limits where 0 means "off" (or, for the ping settings, what gRPC makes of 0: any interval, no strikes).
+_OFF_WHEN_ZERO = (
+    "http_header_timeout_s",
+    "http_body_timeout_s",
+    "http_keep_alive_timeout_s",
+    "http_max_connections",
+    "grpc_max_concurrent_streams",
+    "grpc_keepalive_time_s",
+    "grpc_keepalive_timeout_s",
+    "grpc_max_connection_idle_s",
+    "grpc_max_connection_age_s",
+    "grpc_max_connection_age_grace_s",
+    "grpc_min_client_ping_interval_s",
+    "grpc_max_ping_strikes",
+)
+_MAX_LIMIT = 2_000_000  # seconds (23 days) or a count; gRPC takes milliseconds as a 32-bit int
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Listeners, limits and the model repository."""
@@ -45,7 +63,7 @@ class ServerConfig:
     metrics_port: int = 8002
     log_level: str = "info"
     drain_delay_s: float = 0.0  # readiness false, still serving, before listeners close
-    drain_timeout_s: float = 30.0  # in-flight work gets this long to finish
+    drain_timeout_s: float = 30.0  # the whole drain after the delay: in-flight work, then closing files
     grpc_max_message_bytes: int = 256 * 1024 * 1024
     http_max_body_bytes: int = 256 * 1024 * 1024
     default_max_batch_size: int = 256
@@ -55,6 +73,23 @@ class ServerConfig:
     load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
     workers: int = 1  # processes sharing the ports (SO_REUSEPORT)
     listen_after_load: bool = False  # open the listeners only once the repository has loaded
+    # Connection limits (README "Limits and failure behaviour"). For the timeouts and the
+    # connection/stream/age caps, 0 turns the limit off.
+    http_max_header_bytes: int = 32 * 1024  # request line + headers; beyond: 431
+    http_header_timeout_s: float = 10.0  # the whole head must arrive within this (slowloris): 408
+    http_body_timeout_s: float = 30.0  # longest pause between two reads of a body: 408
+    http_keep_alive_timeout_s: float = 75.0  # idle keep-alive connections close after this
+    http_max_connections: int = 1024  # connections served at once, per listener; beyond: 503
+    http_backlog: int = 2048  # the kernel's queue of connections not yet accepted
+    grpc_max_concurrent_streams: int = 100  # calls at once per connection; beyond, the client queues
+    grpc_max_metadata_bytes: int = 32 * 1024  # request metadata; beyond: RESOURCE_EXHAUSTED
+    grpc_keepalive_time_s: float = 60.0  # ping a connection with calls open that went quiet this long
+    grpc_keepalive_timeout_s: float = 20.0  # and close it when the ping is not answered in this
+    grpc_max_connection_idle_s: float = 300.0  # close (GOAWAY) a connection without calls after this
+    grpc_max_connection_age_s: float = 300.0  # GOAWAY after this (+-10% jitter): clients rebalance
+    grpc_max_connection_age_grace_s: float = 30.0  # calls still open after the GOAWAY get this long
+    grpc_min_client_ping_interval_s: float = 10.0  # client pings closer together without data are strikes
+    grpc_max_ping_strikes: int = 2  # strikes before the connection is closed (GOAWAY too_many_pings)
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in ("none", "poll", "explicit"):
@@ -80,6 +115,13 @@ class ServerConfig:
                 raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
         if self.drain_timeout_s < 0 or self.drain_delay_s < 0:
             raise ConfigError("server.drain_timeout_s and server.drain_delay_s must be >= 0")
+        for name in ("http_max_header_bytes", "http_backlog", "grpc_max_metadata_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
+        for name in _OFF_WHEN_ZERO:
+            value = getattr(self, name)
+            if value < 0 or value > _MAX_LIMIT:
+                raise ConfigError(f"server.{name} must be 0 (off) .. {_MAX_LIMIT}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,9 @@ class Gateway:
         if self.drift is not None:
             drift = self.drift
             steps.append(("drift", lambda _: drift.close()))
+        if self.shared_stats is not None:  # its last snapshot, before the versions (and their counts) go
+            shared_stats = self.shared_stats
+            steps.append(("statistics snapshot", lambda _: shared_stats.close()))
         steps.append(("model versions", self.manager.close))
         close = getattr(self.manager.repository, "close", None)
         if close is not None:

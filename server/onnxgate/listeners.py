@@ -1,0 +1,459 @@
+"""The listeners: uvicorn (httptools) and grpc.aio with connection limits, drained to one deadline.
+
+HTTP limits uvicorn's httptools protocol does not have, added by :class:`LimitedHttpProtocol`:
+
+- a request head (request line and headers) larger than ``max_header_bytes`` is answered 431,
+  as soon as that many bytes have arrived, not once the head is complete;
+- a head not complete within ``header_timeout_s`` of its first byte (or of the connection
+  opening) is answered 408 (slowloris); a connection that sent nothing is just closed;
+- a body that pauses for longer than ``body_timeout_s`` is answered 408 (time the gateway itself
+  is behind, with reading paused, does not count);
+- at most ``max_connections`` connections are served at once. A request on a connection past
+  the cap first takes the place of the connection idle longest between requests (as nginx
+  reuses keep-alive connections; that one is closed as the keep-alive timeout would close it),
+  and is answered 503 with ``Retry-After`` only when every served connection is busy. A served
+  connection is never refused for one that came later.
+
+A refusal is written, then the write side is shut (FIN) and what the client still sends is read
+and dropped for up to :data:`_LINGER_S` ("lingering close"), so that a client still sending reads
+the answer instead of a connection reset.
+
+The drain: :meth:`HttpServer.drain` and :func:`drain_grpc` stop accepting at once, let in-flight
+requests run until the deadline, then cut what is left: HTTP requests are answered 503, gRPC
+calls UNAVAILABLE (through :class:`RpcCutter`), not dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from onnxgate.config import ServerConfig
+
+log = logging.getLogger("onnxgate")
+
+_LINGER_S = 2.0  # how long a refused connection's further input is read and dropped
+_ANSWER_S = 0.5  # after the deadline: how long cut requests get to send their 503 / UNAVAILABLE
+_POLL_S = 0.05  # how often the HTTP drain looks whether the connections have gone
+_INT32_MAX = 2**31 - 1
+CUT_MESSAGE = "the gateway is shutting down and its drain timeout has passed; retry on another replica"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Per-connection limits of one HTTP listener (0 = off for the timeouts and the cap)."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def from_config(cls, s: ServerConfig) -> HttpLimits:
+        return cls(s.http_max_header_bytes, s.http_header_timeout_s, s.http_body_timeout_s, s.http_max_connections)
+
+
+class _Slots:
+    """The connections of one listener that are served, at most ``limit`` (0 = no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: set[LimitedHttpProtocol] = set()
+
+    def take(self, conn: LimitedHttpProtocol, evict: bool = False) -> bool:
+        """A place for ``conn``; when full and ``evict``, the one of the connection idle longest
+        between requests (which is closed)."""
+        if conn in self.held:
+            return True
+        if self.limit and len(self.held) >= self.limit:
+            idle = [c for c in self.held if c.timeout_keep_alive_task is not None] if evict else []
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c.timeout_keep_alive_task.when())  # type: ignore[union-attr]
+            oldest._unset_keepalive_if_required()
+            oldest.timeout_keep_alive_handler()  # closes it, as its keep-alive timeout would have
+            self.held.discard(oldest)
+        self.held.add(conn)
+        return True
+
+    def release(self, conn: LimitedHttpProtocol) -> None:
+        self.held.discard(conn)
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that has been refused."""
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus the limits in the module docstring."""
+
+    def __init__(self, *args: Any, limits: HttpLimits, slots: _Slots, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+        self._slots = slots
+        self._in_head = True  # the next bytes belong to a request head
+        self._head_bytes = 0  # bytes of the current head, counted in whole reads
+        self._heads = 0  # heads completed on this connection
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # the head or body timeout, or the linger
+        self._refused = False
+        self._draining = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._slots.take(self)
+        self._arm(self._limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._slots.release(self)
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: read and drop
+        self._unset_keepalive_if_required()
+        self._last_read = self.loop.time()
+        in_head, heads = self._in_head, self._heads
+        if in_head and self._timer is None:
+            self._arm(self._limits.header_timeout_s)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._refused:  # a limit stopped the parser; the refusal is written
+                return
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:  # websockets are off: keep uvicorn's warning
+            self._unsupported_upgrade_warning()
+        if self._refused or self.transport.is_closing():
+            return
+        if in_head and heads == self._heads:  # the whole read was head
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_header_bytes:
+                self._refuse(431, f"request line and headers exceed {self._limits.max_header_bytes} bytes")
+        elif not self._in_head and self._timer is None:
+            self._arm(self._limits.body_timeout_s)
+
+    def shutdown(self) -> None:
+        """The drain began: close when idle, and serve no further request on this connection."""
+        self._draining = True
+        super().shutdown()
+
+    # -- parser callbacks ---------------------------------------------------------------------
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._heads += 1
+        self._in_head = False
+        self._head_bytes = 0
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._limits.max_header_bytes:
+            self._refuse(431, f"request line and headers exceed {self._limits.max_header_bytes} bytes")
+            raise _Refused()
+        if not self._slots.take(self, evict=True):
+            self.logger.warning("HTTP connection limit (%d) reached: answering 503", self._limits.max_connections)
+            self._refuse(503, "too many connections; retry shortly", [(b"retry-after", b"1")])
+            raise _Refused()
+        super().on_headers_complete()
+        if self._draining:
+            self.cycle.keep_alive = False
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._in_head = True
+        super().on_message_complete()
+
+    # -- limits -------------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Any = None) -> None:
+        self._disarm()
+        if delay > 0:
+            self._timer = self.loop.call_later(delay, callback or self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self._in_head:
+            if cycle is not None and not cycle.response_complete:  # still answering the last request
+                self._arm(self._limits.header_timeout_s)
+            elif self._head_bytes:
+                self._refuse(408, f"request head not received within {self._limits.header_timeout_s:g}s")
+            else:  # nothing sent: no request to answer
+                self.transport.close()
+            return
+        timeout = self._limits.body_timeout_s
+        quiet = self.loop.time() - self._last_read
+        if cycle is not None and cycle.response_complete:  # answered early; the rest of the body stalls
+            self.transport.close()
+        elif self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            self._arm(timeout)  # the gateway, not the client, is behind
+        elif quiet < timeout:
+            self._arm(timeout - quiet)
+        else:
+            self._refuse(408, f"request body stalled for {timeout:g}s")
+
+    def _refuse(self, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Answer ``status`` and close: the write side now, the read side when the client stops
+        sending or after :data:`_LINGER_S`."""
+        self._refused = True
+        self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() sees http.disconnect; its send() is dropped
+            cycle.message_event.set()
+            if cycle.response_started:  # half an answer is out: nothing else can be said
+                self.transport.close()
+                return
+        body = reason.encode()
+        head = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *headers]:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-type: text/plain; charset=utf-8\r\ncontent-length: ", str(len(body)).encode()]
+        head += [b"\r\nconnection: close\r\n\r\n", body]
+        self.transport.write(b"".join(head))
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._arm(_LINGER_S, self.transport.close)
+
+
+class _AnswerWhenCut:
+    """The ASGI app, answering 503 for a request that the drain cancels before its answer began."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.cut = False  # set by the drain at its deadline, before it cancels
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self.cut or scope["type"] != "http":
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if not started:
+                body = CUT_MESSAGE.encode()
+                headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({"type": "http.response.start", "status": 503, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+
+
+class HttpServer(uvicorn.Server):
+    """uvicorn on a loop and signals that the gateway owns, with the limits of
+    :class:`LimitedHttpProtocol`, drained to the gateway's deadline."""
+
+    def __init__(self, app: Any, s: ServerConfig) -> None:
+        self._app = _AnswerWhenCut(app)
+        protocol = functools.partial(
+            LimitedHttpProtocol, limits=HttpLimits.from_config(s), slots=_Slots(s.http_max_connections)
+        )
+        config = uvicorn.Config(
+            self._app,
+            http=protocol,  # type: ignore[arg-type]
+            ws="none",
+            lifespan="off",
+            access_log=False,
+            proxy_headers=False,  # no proxy-header middleware around every request
+            log_level="warning",
+            timeout_keep_alive=s.http_keep_alive_timeout_s,  # type: ignore[arg-type]  # call_later takes floats
+            backlog=s.http_backlog,
+        )
+        super().__init__(config)
+        self._deadline: float | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def drain(self, deadline: float) -> None:
+        """Begin the drain (``deadline`` in loop time); :meth:`serve` returns once it is over."""
+        self._deadline = deadline
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, to the deadline: stop accepting, close idle connections, let the
+        busy ones finish; at the deadline cancel what is left (each answers 503) and close."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        state = self.server_state
+        for connection in list(state.connections):
+            connection.shutdown()
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                while state.connections or state.tasks:
+                    await asyncio.sleep(_POLL_S)
+        except TimeoutError:
+            self._app.cut = True
+            tasks = list(state.tasks)
+            if tasks:
+                log.warning("drain timeout: answering %d unfinished HTTP request(s) 503", len(tasks))
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks, timeout=_ANSWER_S)
+            for connection in list(state.connections):
+                connection.transport.close()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
+def listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket for uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+# -- gRPC -----------------------------------------------------------------------------------------
+def grpc_options(s: ServerConfig, reuse_port: bool) -> list[tuple[str, int]]:
+    """grpc.aio server options for the limits of ``s``."""
+
+    def ms(seconds: float) -> int:
+        return min(_INT32_MAX, round(seconds * 1000))
+
+    options = [
+        ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # One hard limit, so that no request below it is refused at random (grpc's default soft
+        # limit refuses a random share of those between it and the hard one).
+        ("grpc.max_metadata_size", s.grpc_max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", s.grpc_max_metadata_bytes),
+        # Pings clients may send: closer together than this without data is a strike.
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(s.grpc_min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", s.grpc_max_ping_strikes),
+        # The server's own keepalive pings go on while a call is open but quiet (a stream).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    optional = [
+        ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams, int),
+        ("grpc.keepalive_time_ms", s.grpc_keepalive_time_s, ms),
+        ("grpc.keepalive_timeout_ms", s.grpc_keepalive_timeout_s, ms),
+        ("grpc.max_connection_idle_ms", s.grpc_max_connection_idle_s, ms),
+        ("grpc.max_connection_age_ms", s.grpc_max_connection_age_s, ms),
+    ]
+    options += [(name, convert(value)) for name, value, convert in optional if value]
+    if s.grpc_max_connection_age_s:  # 0 = calls open at the GOAWAY may run until they end
+        options.append(("grpc.max_connection_age_grace_ms", ms(s.grpc_max_connection_age_grace_s) or _INT32_MAX))
+    return options
+
+
+class RpcCutter(grpc.aio.ServerInterceptor):
+    """Knows the task of every running call, so that the drain can cut them at its deadline:
+    each then answers UNAVAILABLE, where grpc's own grace timer would cancel it without a word
+    (the client would see CANCELLED)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+        self._cut = False
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (its handler, the wrapped one)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self._wrap(handler))
+        return cached[1]
+
+    def cut(self) -> int:
+        """Cancel every running call; returns how many."""
+        self._cut = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+    def _wrap(self, handler: Any) -> Any:
+        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return handler._replace(stream_stream=self._stream(handler.stream_stream))
+        return handler  # no other kind is served; grpc's grace timer covers it
+
+    def _unary(self, behaviour: Any) -> Any:
+        async def cuttable(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                if not self._cut:
+                    raise
+                task.uncancel()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
+            finally:
+                self._tasks.discard(task)
+
+        return cuttable
+
+    def _stream(self, behaviour: Any) -> Any:
+        async def cuttable(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            replies = behaviour(requests, context)
+            try:
+                async for reply in replies:
+                    yield reply
+            except asyncio.CancelledError:
+                if not self._cut:
+                    raise
+                task.uncancel()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
+            finally:
+                self._tasks.discard(task)
+                await replies.aclose()
+
+        return cuttable
+
+
+async def drain_grpc(server: grpc.aio.Server, cutter: RpcCutter, deadline: float) -> None:
+    """Stop accepting calls; let running ones finish until ``deadline`` (loop time), then cut
+    them (UNAVAILABLE). grpc's grace timer, just after, cancels any that did not answer."""
+    remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+    stopping = asyncio.ensure_future(server.stop(remaining + _ANSWER_S))
+    done, _ = await asyncio.wait({stopping}, timeout=remaining)
+    if not done and (cut := cutter.cut()):
+        log.warning("drain timeout: answering %d unfinished gRPC call(s) UNAVAILABLE", cut)
+    await stopping
