@@ -8,12 +8,19 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
+import modelzoo
+import swap_helpers as sh
+from gateway import GatewayProcess
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
+from test_accepted import GAP_S, SLOW, Call
 
 
 def _raw_http(gw, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
@@ -101,3 +108,69 @@ def test_the_largest_valid_requests_still_pass_and_the_gateway_serves(gateway):
     tensor.contents.fp32_contents.extend(x.ravel().tolist())
     reply = stub.ModelInfer(pb.ModelInferRequest(model_name="mlp", inputs=[tensor]), timeout=30)
     assert reply.outputs[0].shape == [256, 10]
+
+
+# -- memory budgets -------------------------------------------------------------------------------
+BUDGETS = """
+server:
+  decode_budget_bytes: 1000
+"""
+QUEUE_BYTES = """
+server:
+  max_queued_bytes_per_model: 1500000
+"""
+
+
+def _budget_gateway(root: Path, config_text: str) -> GatewayProcess:
+    modelzoo.build_mlp(root / "repo", "mlp")
+    modelzoo.build_slow(root / "repo", "slow", layers=128)  # a 256-row request runs for about a second
+    modelzoo.write_config(root / "repo" / "slow", SLOW.replace("max_queue_size: 2", "max_queue_size: 64"))
+    config = root / "gateway.yaml"
+    config.write_text(config_text)
+    return GatewayProcess(root / "repo", ["--config", str(config)])
+
+
+@pytest.fixture
+def budget_gw(tmp_path: Path):
+    with _budget_gateway(tmp_path, BUDGETS) as gw:
+        yield gw
+
+
+@pytest.fixture
+def queue_gw(tmp_path: Path):
+    with _budget_gateway(tmp_path, QUEUE_BYTES) as gw:
+        yield gw
+
+
+def test_a_request_past_the_decode_budget_is_refused_at_once(budget_gw):
+    x = np.zeros((1, 16), np.float32)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x.tolist()}]})
+    body = body.encode() + b" " * 1500  # padding: the body is larger than the whole budget
+    with socket.create_connection(("127.0.0.1", budget_gw.http_port), timeout=30) as slow:
+        slow.sendall(_head("/v2/models/mlp/infer", len(body)) + body[:100])  # holds the budget, unfinished
+        time.sleep(GAP_S)  # its head is read and its share taken by now
+        status, reply = _raw_http(budget_gw, _head("/v2/models/mlp/infer", len(body)), body)
+        assert status == 429, reply
+        assert "decoding" in json.loads(reply)["error"]
+        slow.sendall(body[100:])  # alone, a request larger than the budget passes
+        data = slow.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert sh.metric(budget_gw, "onnxgate_rejected_requests_total", model="mlp", reason="decode_budget") == 1
+
+
+def test_queued_tensors_past_the_model_budget_are_refused(queue_gw):
+    big = Call(queue_gw, "slow", np.random.default_rng(0).random((256, 1024), dtype=np.float32))
+    big.start()
+    time.sleep(GAP_S)  # taken and running by now: it holds no queue bytes
+    part = np.ones((64, 1024), np.float32)  # 256 KiB each: five fit under 1.5 MB, the sixth does not
+    queued = [Call(queue_gw, "slow", part) for _ in range(5)]
+    for c in queued:
+        c.start()
+        time.sleep(0.05)
+    over = Call(queue_gw, "slow", part)
+    over.start()
+    assert over.answered() == 429
+    assert big.outcome is None, "the large request finished; nothing was queued"
+    assert big.answered() == 200
+    assert [c.answered() for c in queued] == [200] * 5
+    assert sh.metric(queue_gw, "onnxgate_rejected_requests_total", model="slow", reason="queue_bytes") == 1

@@ -66,10 +66,11 @@ class Gateway:
                 default_max_batch_size=s.default_max_batch_size,
                 cpu_threads=s.cpu_threads,
                 cpu_budget=max(1, available_cores() // self.worker[1]) if self.worker else 0,
+                max_queue_bytes=s.max_queued_bytes_per_model,
             ),
             metrics=self.metrics,
         )
-        self.service = InferenceService(self.manager, self.metrics)
+        self.service = InferenceService(self.manager, self.metrics, s.decode_budget_bytes)
         self.service.control_mode = s.model_control_mode
         self.service.control_plane_shared = self.worker is None  # a worker would change itself alone
         stats_dir = worker_stats_dir() if self.worker is not None else None
@@ -222,6 +223,7 @@ class Gateway:
                 log.error("drain: closing %s overran its %.2fs by %.1fs; left unfinished", name, budget, _OVERRUN_S)
             except Exception:
                 log.exception("drain: closing %s failed", name)
+        self.service.decode_budget.close()
         self.service.live = False
         log.info("stopped")
 

@@ -420,7 +420,9 @@ def _with_queue(timing: ExecutionTiming, queue_ns: int) -> ExecutionTiming:
     return ExecutionTiming(queue_ns, timing.input_ns, timing.infer_ns, timing.output_ns)
 
 
-def policy_from_config(config: mc.ModelConfig, default_max_queue_size: int = 1024) -> BatchPolicy:
+def policy_from_config(
+    config: mc.ModelConfig, default_max_queue_size: int = 1024, max_queue_bytes: int = 0
+) -> BatchPolicy:
     """The batch policy a completed ModelConfig asks for.
 
     Dynamic batching is on for every model with ``max_batch_size > 0`` unless the config's
@@ -439,6 +441,7 @@ def policy_from_config(config: mc.ModelConfig, default_max_queue_size: int = 102
         max_queue_delay_ns=db.max_queue_delay_microseconds * 1000,
         preferred_batch_sizes=tuple(db.preferred_batch_size),
         max_queue_size=qp.max_queue_size or default_max_queue_size,
+        max_queue_bytes=max_queue_bytes,
         default_timeout_ns=qp.default_timeout_microseconds * 1000,
         allow_timeout_override=qp.allow_timeout_override,
     )

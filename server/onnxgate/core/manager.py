@@ -222,7 +222,7 @@ class ModelManager:
             new = await asyncio.to_thread(self._plan_and_load, source, entry.override, current)
             for ver in new.values():
                 if ver.model is not None and ver.scheduler is None:
-                    policy = policy_from_config(ver.model.config)
+                    policy = policy_from_config(ver.model.config, max_queue_bytes=self.options.max_queue_bytes)
                     ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics)
             self._swap(entry, new)
             if entry.last_failures:  # a refused load changes nothing, not even the remembered override

@@ -18,63 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
-# Measured with tracemalloc (CPython 3.12, numpy 2): a sample's own objects take about 1 KiB; each
-# tensor's InferInput/InferOutput, ndarray header and shape list about 300 bytes besides its data.
+from onnxgate.core.memory import buffer_nbytes, held_nbytes, objects_nbytes
+
+__all__ = ["SAMPLE_OVERHEAD", "headers_nbytes", "held_nbytes", "owned_copies"]
+
+# Measured with tracemalloc (CPython 3.12, numpy 2): a sample's own objects take about 1 KiB.
 SAMPLE_OVERHEAD = 1024
-_TENSOR_OVERHEAD = 320
-
-
-def _owner(arr: np.ndarray) -> object:
-    """What holds ``arr``'s memory: ``arr`` itself, the array it is a view of, or a foreign buffer."""
-    owner: object = arr
-    while isinstance(owner, np.ndarray) and owner.base is not None:
-        owner = owner.base
-    return owner.obj if isinstance(owner, memoryview) and owner.obj is not None else owner  # a body slice: the body
-
-
-def _buffer_nbytes(arr: np.ndarray) -> int:
-    """Bytes of the buffer that ``arr`` keeps alive: its own, or the whole of what it is a view of."""
-    if arr.base is None:
-        return arr.nbytes
-    owner = _owner(arr)
-    if isinstance(owner, np.ndarray):
-        return max(arr.nbytes, owner.nbytes)
-    try:
-        return max(arr.nbytes, memoryview(owner).nbytes)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return arr.nbytes
-
-
-def _objects_nbytes(items: Iterable[Any]) -> int:
-    """The sizes of ``items`` (a collection, not an iterator: it may be walked twice), summed in C.
-    BYTES tensors and headers hold ``str``: ``map`` over ``str.__sizeof__`` costs about 25 ns an
-    element, a twentieth of decoding a BYTES element."""
-    try:
-        return sum(map(str.__sizeof__, items))
-    except TypeError:  # not all str (an array a caller built itself)
-        return sum(map(sys.getsizeof, items))
-
-
-def held_nbytes(data: Any) -> int:
-    """Memory a tensor keeps alive: its buffer (or what it is a view of), the objects in it, its header."""
-    arr = data if isinstance(data, np.ndarray) else np.asarray(data)
-    total = _buffer_nbytes(arr) + _TENSOR_OVERHEAD
-    if arr.dtype.hasobject:
-        owner = _owner(arr)
-        total += _objects_nbytes((owner if isinstance(owner, np.ndarray) else arr).reshape(-1))
-    return total
-
-
 def headers_nbytes(headers: Mapping[str, str] | None) -> int:
     """Memory a header mapping takes: the dict and its keys and values."""
     if not headers:
         return 0
-    return sys.getsizeof(headers) + _objects_nbytes(headers.keys()) + _objects_nbytes(headers.values())
+    return sys.getsizeof(headers) + objects_nbytes(headers.keys()) + objects_nbytes(headers.values())
 
 
 def owned_copies(tensors: list) -> list | None:
@@ -82,7 +40,7 @@ def owned_copies(tensors: list) -> list | None:
     out = None
     for i, t in enumerate(tensors):
         arr = t.data
-        if isinstance(arr, np.ndarray) and arr.base is not None and _buffer_nbytes(arr) > arr.nbytes:
+        if isinstance(arr, np.ndarray) and arr.base is not None and buffer_nbytes(arr) > arr.nbytes:
             if out is None:
                 out = list(tensors)
             out[i] = dataclasses.replace(t, data=arr.copy())

@@ -21,6 +21,7 @@ from onnxgate.core.admission import DecodeBudget
 from onnxgate.core.comparison import Comparator
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
 from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
+from onnxgate.core.memory import held_nbytes
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import ModelVersion
 from onnxgate.core.router import Route, RouteTable, Target
@@ -353,7 +354,8 @@ class InferenceService:
             feeds, rows = model.validate(request.inputs)
             wanted = model.check_outputs([o.name for o in request.outputs])
             classify = _classification(request, model)
-            results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request), shadow)
+            nbytes = sum(map(held_nbytes, feeds.values()))
+            results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request), shadow, nbytes)
             outputs = [_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:
             elapsed = time.perf_counter_ns() - start
