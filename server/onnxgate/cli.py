@@ -78,7 +78,7 @@ def _limit_arguments(p: argparse.ArgumentParser) -> None:
         "--http-max-connections", type=int, help="HTTP connections served at once; beyond: 503 (1024; 0 = off)"
     )
     p.add_argument(
-        "--grpc-max-concurrent-streams", type=int, help="gRPC calls at once per connection; beyond, clients queue (100)"
+        "--grpc-max-concurrent-streams", type=int, help="gRPC calls at once per connection; beyond, clients wait (1000)"
     )
     p.add_argument("--grpc-max-metadata-bytes", type=int, help="gRPC request metadata limit (32768)")
     p.add_argument(
