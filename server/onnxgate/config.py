@@ -34,7 +34,8 @@ class ConfigError(GatewayError):
     """The gateway config file or flags are invalid."""
 
 
-# Limits where 0 means "off" (or, for the ping settings, what gRPC makes of 0: any interval, no strikes).
+# Limits where 0 means "off" (the keepalive pair: gRPC's defaults, 2 h and 20 s; the client-ping
+# pair: what gRPC makes of 0, any interval and no strikes).
 _OFF_WHEN_ZERO = (
     "http_header_timeout_s",
     "http_body_timeout_s",
@@ -90,7 +91,7 @@ class ServerConfig:
     grpc_max_concurrent_streams: int = 1000
     grpc_max_metadata_bytes: int = 32 * 1024  # request metadata; beyond: RESOURCE_EXHAUSTED
     grpc_keepalive_time_s: float = 60.0  # ping a connection with calls open that went quiet this long
-    grpc_keepalive_timeout_s: float = 20.0  # and close it when the ping is not answered in this
+    grpc_keepalive_timeout_s: float = 20.0  # and close it when the ping is not answered in this (0: gRPC's)
     grpc_max_connection_idle_s: float = 300.0  # close (GOAWAY) a connection without calls after this
     grpc_max_connection_age_s: float = 300.0  # GOAWAY after this (+-10% jitter): clients rebalance
     grpc_max_connection_age_grace_s: float = 30.0  # calls still open after the GOAWAY get this long

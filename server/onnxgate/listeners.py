@@ -48,6 +48,7 @@ _LINGER_S = 2.0  # how long a refused connection's further input is read and dro
 _ANSWER_S = 0.5  # after the deadline: how long cut requests get to send their 503 / UNAVAILABLE
 _POLL_S = 0.05  # how often the HTTP drain looks whether the connections have gone
 _INT32_MAX = 2**31 - 1
+_FOREVER_S = 10.0**9  # a keep-alive timeout of 0 means none
 CUT_MESSAGE = "the gateway is shutting down and its drain timeout has passed; retry on another replica"
 
 
@@ -285,7 +286,7 @@ class HttpServer(uvicorn.Server):
             access_log=False,
             proxy_headers=False,  # no proxy-header middleware around every request
             log_level="warning",
-            timeout_keep_alive=s.http_keep_alive_timeout_s,  # type: ignore[arg-type]  # call_later takes floats
+            timeout_keep_alive=s.http_keep_alive_timeout_s or _FOREVER_S,  # type: ignore[arg-type]  # for call_later
             backlog=s.http_backlog,
         )
         super().__init__(config)
