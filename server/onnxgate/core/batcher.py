@@ -367,8 +367,8 @@ class Batcher:
         for item in left:
             self._unqueue(item)
         self._fail(left, self._gone())
-        for t in self._threads:
-            await asyncio.to_thread(t.close)
+        for t in self._threads:  # each ends after the run it may be in (ONNX Runtime cannot be interrupted)
+            t.close()
         self.model.close()
 
 
@@ -412,8 +412,8 @@ class _InstanceThread:
                 loop.call_soon_threadsafe(_set_result, future, result)
 
     def close(self) -> None:
+        """End the thread once its current job (if any) is done; returns at once."""
         self._jobs.put(None)
-        self._thread.join()
 
 
 def _with_queue(timing: ExecutionTiming, queue_ns: int) -> ExecutionTiming:

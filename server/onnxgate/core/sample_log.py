@@ -59,6 +59,7 @@ from onnxgate.core.sinks import Sink, make_sink
 
 log = logging.getLogger("onnxgate.sample_log")
 
+FINISH_S = 0.5  # the least time close() leaves the writer to finish the open file (a write, a rename)
 SCHEMA_VERSION = 1
 DROP_REASONS = ("queue_full", "disk_full", "io_error", "collector_down", "collector_rejected", "shutdown", "error")
 Observer = Callable[[str, Mapping[str, np.ndarray]], None]  # (model, {input name: array}) of an ok sample
@@ -330,7 +331,9 @@ class SampleLogger:
             self._thread.start()
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Flush what is queued and finish the sink, within ``timeout`` seconds."""
+        """Flush what is queued and finish the sink, within ``timeout`` seconds. Past it, what is
+        still queued is dropped (counted, reason ``shutdown``), but the open file is always
+        finished and renamed: the writer gets at least ``FINISH_S`` for that, whatever is left."""
         start = time.monotonic()
         self._closed = True
         # Leave part of the time for finishing the sink (renames, last HTTP batch).
@@ -342,7 +345,7 @@ class SampleLogger:
         self._stopping.set()
         with contextlib.suppress(queue.Full):  # when full, the writer is busy and will see the flag
             self._queue.put_nowait((_WAKE, 0))
-        await asyncio.to_thread(self._thread.join, max(0.0, start + timeout - time.monotonic()))
+        await asyncio.to_thread(self._thread.join, max(FINISH_S, start + timeout - time.monotonic()))
         if self._thread.is_alive():
             log.warning("sample log: writer still busy after %.1fs; leaving it", timeout)
 
