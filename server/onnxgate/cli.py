@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -207,6 +208,15 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except GatewayError as exc:  # e.g. routes naming models the repository does not have
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2
+    from onnxgate.core.batcher import runs_in_progress
+
+    if running := runs_in_progress():
+        # The drain answered their requests; the runs cannot be interrupted, and exiting the
+        # usual way under them aborts the process (ONNX Runtime's static destructors).
+        logging.getLogger("onnxgate").warning("exiting with %d ONNX Runtime run(s) unfinished", running)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

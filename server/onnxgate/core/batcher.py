@@ -31,6 +31,7 @@ import asyncio
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -387,6 +388,16 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def runs_in_progress() -> int:
+    """Instance threads still alive: each is inside an ONNX Runtime run that cannot be
+    interrupted (or about to end). A process must not run its exit handlers under them:
+    ONNX Runtime's static destructors abort a process whose session is still running."""
+    return sum(t.is_alive() for t in list(_THREADS))
+
+
 class _InstanceThread:
     """One thread per instance, handed work through a queue: cheaper than an executor hop
     (no concurrent.futures.Future, no chaining), and each session always runs on its thread."""
@@ -395,6 +406,7 @@ class _InstanceThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
+        _THREADS.add(self._thread)
 
     def run(self, loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:
         future = loop.create_future()
