@@ -87,11 +87,18 @@ def _loads(raw: bytes | memoryview) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         # orjson rejects the NaN/Infinity/-Infinity tokens that Python clients send for
-        # non-finite floats (json.dumps allows them) and that Triton accepts; retry with json.
+        # non-finite floats (json.dumps allows them) and that Triton accepts; retry with json,
+        # but accept nothing else orjson refuses: text that is not UTF-8, lone surrogates
+        # ("\ud800"), integers past 64 bits. Those could not be echoed back (orjson writes every
+        # reply and error) and reach code that expects what orjson produces.
         try:
-            return json.loads(bytes(raw))
+            doc = json.loads(bytes(raw).decode("utf-8"))
+            orjson.dumps(doc)
         except (ValueError, RecursionError):
             raise InvalidInput(f"request JSON is malformed: {exc}") from None
+        except orjson.JSONEncodeError as retry:
+            raise InvalidInput(f"request JSON is malformed: {retry}") from None
+        return doc
 
 
 def _shape(name: str, value: Any) -> list[int]:
