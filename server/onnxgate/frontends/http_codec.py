@@ -29,14 +29,25 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding not in ("gzip", "deflate"):
         raise Unsupported(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    try:
-        inflater = zlib.decompressobj(wbits)
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
-    if len(out) > limit:
-        raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes")
-    return out
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:  # a gzip body may be several members, each a stream (RFC 1952 section 2.2)
+        try:
+            inflater = zlib.decompressobj(wbits)
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes")
+        parts.append(part)
+        if not inflater.eof:
+            raise InvalidInput(f"request body is not valid {encoding}: the stream ends early")
+        rest = inflater.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if encoding == "deflate":
+            raise InvalidInput(f"request body is not valid deflate: {len(rest)} bytes after the stream's end")
 
 
 BODY_SLACK_BYTES = 64 * 1024  # names, parameters and JSON punctuation beyond the elements
