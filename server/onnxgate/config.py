@@ -151,7 +151,7 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"section '{section}' must be a mapping")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(map(str, set(values) - set(known)))  # YAML keys may be ints, dates, null
     if unknown:
         raise ConfigError(f"unknown key(s) in '{section}': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     kwargs = {}
@@ -160,6 +160,8 @@ def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         expected = type(default) if default is not dataclasses.MISSING else None
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is float and value != value:  # .nan passes every range check after this
+            raise ConfigError(f"{section}.{key} must be a number, got {value!r}")
         if expected is tuple and isinstance(value, list | str):
             value = (value,) if isinstance(value, str) else tuple(value)
             if not all(isinstance(v, str) for v in value):
@@ -180,13 +182,18 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
         try:
             doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
+        except RecursionError:
+            raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
+        except Exception as exc:  # not only YAMLError: PyYAML's constructors raise ValueError for
+            # 2001-13-45, AttributeError for "!!timestamp x", for text they cannot build
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    unknown = sorted(set(doc) - set(SECTIONS))
+    unknown = sorted(map(str, set(doc) - set(SECTIONS)))
     if unknown:
         raise ConfigError(f"unknown section(s) in config file: {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     section = doc.get("server") or {}
