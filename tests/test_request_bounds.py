@@ -17,7 +17,7 @@ import pytest
 
 import modelzoo
 import swap_helpers as sh
-from gateway import GatewayProcess
+from gateway import GatewayProcess, wait_until
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
 from test_accepted import GAP_S, SLOW, Call
@@ -123,7 +123,7 @@ server:
 
 def _budget_gateway(root: Path, config_text: str) -> GatewayProcess:
     modelzoo.build_mlp(root / "repo", "mlp")
-    modelzoo.build_slow(root / "repo", "slow", layers=128)  # a 256-row request runs for about a second
+    modelzoo.build_slow(root / "repo", "slow", layers=256)  # a 256-row request runs for about two seconds
     modelzoo.write_config(root / "repo" / "slow", SLOW.replace("max_queue_size: 2", "max_queue_size: 64"))
     config = root / "gateway.yaml"
     config.write_text(config_text)
@@ -166,7 +166,8 @@ def test_queued_tensors_past_the_model_budget_are_refused(queue_gw):
     queued = [Call(queue_gw, "slow", part) for _ in range(5)]
     for c in queued:
         c.start()
-        time.sleep(0.05)
+    depth = lambda: sh.metric(queue_gw, "onnxgate_queue_depth", model="slow", version="1")  # noqa: E731
+    assert wait_until(lambda: depth() == 5, timeout=30), depth()
     over = Call(queue_gw, "slow", part)
     over.start()
     assert over.answered() == 429
