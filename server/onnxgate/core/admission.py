@@ -11,7 +11,8 @@ Then the request holds a share of one gateway-wide :class:`DecodeBudget` (bytes 
 inflated and decoded right now) until it is decoded; past the budget it is refused at once
 (429 / RESOURCE_EXHAUSTED, ``reason="decode_budget"``). Decoding a large body runs in a small
 thread pool, so that no single request holds the event loop for more than a few milliseconds
-(the decoders hold the GIL, but the loop gets it back every switch interval).
+(the decoders hold the GIL, but the loop gets it back every switch interval). Replies are
+encoded the same way: a large one (a BYTES output of a million strings, say) off the loop.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class DecodeBudget:
             raise exc
         self.used += nbytes
 
-    async def decode(self, nbytes: int, fn: Callable[[], T]) -> T:
-        """``fn()`` (a decoder of ``nbytes`` of wire data): inline when small, else in the pool."""
+    async def offload(self, nbytes: int, fn: Callable[[], T]) -> T:
+        """``fn()``, a codec step over ``nbytes`` of data (decoding a request, encoding or
+        compressing a reply): inline when small, else in the pool."""
         if nbytes < INLINE_DECODE_BYTES:
             return fn()
         if self._pool is None:

@@ -64,3 +64,7 @@ class InferResponse:
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
     provenance: Mapping[str, str] = field(default_factory=dict)  # not on the wire: e.g. the MLflow run
+
+    def nbytes(self) -> int:
+        """The outputs' array bytes (a BYTES element counts as its pointer): what encoding costs."""
+        return sum(o.data.nbytes for o in self.outputs)

@@ -123,7 +123,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.service.wants_headers:
             decoded.headers = _metadata(context)
         response = await self.service.infer(decoded)
-        return grpc_codec.encode_infer(response)
+        return await self.service.decode_budget.offload(response.nbytes(), lambda: grpc_codec.encode_infer(response))
 
     async def _decode(self, req: pb.ModelInferRequest | Malformed) -> InferRequest:
         """Look the model up, check the message against what it can accept, decode under the
@@ -140,7 +140,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"'{req.model_name}' needs"
             )
         with svc.decoding(label, size, "grpc"):
-            return await svc.decode_budget.decode(size, lambda: grpc_codec.decode_infer(req))
+            return await svc.decode_budget.offload(size, lambda: grpc_codec.decode_infer(req))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -200,7 +200,10 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded = await self._decode(req)
             decoded.headers = headers
             response = await self.service.infer(decoded)
-            return pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_infer(response)), None
+            encoded = await self.service.decode_budget.offload(
+                response.nbytes(), lambda: grpc_codec.encode_infer(response)
+            )
+            return pb.ModelStreamInferResponse(infer_response=encoded), None
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
         except Exception:

@@ -216,27 +216,18 @@ class HttpApp:
             body = await self._body(receive, wire_limit)
             if encoding:
                 text = encoding.decode("latin-1")
-                body = await budget.decode(len(body), lambda: http_codec.decompress(body, text, limit))
+                body = await budget.offload(len(body), lambda: http_codec.decompress(body, text, limit))
             with svc.decoding(label, len(body) if encoding else 0, "http"):
-                request, binary_default = await budget.decode(
+                request, binary_default = await budget.offload(
                     len(body), lambda: http_codec.decode_infer(body, header_length, name, version)
                 )
         if self.service.wants_headers:
             request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await _unless_disconnected(self.service.infer(request), receive)
-        out, json_length = http_codec.encode_infer(response, request, binary_default)
-        reply_headers: list[tuple[bytes, bytes]] = []
-        if json_length is None:
-            reply_headers.append((b"content-type", b"application/json"))
-        else:
-            reply_headers.append((b"content-type", b"application/octet-stream"))
-            reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
-        accept = headers.get(b"accept-encoding")
-        if accept:
-            out, used = http_codec.compress(out, accept.decode("latin-1"))
-            if used:
-                reply_headers.append((b"content-encoding", used.encode()))
-        return _Reply(200, out, reply_headers)
+        accept = headers.get(b"accept-encoding", b"").decode("latin-1")
+        return await budget.offload(
+            response.nbytes(), lambda: _infer_reply(http_codec.encode_infer(response, request, binary_default), accept)
+        )
 
     async def _body(self, receive: Receive, limit: int) -> bytes:
         chunks: list[bytes] = []
@@ -252,6 +243,21 @@ class HttpApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _infer_reply(encoded: tuple[bytes, int | None], accept_encoding: str) -> _Reply:
+    out, json_length = encoded
+    reply_headers: list[tuple[bytes, bytes]] = []
+    if json_length is None:
+        reply_headers.append((b"content-type", b"application/json"))
+    else:
+        reply_headers.append((b"content-type", b"application/octet-stream"))
+        reply_headers.append((b"inference-header-content-length", str(json_length).encode()))
+    if accept_encoding:
+        out, used = http_codec.compress(out, accept_encoding)
+        if used:
+            reply_headers.append((b"content-encoding", used.encode()))
+    return _Reply(200, out, reply_headers)
 
 
 def _header_int(headers: dict[bytes, bytes], name: str) -> int | None:
