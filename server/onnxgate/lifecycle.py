@@ -119,8 +119,8 @@ class Gateway:
 
     async def _listen(self) -> None:
         s = self.config.server
-        self._grpc = grpc.aio.server(interceptors=[self._rpcs], options=grpc_options(s, self.worker is not None))
-        grpc_service.add_to_server(self._grpc, self.service)
+        self._grpc = grpc.aio.server(options=grpc_options(s, self.worker is not None))
+        grpc_service.add_to_server(self._grpc, self.service, self._rpcs.wrap)
         self.grpc_port = self._grpc.add_insecure_port(
             f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
         )

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import socket
 from collections.abc import Iterator, Sequence
@@ -376,25 +375,20 @@ def grpc_options(s: ServerConfig, reuse_port: bool) -> list[tuple[str, int]]:
     return options
 
 
-class RpcCutter(grpc.aio.ServerInterceptor):
+class RpcCutter:
     """Knows the task of every running call, so that the drain can cut them at its deadline:
     each then answers UNAVAILABLE, where grpc's own grace timer would cancel it without a word
-    (the client would see CANCELLED)."""
+    (the client would see CANCELLED). It wraps the method behaviours when they are registered
+    (:meth:`wrap`), not as a grpc.aio interceptor, which would add a coroutine to every call."""
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task] = set()
         self._cut = False
-        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (its handler, the wrapped one)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = self._wrapped[method] = (handler, self._wrap(handler))
-        return cached[1]
+    def wrap(self, behaviour: Any, streaming: bool) -> Any:
+        """A method behaviour (a coroutine function, or an async generator function when
+        ``streaming``) that the drain can cut."""
+        return self._stream(behaviour) if streaming else self._unary(behaviour)
 
     def cut(self) -> int:
         """Cancel every running call; returns how many."""
@@ -403,13 +397,6 @@ class RpcCutter(grpc.aio.ServerInterceptor):
         for task in tasks:
             task.cancel()
         return len(tasks)
-
-    def _wrap(self, handler: Any) -> Any:
-        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
-        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
-            return handler._replace(stream_stream=self._stream(handler.stream_stream))
-        return handler  # no other kind is served; grpc's grace timer covers it
 
     def _unary(self, behaviour: Any) -> Any:
         async def cuttable(request: Any, context: grpc.aio.ServicerContext) -> Any:

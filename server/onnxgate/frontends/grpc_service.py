@@ -275,17 +275,22 @@ def _parser(cls: type) -> Callable[[bytes], object]:
     return parse
 
 
-def add_to_server(server: grpc.aio.Server, service: InferenceService) -> None:
+def add_to_server(
+    server: grpc.aio.Server, service: InferenceService, wrap: Callable[[Callable, bool], Callable] | None = None
+) -> None:
     """Register the inference and health services on ``server``.
 
     As one generic handler per service: grpc.aio waits on every registered method's future for
     each call, which the 20 methods of the generated ``add_*_to_server`` make measurably slower.
-    Methods not implemented here answer UNIMPLEMENTED, as grpc does for unknown methods."""
+    Methods not implemented here answer UNIMPLEMENTED, as grpc does for unknown methods.
+    ``wrap(behaviour, streaming)``, when given, wraps each method (the drain's call cutter)."""
     servicer = GrpcInferenceServicer(service)
     descriptor = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in descriptor.methods:
         fn = getattr(servicer, method.name)
+        if wrap is not None:
+            fn = wrap(fn, method.name in _STREAMING)
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         factory = (
