@@ -1,6 +1,7 @@
-"""Hypothesis strategies for the property tests (``test_properties.py``): arrays of every wire
-datatype, JSON-like documents, infer request documents that are almost right, and gRPC
-ModelInferRequest messages with arbitrary tensors, contents, raw contents and parameters.
+"""Hypothesis strategies for the property tests (``test_properties*.py``): arrays of every wire
+datatype, JSON-like documents, infer request documents that are almost right, gRPC
+ModelInferRequest messages with arbitrary tensors, contents, raw contents and parameters, and
+model inputs that are nearly right; plus the one settings profile every property test uses.
 
 Nothing here runs on import but strategy construction.
 """
@@ -11,11 +12,37 @@ import json
 from typing import Any
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnxgate.core import tensors
+from onnxgate.core.inference import InferInput
+from onnxgate.core.model import ModelVersion
+from onnxgate.errors import GatewayError
 from onnxgate_client.pb import grpc_service_pb2 as pb
+
+# Fixed examples, no database: a CI run explores exactly what a local run does.
+PROFILE = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def settings_(examples: int):
+    return settings(PROFILE, max_examples=examples)
+
+
+def result_or_gateway_error(fn, *args):
+    """``fn(*args)``, or None when it raised a GatewayError; anything else propagates."""
+    try:
+        return fn(*args)
+    except GatewayError:
+        return None
+
 
 V2_NAMES = tuple(d.v2 for d in tensors.DATATYPES)
 # Names a client might send by mistake: other spellings, ONNX and config names, empty.
@@ -213,3 +240,33 @@ def grpc_requests(draw) -> pb.ModelInferRequest:
         draw(grpc_params(out.parameters))
     draw(grpc_params(req.parameters))
     return req
+
+
+@st.composite
+def model_inputs(draw, model: ModelVersion) -> list[InferInput]:
+    """Inputs for ``model``, each nearly right: names, datatypes, ranks, dims and batch sizes off
+    by a little, inputs missing, extra or twice; data always has the shape it claims (the
+    decoders see to that)."""
+    names = list(model.inputs)
+    chosen = draw(st.lists(st.sampled_from([*names, "nope", ""]), max_size=len(names) + 1))
+    if draw(st.booleans()):
+        chosen = names  # all present, so the checks past the names run
+    rows = draw(st.integers(0, model.max_batch_size + 1))
+    out = []
+    for name in chosen:
+        spec = model.inputs.get(name)
+        if spec is not None and draw(st.integers(0, 3)):
+            v2 = spec.dtype.v2
+            dims = [d if d >= 0 else draw(st.integers(0, 3)) for d in spec.dims]
+            shape = [rows, *dims] if model.batched else dims
+        else:
+            v2 = draw(st.sampled_from(V2_NAMES))
+            shape = draw(st.lists(st.integers(0, 4), max_size=4))
+        if rarely(draw) and shape:
+            i = draw(st.integers(0, len(shape) - 1))
+            shape[i] = draw(st.integers(0, 9))
+        if rarely(draw):
+            shape = [*shape, 1] if draw(st.booleans()) else shape[:-1]
+        _, arr = draw(arrays(v2, tuple(shape)))
+        out.append(InferInput(name, v2, shape, arr))
+    return out

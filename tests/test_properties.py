@@ -5,49 +5,33 @@ one), never another exception; decoders never allocate for a claimed shape the d
 (tracemalloc peak within a declared multiple of the input size); and encode-then-decode returns
 equal arrays for every datatype, BYTES with any Unicode, FP16 and BOOL included.
 
-Every test runs in-process with a fixed, database-less, derandomized profile (``PROFILE``), so a
-CI run explores the same examples as a local one.
-
-A few parser bugs live in files this campaign does not own; each has a strict xfail test below
-(``test_open_bug_*``) and the property tests let exactly that failure through (``OPEN_BUGS``), so
-the day it is fixed the xfail passes, fails the run, and both go.
+Every test runs in-process with a fixed, database-less, derandomized profile
+(``property_strategies.PROFILE``), so a CI run explores the same examples as a local one. The config
+parsers have theirs in ``test_properties_config.py``.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import traceback
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
-import yaml
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import modelzoo
-from onnxgate import config as gateway_config
-from onnxgate.core import model_config, router, tensors
-from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+from onnxgate.core import tensors
+from onnxgate.core.inference import InferOutput, InferRequest, InferResponse, RequestedOutput
 from onnxgate.core.model import LoadOptions, ModelVersion
-from onnxgate.core.sample_config import SampleLogConfig
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_codec, http_codec
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import model_config_pb2 as mc
-from property_config_strategies import (
-    CONFIG_DOCS,
-    PBTXT_FRAGMENTS,
-    ROUTE_DOCS,
-    SAMPLE_LOG_DOCS,
-    YAML_TEXTS,
-    YAML_VALUES,
-)
 from property_strategies import (
     ANY_TEXT,
     SHAPES,
@@ -58,29 +42,10 @@ from property_strategies import (
     grpc_requests,
     infer_bodies,
     json_values,
-    rarely,
+    model_inputs,
+    result_or_gateway_error,
+    settings_,
 )
-
-PROFILE = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-
-def settings_(examples: int):
-    return settings(PROFILE, max_examples=examples)
-
-
-def result_or_gateway_error(fn, *args):
-    """``fn(*args)``, or None when it raised a GatewayError; anything else propagates."""
-    try:
-        return fn(*args)
-    except GatewayError:
-        return None
-
 
 # -- memory ------------------------------------------------------------------------------------
 
@@ -115,7 +80,7 @@ class Peak:
 RAW_BYTES_PER_BYTE = 16
 JSON_BYTES_PER_BYTE = 48
 GRPC_BYTES_PER_BYTE = 48  # typed contents: a 2-byte varint becomes a 32-byte int in a list slot
-CONSTANT = 256 * KiB
+CONSTANT = 64 * KiB  # one request's fixed objects; the largest seen in these tests is ~25 KiB
 
 
 # -- tensors -----------------------------------------------------------------------------------
@@ -491,36 +456,6 @@ def zoo_models(tmp_path_factory) -> dict[str, ModelVersion]:
     return {n: ModelVersion.load(n, 1, repo / n / "1" / "model.onnx", mc.ModelConfig(), options) for n in ZOO}
 
 
-@st.composite
-def model_inputs(draw, model: ModelVersion) -> list[InferInput]:
-    """Inputs for ``model``, each nearly right: names, datatypes, ranks, dims and batch sizes off
-    by a little, inputs missing, extra or twice; data always has the shape it claims (the
-    decoders see to that)."""
-    names = list(model.inputs)
-    chosen = draw(st.lists(st.sampled_from([*names, "nope", ""]), max_size=len(names) + 1))
-    if draw(st.booleans()):
-        chosen = names  # all present, so the checks past the names run
-    rows = draw(st.integers(0, model.max_batch_size + 1))
-    out = []
-    for name in chosen:
-        spec = model.inputs.get(name)
-        if spec is not None and draw(st.integers(0, 3)):
-            v2 = spec.dtype.v2
-            dims = [d if d >= 0 else draw(st.integers(0, 3)) for d in spec.dims]
-            shape = [rows, *dims] if model.batched else dims
-        else:
-            v2 = draw(st.sampled_from(V2_NAMES))
-            shape = draw(st.lists(st.integers(0, 4), max_size=4))
-        if rarely(draw) and shape:
-            i = draw(st.integers(0, len(shape) - 1))
-            shape[i] = draw(st.integers(0, 9))
-        if rarely(draw):
-            shape = [*shape, 1] if draw(st.booleans()) else shape[:-1]
-        _, arr = draw(arrays(v2, tuple(shape)))
-        out.append(InferInput(name, v2, shape, arr))
-    return out
-
-
 @pytest.mark.parametrize("name", ZOO)
 def test_model_validate_any_inputs(zoo_models, name):
     """validate gives feeds or InvalidInput; feeds it accepts run in ONNX Runtime (a validated
@@ -540,142 +475,6 @@ def test_model_validate_any_inputs(zoo_models, name):
             assert rows >= 1 and all(r.shape[0] == rows for r in results)
 
     check()
-
-
-# -- config parsers ----------------------------------------------------------------------------
-
-
-def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    return Path(frames[-1].filename).name if frames else ""
-
-
-def open_bug(exc: BaseException) -> str | None:
-    """The name of the known, unfixed bug ``exc`` is, or None (see the test_open_bug_* tests)."""
-    where = _where(exc)
-    if isinstance(exc, TypeError) and where in ("router.py", "mlflow_registry.py"):
-        return f"non-string mapping keys crash {where}"
-    return None
-
-
-OPEN_BUGS = (TypeError,)
-
-
-def result_or_open_bug(fn, *args):
-    """``result_or_gateway_error``, letting through only a known open bug."""
-    try:
-        return result_or_gateway_error(fn, *args)
-    except OPEN_BUGS as exc:
-        if open_bug(exc) is None:
-            raise
-        return None
-
-
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("props_config") / "gateway.yaml"
-
-
-def test_config_load_any_document(config_file):
-    @given(CONFIG_DOCS | YAML_VALUES)
-    @settings_(200)
-    def check(doc):
-        config_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
-        result_or_open_bug(gateway_config.load, config_file)
-
-    check()
-
-
-def test_config_load_any_text(config_file):
-    @given(YAML_TEXTS | st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
-    @settings_(400)
-    def check(text):
-        config_file.write_text(text, encoding="utf-8")
-        result_or_open_bug(gateway_config.load, config_file)
-
-    check()
-
-
-@given(st.lists(ROUTE_DOCS, max_size=3) | YAML_VALUES | json_values())
-@settings_(200)
-def test_parse_routes_any_document(doc):
-    routes = result_or_open_bug(router.parse_routes, doc)
-    for route in routes or ():
-        assert router.parse_route(route.to_dict()) == route  # to_dict is what GET /v2/routes shows
-
-
-@given(SAMPLE_LOG_DOCS | YAML_VALUES)
-@settings_(150)
-def test_sample_log_config_any_document(doc):
-    result_or_gateway_error(SampleLogConfig.from_dict, doc)
-
-
-
-
-@pytest.fixture(scope="module")
-def pbtxt_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("props_pbtxt") / "config.pbtxt"
-
-
-def test_read_pbtxt_any_text(pbtxt_file):
-    @given(st.lists(PBTXT_FRAGMENTS | st.text(max_size=10), max_size=10).map(" ".join) | st.binary(max_size=80))
-    @settings_(300)
-    def check(text):
-        if isinstance(text, bytes):
-            pbtxt_file.write_bytes(text)
-        else:
-            pbtxt_file.write_text(text, encoding="utf-8", errors="surrogatepass")
-        result_or_gateway_error(model_config.read_pbtxt, pbtxt_file)
-
-    check()
-
-
-@given(json_values(keys=st.sampled_from(["name", "max_batch_size", "input", "dims", "data_type", "parameters",
-                                         "string_value", "version_policy", "specific", "versions"]) | ANY_TEXT)
-       .map(lambda v: json.dumps(v)) | st.text(max_size=60))
-@settings_(300)
-def test_model_config_parse_json_any_text(text):
-    result_or_gateway_error(model_config.parse_json, text)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "1: x",  # ', '.join of an int section name was a TypeError
-        "server: {1: x, null: y}",  # the same for the keys of a section
-        "x: 2001-13-45",  # PyYAML builds a date and raises ValueError
-        "x: !!timestamp 5",  # PyYAML: AttributeError
-        b"server: {host: \xff}",  # UnicodeDecodeError is not an OSError
-        "[" * 1000,  # PyYAML's composer recurses
-        "server: {drain_timeout_s: .nan}",  # NaN passed every '< 0' and '> max' check
-        "server: {repository_poll_secs: .nan}",
-        "server: {grpc_keepalive_time_s: .nan}",
-    ],
-    ids=["int-section", "int-server-key", "timestamp", "timestamp-tag", "not-utf8", "deep", "nan-drain", "nan-poll", "nan-keepalive"],
-)
-def test_config_errors_found_by_the_campaign(config_file, text):
-    if isinstance(text, bytes):
-        config_file.write_bytes(text)
-    else:
-        config_file.write_text(text, encoding="utf-8")
-    with pytest.raises(gateway_config.ConfigError):
-        gateway_config.load(config_file)
-
-
-# -- open bugs (in files this campaign does not own): strict xfails ------------------------------
-
-
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="open bug: sorted() of int and str keys")
-@pytest.mark.parametrize(
-    "text",
-    ["routes: [{1: a, b: c}]", "registry: {1: a, b: c}", "registry: {mlflow: {models: [{1: a, b: c}]}}"],
-    ids=["route-keys", "registry-keys", "registry-model-keys"],
-)
-def test_open_bug_config_load_raises_a_non_gateway_error(config_file, text):
-    config_file.write_text(text, encoding="utf-8")
-    result_or_gateway_error(gateway_config.load, config_file)
 
 
 def test_known_wrong_datatypes_are_refused():
