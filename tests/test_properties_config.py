@@ -2,16 +2,11 @@
 YAML documents and text, ``parse_routes``, ``SampleLogConfig.from_dict``, ``read_pbtxt`` and
 ``model_config.parse_json``. Any input gives a result or a :class:`GatewayError` (ConfigError is
 one), never another exception.
-
-A few parser bugs live in files this campaign does not own; each has a strict xfail test below
-(``test_open_bug_*``) and the property tests let exactly that failure through (``open_bug``), so
-the day it is fixed the xfail passes, fails the run, and both go.
 """
 
 from __future__ import annotations
 
 import json
-import traceback
 from pathlib import Path
 
 import pytest
@@ -33,34 +28,6 @@ from property_config_strategies import (
 from property_strategies import ANY_TEXT, json_values, result_or_gateway_error, settings_
 
 
-def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    return Path(frames[-1].filename).name if frames else ""
-
-
-def open_bug(exc: BaseException) -> str | None:
-    """The name of the known, unfixed bug ``exc`` is, or None (see the test_open_bug_* tests)."""
-    where = _where(exc)
-    if isinstance(exc, TypeError) and where in ("router.py", "mlflow_registry.py"):
-        return f"non-string mapping keys crash {where}"
-    return None
-
-
-OPEN_BUGS = (TypeError,)
-
-
-def result_or_open_bug(fn, *args):
-    """``result_or_gateway_error``, letting through only a known open bug."""
-    try:
-        return result_or_gateway_error(fn, *args)
-    except OPEN_BUGS as exc:
-        if open_bug(exc) is None:
-            raise
-        return None
-
-
-
-
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("props_config") / "gateway.yaml"
@@ -71,7 +38,7 @@ def test_config_load_any_document(config_file):
     @settings_(200)
     def check(doc):
         config_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
-        result_or_open_bug(gateway_config.load, config_file)
+        result_or_gateway_error(gateway_config.load, config_file)
 
     check()
 
@@ -81,7 +48,7 @@ def test_config_load_any_text(config_file):
     @settings_(400)
     def check(text):
         config_file.write_text(text, encoding="utf-8")
-        result_or_open_bug(gateway_config.load, config_file)
+        result_or_gateway_error(gateway_config.load, config_file)
 
     check()
 
@@ -89,7 +56,7 @@ def test_config_load_any_text(config_file):
 @given(st.lists(ROUTE_DOCS, max_size=3) | YAML_VALUES | json_values())
 @settings_(200)
 def test_parse_routes_any_document(doc):
-    routes = result_or_open_bug(router.parse_routes, doc)
+    routes = result_or_gateway_error(router.parse_routes, doc)
     for route in routes or ():
         assert router.parse_route(route.to_dict()) == route  # to_dict is what GET /v2/routes shows
 
@@ -140,9 +107,12 @@ def test_model_config_parse_json_any_text(text):
         "server: {drain_timeout_s: .nan}",  # NaN passed every '< 0' and '> max' check
         "server: {repository_poll_secs: .nan}",
         "server: {grpc_keepalive_time_s: .nan}",
+        "routes: [{1: a, b: c}]",  # sorted() of int and str keys: TypeError (router, registry)
+        "registry: {1: a, b: c}",
+        "registry: {mlflow: {models: [{1: a, b: c}]}}",
     ],
     ids=["int-section", "int-server-key", "timestamp", "timestamp-tag", "not-utf8", "deep", "nan-drain", "nan-poll",
-         "nan-keepalive"],
+         "nan-keepalive", "route-keys", "registry-keys", "registry-model-keys"],
 )
 def test_config_errors_found_by_the_campaign(config_file, text):
     if isinstance(text, bytes):
@@ -151,17 +121,3 @@ def test_config_errors_found_by_the_campaign(config_file, text):
         config_file.write_text(text, encoding="utf-8")
     with pytest.raises(gateway_config.ConfigError):
         gateway_config.load(config_file)
-
-
-# -- open bugs (in files this campaign does not own): strict xfails ------------------------------
-
-
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="open bug: sorted() of int and str keys")
-@pytest.mark.parametrize(
-    "text",
-    ["routes: [{1: a, b: c}]", "registry: {1: a, b: c}", "registry: {mlflow: {models: [{1: a, b: c}]}}"],
-    ids=["route-keys", "registry-keys", "registry-model-keys"],
-)
-def test_open_bug_config_load_raises_a_non_gateway_error(config_file, text):
-    config_file.write_text(text, encoding="utf-8")
-    result_or_gateway_error(gateway_config.load, config_file)

@@ -102,7 +102,8 @@ class RegistryConfig:
     def _parse(cls, d: Any) -> RegistryConfig:
         _require(isinstance(d, Mapping), "must be a mapping")
         known = ("cache_dir", "settle_s", "retain_s", "marker", "verify_checksums", "storage_options", "mlflow")
-        _require(not set(d) - set(known), f"unknown key(s) {sorted(set(d) - set(known))}; known: {', '.join(known)}")
+        unknown = sorted(map(str, set(d) - set(known)))  # keys may be any YAML scalar: 1: x
+        _require(not unknown, f"unknown key(s) {unknown}; known: {', '.join(known)}")
         for key in ("settle_s", "retain_s"):
             value = d.get(key, 0)
             _require(isinstance(value, int | float) and not isinstance(value, bool) and value >= 0,
@@ -137,7 +138,7 @@ def _require(ok: bool, message: str) -> None:
 def _spec(entry: Any, where: str) -> MlflowModelSpec:
     _require(isinstance(entry, Mapping), f"{where} must be a mapping")
     unknown = set(entry) - {"name", "alias", "versions", "serve_as", "config"}
-    _require(not unknown, f"{where}: unknown key(s) {sorted(unknown)}")
+    _require(not unknown, f"{where}: unknown key(s) {sorted(map(str, unknown))}")
     for key in ("name", "alias", "serve_as", "config"):
         _require(isinstance(entry.get(key, ""), str), f"{where}.{key} must be a string")
     name, alias, versions = entry.get("name", ""), entry.get("alias", ""), entry.get("versions", [])

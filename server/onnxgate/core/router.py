@@ -95,7 +95,7 @@ def parse_route(doc: Any) -> Route:
     """One route from its YAML/JSON form; raises InvalidInput naming what is wrong."""
     if not isinstance(doc, Mapping):
         raise InvalidInput(f"a route must be a mapping, got {doc!r}")
-    unknown = sorted(set(doc) - {"name", "split", "sticky", "shadow"})
+    unknown = sorted(map(str, set(doc) - {"name", "split", "sticky", "shadow"}))
     if unknown:
         raise InvalidInput(f"route {doc.get('name')!r}: unknown key(s) {unknown}")
     name = doc.get("name")

@@ -371,12 +371,17 @@ class InferenceService:
         return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance)
 
 
+_MAX_TIMEOUT_US = (1 << 63) - 1  # an int64, as Triton's parameter
+
+
 def _timeout_us(request: InferRequest) -> int | None:
     value = request.parameters.get("timeout")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"parameter 'timeout' must be a non-negative integer (microseconds), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TIMEOUT_US:
+        raise InvalidInput(
+            f"parameter 'timeout' must be an integer of 0..{_MAX_TIMEOUT_US} (microseconds), got {value!r:.40}"
+        )
     return value
 
 
