@@ -40,6 +40,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from onnxgate.config import ServerConfig
+from onnxgate.frontends.status import CUT_MESSAGE
 
 log = logging.getLogger("onnxgate")
 
@@ -48,7 +49,6 @@ _ANSWER_S = 0.5  # after the deadline: how long cut requests get to send their 5
 _POLL_S = 0.05  # how often the HTTP drain looks whether the connections have gone
 _INT32_MAX = 2**31 - 1
 _FOREVER_S = 10.0**9  # a keep-alive timeout of 0 means none
-CUT_MESSAGE = "the gateway is shutting down and its drain timeout has passed; retry on another replica"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._slots = slots
         self._in_head = True  # the next bytes belong to a request head
         self._head_bytes = 0  # bytes of the current head, counted in whole reads
+        self._read_len = 0  # bytes of the read being parsed
         self._heads = 0  # heads completed on this connection
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None  # the head or body timeout, or the linger
@@ -126,10 +127,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return  # lingering: read and drop
         self._unset_keepalive_if_required()
-        self._last_read = self.loop.time()
         in_head, heads = self._in_head, self._heads
-        if in_head and self._timer is None:
-            self._arm(self._limits.header_timeout_s)
+        self._read_len = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -142,12 +141,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._unsupported_upgrade_warning()
         if self._refused or self.transport.is_closing():
             return
-        if in_head and heads == self._heads:  # the whole read was head
+        # Timers only for what is left incomplete: a request that arrives whole in one read (the
+        # usual case) arms none.
+        if in_head and heads == self._heads:  # the whole read was head, and the head goes on
             self._head_bytes += len(data)
             if self._head_bytes > self._limits.max_header_bytes:
                 self._refuse(431, f"request line and headers exceed {self._limits.max_header_bytes} bytes")
-        elif not self._in_head and self._timer is None:
-            self._arm(self._limits.body_timeout_s)
+            elif self._timer is None:
+                self._arm(self._limits.header_timeout_s)
+        elif not self._in_head:  # a body goes on
+            self._last_read = self.loop.time()
+            if self._timer is None:
+                self._arm(self._limits.body_timeout_s)
 
     def shutdown(self) -> None:
         """The drain began: close when idle, and serve no further request on this connection."""
@@ -159,9 +164,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._heads += 1
         self._in_head = False
+        # A head that completed within reads of at most the limit together is within it; only
+        # otherwise are its bytes counted (the last read may hold a body and the next request).
+        limit = self._limits.max_header_bytes
+        size = self._head_bytes + self._read_len
+        if size > limit:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         self._head_bytes = 0
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self._limits.max_header_bytes:
+        if size > limit:
             self._refuse(431, f"request line and headers exceed {self._limits.max_header_bytes} bytes")
             raise _Refused()
         if not self._slots.take(self, evict=True):
@@ -240,7 +250,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 
 class _AnswerWhenCut:
-    """The ASGI app, answering 503 for a request that the drain cancels before its answer began."""
+    """The ASGI app, answering 503 for a request that the drain cancels before its answer began.
+    An app with a ``cut`` attribute of its own (the gateway's HttpApp) does this itself, without
+    a wrapper around every request's ``send``."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -273,7 +285,7 @@ class HttpServer(uvicorn.Server):
     :class:`LimitedHttpProtocol`, drained to the gateway's deadline."""
 
     def __init__(self, app: Any, s: ServerConfig) -> None:
-        self._app = _AnswerWhenCut(app)
+        self._app = app if hasattr(app, "cut") else _AnswerWhenCut(app)
         protocol = functools.partial(
             LimitedHttpProtocol, limits=HttpLimits.from_config(s), slots=_Slots(s.http_max_connections)
         )

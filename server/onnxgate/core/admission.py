@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from onnxgate.errors import Overloaded
 
@@ -56,14 +56,15 @@ class DecodeBudget:
             raise exc
         self.used += nbytes
 
-    async def offload(self, nbytes: int, fn: Callable[[], T]) -> T:
-        """``fn()``, a codec step over ``nbytes`` of data (decoding a request, encoding or
-        compressing a reply): inline when small, else in the pool."""
+    async def offload(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a codec step over ``nbytes`` of data (decoding a request, encoding or
+        compressing a reply): inline when small, else in the pool. (Hot paths test the size
+        first and call small ones directly, sparing the coroutine.)"""
         if nbytes < INLINE_DECODE_BYTES:
-            return fn()
+            return fn(*args)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="onnxgate-decode")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         if self._pool is not None:

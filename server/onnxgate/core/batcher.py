@@ -165,14 +165,16 @@ class Batcher:
             item.future.cancel()  # a worker holding it skips it
             raise
 
-    def _unqueue(self, item: _Pending) -> bool:
-        """Take ``item`` off the queue (if still there) and stop its timer."""
+    def _unqueue(self, item: _Pending, gauge: bool = True) -> bool:
+        """Take ``item`` off the queue (if still there) and stop its timer; the depth gauge
+        follows unless the caller sets it once for many."""
         if item.timer is not None:
             item.timer.cancel()
             item.timer = None
         if self._queue.pop(item, False) is None:
             self._queued_bytes -= item.nbytes
-            self._m_depth.set(len(self._queue))
+            if gauge:
+                self._m_depth.set(len(self._queue))
             return True
         return False
 
@@ -228,7 +230,8 @@ class Batcher:
             if rows >= limit:
                 break
         for item in taken:
-            self._unqueue(item)
+            self._unqueue(item, gauge=False)
+        self._m_depth.set(len(self._queue))
         batch.extend(taken)
         return rows
 

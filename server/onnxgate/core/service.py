@@ -354,7 +354,9 @@ class InferenceService:
             feeds, rows = model.validate(request.inputs)
             wanted = model.check_outputs([o.name for o in request.outputs])
             classify = _classification(request, model)
-            nbytes = sum(map(held_nbytes, feeds.values()))
+            # What the queue holds: each tensor's bytes (views of one body add up to the body);
+            # BYTES tensors with their strings.
+            nbytes = sum(held_nbytes(a) if a.dtype.hasobject else a.nbytes for a in feeds.values())
             results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request), shadow, nbytes)
             outputs = [_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:

@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from onnxgate.core.inference import InferRequest
+from onnxgate.core.admission import INLINE_DECODE_BYTES
+from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.service import InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
@@ -122,8 +123,13 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         decoded = await self._decode(request)
         if self.service.wants_headers:
             decoded.headers = _metadata(context)
-        response = await self.service.infer(decoded)
-        return await self.service.decode_budget.offload(response.nbytes(), lambda: grpc_codec.encode_infer(response))
+        return await self._encode(await self.service.infer(decoded))
+
+    async def _encode(self, response: InferResponse) -> pb.ModelInferResponse:
+        """A large reply is encoded off the loop, like a large request is decoded."""
+        if (size := response.nbytes()) < INLINE_DECODE_BYTES:
+            return grpc_codec.encode_infer(response)
+        return await self.service.decode_budget.offload(size, grpc_codec.encode_infer, response)
 
     async def _decode(self, req: pb.ModelInferRequest | Malformed) -> InferRequest:
         """Look the model up, check the message against what it can accept, decode under the
@@ -140,7 +146,9 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"'{req.model_name}' needs"
             )
         with svc.decoding(label, size, "grpc"):
-            return await svc.decode_budget.offload(size, lambda: grpc_codec.decode_infer(req))
+            if size < INLINE_DECODE_BYTES:  # the common case, without a coroutine
+                return grpc_codec.decode_infer(req)
+            return await svc.decode_budget.offload(size, grpc_codec.decode_infer, req)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -200,10 +208,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded = await self._decode(req)
             decoded.headers = headers
             response = await self.service.infer(decoded)
-            encoded = await self.service.decode_budget.offload(
-                response.nbytes(), lambda: grpc_codec.encode_infer(response)
-            )
-            return pb.ModelStreamInferResponse(infer_response=encoded), None
+            return pb.ModelStreamInferResponse(infer_response=await self._encode(response)), None
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
         except Exception:

@@ -16,12 +16,14 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core import model_config
+from onnxgate.core.admission import INLINE_DECODE_BYTES
+from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.manager import parse_version
 from onnxgate.core.router import parse_route
 from onnxgate.core.service import InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge, Unsupported
 from onnxgate.frontends import http_codec
-from onnxgate.frontends.status import http_status
+from onnxgate.frontends.status import CUT_MESSAGE, http_status
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class HttpApp:
     def __init__(self, service: InferenceService, max_body_bytes: int = 1 << 30) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
+        self.cut = False  # set by the drain at its deadline: a request it then cancels is answered 503
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -67,6 +70,11 @@ class HttpApp:
             return
         try:
             reply = await self._dispatch(scope, receive)
+        except asyncio.CancelledError:
+            if not self.cut:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            reply = _error(503, CUT_MESSAGE, [(b"connection", b"close")])
         except ClientGone:
             log.debug("client gone before %s %s was answered", scope.get("method"), scope.get("path"))
             return
@@ -216,18 +224,24 @@ class HttpApp:
             body = await self._body(receive, wire_limit)
             if encoding:
                 text = encoding.decode("latin-1")
-                body = await budget.offload(len(body), lambda: http_codec.decompress(body, text, limit))
-            with svc.decoding(label, len(body) if encoding else 0, "http"):
+                body = await budget.offload(len(body), http_codec.decompress, body, text, limit)
+                with svc.decoding(label, len(body), "http"):  # the inflated body too
+                    request, binary_default = await budget.offload(
+                        len(body), http_codec.decode_infer, body, header_length, name, version
+                    )
+            elif len(body) < INLINE_DECODE_BYTES:  # the common case, without a coroutine
+                request, binary_default = http_codec.decode_infer(body, header_length, name, version)
+            else:
                 request, binary_default = await budget.offload(
-                    len(body), lambda: http_codec.decode_infer(body, header_length, name, version)
+                    len(body), http_codec.decode_infer, body, header_length, name, version
                 )
         if self.service.wants_headers:
             request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         response = await _unless_disconnected(self.service.infer(request), receive)
         accept = headers.get(b"accept-encoding", b"").decode("latin-1")
-        return await budget.offload(
-            response.nbytes(), lambda: _infer_reply(http_codec.encode_infer(response, request, binary_default), accept)
-        )
+        if (size := response.nbytes()) < INLINE_DECODE_BYTES:
+            return _infer_reply(response, request, binary_default, accept)
+        return await budget.offload(size, _infer_reply, response, request, binary_default, accept)
 
     async def _body(self, receive: Receive, limit: int) -> bytes:
         chunks: list[bytes] = []
@@ -245,8 +259,8 @@ class HttpApp:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _infer_reply(encoded: tuple[bytes, int | None], accept_encoding: str) -> _Reply:
-    out, json_length = encoded
+def _infer_reply(response: InferResponse, request: InferRequest, binary_default: bool, accept_encoding: str) -> _Reply:
+    out, json_length = http_codec.encode_infer(response, request, binary_default)
     reply_headers: list[tuple[bytes, bytes]] = []
     if json_length is None:
         reply_headers.append((b"content-type", b"application/json"))
@@ -261,13 +275,16 @@ def _infer_reply(encoded: tuple[bytes, int | None], accept_encoding: str) -> _Re
 
 
 def _header_int(headers: dict[bytes, bytes], name: str) -> int | None:
-    raw = headers.get(name.lower().encode())
+    raw = headers.get(_HEADER_KEYS.get(name) or name.lower().encode())
     if raw is None:
         return None
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 18:
         raise InvalidInput(f"{name} is not a non-negative integer: {raw[:32]!r}")
     return int(raw)
+
+
+_HEADER_KEYS = {n: n.lower().encode() for n in ("Content-Length", "Inference-Header-Content-Length")}
 
 
 def _too_large(name: str, size: int, limit: int) -> str:

@@ -17,6 +17,9 @@ from onnxgate.errors import (
     Unsupported,
 )
 
+# What a request still running at the drain's deadline is answered (503 / UNAVAILABLE) with.
+CUT_MESSAGE = "the gateway is shutting down and its drain timeout has passed; retry on another replica"
+
 # Most specific first: the first matching class wins.
 _TABLE: tuple[tuple[type[GatewayError], int, grpc.StatusCode], ...] = (
     (PayloadTooLarge, 413, grpc.StatusCode.INVALID_ARGUMENT),  # no valid request is this large: do not retry
