@@ -208,7 +208,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except GatewayError as exc:  # e.g. routes naming models the repository does not have
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2
-    from onnxgate.core.batcher import runs_in_progress
+    from onnxgate.core.instances import runs_in_progress
 
     if running := runs_in_progress():
         # The drain answered their requests; the runs cannot be interrupted, and exiting the

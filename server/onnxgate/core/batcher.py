@@ -28,16 +28,14 @@ queued, held or running with :class:`Unavailable`, and ``submit`` refuses once c
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxgate.core.instances import InstanceThread, set_exception, set_result
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.model import ModelVersion
 from onnxgate.core.stats import ExecutionTiming, VersionStats
@@ -88,7 +86,7 @@ class Batcher:
         self.stats = stats
         self.policy = policy
         self.instances = max(1, len(model.sessions))
-        self._threads = [_InstanceThread(f"ort-{model.name}-{model.version}-{i}") for i in range(self.instances)]
+        self._threads = [InstanceThread(f"ort-{model.name}-{model.version}-{i}") for i in range(self.instances)]
         # Live queued requests, oldest first; an entry leaves the moment it is taken, expires or
         # is cancelled, so the size bound counts only requests that can still run.
         self._queue: OrderedDict[_Pending, None] = OrderedDict()
@@ -183,7 +181,7 @@ class Batcher:
         for item in reversed(self._queue):
             if item.shadow:
                 self._unqueue(item)
-                _set_exception(
+                set_exception(
                     item.future,
                     Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed"),
                 )
@@ -199,7 +197,7 @@ class Batcher:
         """A queued request's timeout: it leaves the queue (timers stop when it is taken)."""
         item.timer = None
         if self._unqueue(item):
-            _set_exception(
+            set_exception(
                 item.future,
                 Overloaded(
                     f"model '{self.model.name}' version {self.model.version}: request timed out "
@@ -298,7 +296,7 @@ class Batcher:
     @staticmethod
     def _fail(items, exc: BaseException) -> None:
         for b in items:
-            _set_exception(b.future, exc)
+            set_exception(b.future, exc)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], slot: int) -> None:
         started = time.perf_counter_ns()
@@ -318,7 +316,7 @@ class Batcher:
             self._m_queue_wait.observe((started - b.enqueued_ns) / 1e9)
         if len(batch) == 1:
             b = batch[0]
-            _set_result(b.future, (results, _with_queue(timing, started - b.enqueued_ns)))
+            set_result(b.future, (results, _with_queue(timing, started - b.enqueued_ns)))
             return
         offset = 0
         for b in batch:
@@ -379,56 +377,6 @@ class Batcher:
 def _resolve(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _set_result(future: asyncio.Future, value: object) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
-_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-
-
-def runs_in_progress() -> int:
-    """Instance threads still alive: each is inside an ONNX Runtime run that cannot be
-    interrupted (or about to end). A process must not run its exit handlers under them:
-    ONNX Runtime's static destructors abort a process whose session is still running."""
-    return sum(t.is_alive() for t in list(_THREADS))
-
-
-class _InstanceThread:
-    """One thread per instance, handed work through a queue: cheaper than an executor hop
-    (no concurrent.futures.Future, no chaining), and each session always runs on its thread."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-        _THREADS.add(self._thread)
-
-    def run(self, loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:
-        future = loop.create_future()
-        self._jobs.put((loop, future, fn, args))
-        return future
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the waiting coroutine
-                loop.call_soon_threadsafe(_set_exception, future, exc)
-            else:
-                loop.call_soon_threadsafe(_set_result, future, result)
-
-    def close(self) -> None:
-        """End the thread once its current job (if any) is done; returns at once."""
-        self._jobs.put(None)
 
 
 def _with_queue(timing: ExecutionTiming, queue_ns: int) -> ExecutionTiming:
