@@ -175,3 +175,21 @@ def test_queued_tensors_past_the_model_budget_are_refused(queue_gw):
     assert big.answered() == 200
     assert [c.answered() for c in queued] == [200] * 5
     assert sh.metric(queue_gw, "onnxgate_rejected_requests_total", model="slow", reason="queue_bytes") == 1
+
+
+def test_announced_sizes_hold_no_budget_only_bytes_that_arrived_do(gateway):
+    """Clients that announce huge bodies (gzip, to a model the transport alone bounds) and send a
+    byte hold one byte of the decode budget, not what they announced: others are still served."""
+    head = _head("/v2/models/string/infer", 256 * 1024 * 1024, "Content-Encoding: gzip\r\n")
+    stalled = [socket.create_connection(("127.0.0.1", gateway.http_port), timeout=30) for _ in range(3)]
+    try:
+        for sock in stalled:
+            sock.sendall(head + b"\x1f")
+        time.sleep(GAP_S)  # their heads are read by now
+        x = np.zeros((1, 16), np.float32)
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x.tolist()}]})
+        status, reply = _raw_http(gateway, _head("/v2/models/mlp/infer", len(body)), body.encode())
+        assert status == 200, reply
+    finally:
+        for sock in stalled:
+            sock.close()

@@ -39,14 +39,16 @@ class DecodeBudget:
         self.used = 0
         self._pool: ThreadPoolExecutor | None = None
 
-    def hold(self, nbytes: int, on_shed: Callable[[Overloaded], object] | None = None) -> _Hold:
+    def hold(self, nbytes: int, on_shed: Callable[[Overloaded], object] | None = None) -> Hold:
         """``with budget.hold(n):`` holds ``n`` bytes for the block; Overloaded at once (after
         ``on_shed`` counted it) when the budget is spent. A request larger than the whole budget
         passes only when nothing else holds any (the transport's own limit bounds it)."""
-        return _Hold(self, nbytes, on_shed)
+        return Hold(self, nbytes, on_shed)
 
-    def _take(self, nbytes: int, on_shed: Callable[[Overloaded], object] | None) -> None:
-        if nbytes and self.used and self.used + nbytes > self.limit:
+    def _take(self, nbytes: int, on_shed: Callable[[Overloaded], object] | None, own: int = 0) -> None:
+        """Take ``nbytes`` for a holder already holding ``own``: refused when others hold some
+        and the total would pass the limit."""
+        if nbytes and self.used > own and self.used + nbytes > self.limit:
             exc = Overloaded(
                 f"the gateway is decoding {self.used} bytes of requests (limit {self.limit}); retry shortly",
                 reason="decode_budget",
@@ -71,14 +73,20 @@ class DecodeBudget:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _Hold:
+class Hold:
     __slots__ = ("_budget", "_nbytes", "_on_shed")
 
     def __init__(self, budget: DecodeBudget, nbytes: int, on_shed: Callable[[Overloaded], object] | None) -> None:
         self._budget, self._nbytes, self._on_shed = budget, nbytes, on_shed
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> Hold:
         self._budget._take(self._nbytes, self._on_shed)
+        return self
+
+    def grow(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more (a body's next chunk as it arrives); Overloaded when spent."""
+        self._budget._take(nbytes, self._on_shed, self._nbytes)
+        self._nbytes += nbytes
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

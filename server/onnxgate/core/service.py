@@ -17,7 +17,7 @@ import numpy as np
 from onnxgate import __version__
 from onnxgate.core import manager as manager_mod
 from onnxgate.core import model_config
-from onnxgate.core.admission import DecodeBudget
+from onnxgate.core.admission import DecodeBudget, Hold
 from onnxgate.core.comparison import Comparator
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
 from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
@@ -278,10 +278,10 @@ class InferenceService:
         assert model is not None
         return name, model.max_request_elements
 
-    def decoding(self, label: str, nbytes: int, protocol: str):
+    def decoding(self, label: str, nbytes: int, protocol: str) -> Hold:
         """``with service.decoding(model, n, protocol):`` around reading and decoding ``n`` bytes
         of one request: a share of the gateway's decode budget (refused at once, and counted,
-        when it is spent)."""
+        when it is spent); ``hold.grow(n)`` as more arrives."""
         return self.decode_budget.hold(nbytes, lambda exc: self.count_refusal(label, "", protocol, exc))
 
     def count_refusal(self, name: str, version: str, protocol: str, exc: GatewayError) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core import model_config
-from onnxgate.core.admission import INLINE_DECODE_BYTES
+from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.manager import parse_version
 from onnxgate.core.router import parse_route
@@ -214,21 +214,23 @@ class HttpApp:
         if encoding and encoding.strip().lower() not in (b"", b"identity", b"gzip", b"deflate"):
             exc = Unsupported(f"unsupported Content-Encoding '{encoding.decode('latin-1')}'; use gzip or deflate")
             return _error(http_status(exc), exc.message, [(b"accept-encoding", b"gzip, deflate")])  # as Triton
-        wire_limit = self.max_body_bytes if encoding else limit  # inflated, it must fit ``limit``
+        # A compressed body is at most a hair larger than what it inflates to, which must fit ``limit``.
+        wire_limit = min(self.max_body_bytes, limit + limit // 1024 + 1024) if encoding else limit
         length = _header_int(headers, "Content-Length")
         if length is not None and length > wire_limit:
             raise PayloadTooLarge(_too_large(name, length, wire_limit))
         header_length = _header_int(headers, "Inference-Header-Content-Length")
         budget = svc.decode_budget
-        with svc.decoding(label, wire_limit if length is None else length, "http"):
-            body = await self._body(receive, wire_limit)
+        # The decode budget is charged as bytes arrive, never for what a client only announces.
+        with svc.decoding(label, 0, "http") as hold:
+            body = await self._body(receive, wire_limit, hold)
             if encoding:
                 text = encoding.decode("latin-1")
                 body = await budget.offload(len(body), http_codec.decompress, body, text, limit)
-                with svc.decoding(label, len(body), "http"):  # the inflated body too
-                    request, binary_default = await budget.offload(
-                        len(body), http_codec.decode_infer, body, header_length, name, version
-                    )
+                hold.grow(len(body))  # the inflated body too
+                request, binary_default = await budget.offload(
+                    len(body), http_codec.decode_infer, body, header_length, name, version
+                )
             elif len(body) < INLINE_DECODE_BYTES:  # the common case, without a coroutine
                 request, binary_default = http_codec.decode_infer(body, header_length, name, version)
             else:
@@ -243,7 +245,8 @@ class HttpApp:
             return _infer_reply(response, request, binary_default, accept)
         return await budget.offload(size, _infer_reply, response, request, binary_default, accept)
 
-    async def _body(self, receive: Receive, limit: int) -> bytes:
+    async def _body(self, receive: Receive, limit: int, hold: Hold | None = None) -> bytes:
+        """The whole body, at most ``limit`` bytes (413 past it); ``hold`` grows with each chunk."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -254,9 +257,15 @@ class HttpApp:
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            if hold is not None:
+                hold.grow(len(chunk))
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if len(chunks) == 1:
+                    return chunk
+                if hold is not None:
+                    hold.grow(size)  # the joined copy, while the chunks still live
+                return b"".join(chunks)
 
 
 def _infer_reply(response: InferResponse, request: InferRequest, binary_default: bool, accept_encoding: str) -> _Reply:
