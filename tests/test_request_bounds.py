@@ -193,3 +193,21 @@ def test_announced_sizes_hold_no_budget_only_bytes_that_arrived_do(gateway):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_a_grpc_message_is_not_parsed_before_its_model_is_known(gateway):
+    """30 MiB of empty ``outputs`` entries: parsed, a million objects (~800 MB); unparsed, the
+    model name up front says NOT_FOUND (unknown) or INVALID_ARGUMENT (past mlp's bound)."""
+    filler = b"\x32\x00" * (15 * 1024 * 1024)  # field 6 (outputs), empty, 15M times
+    channel = grpc.insecure_channel(gateway.grpc_url)
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+    before = sh.rss_mb(gateway)
+    for name, code in ((b"no_such_model", grpc.StatusCode.NOT_FOUND), (b"mlp", grpc.StatusCode.INVALID_ARGUMENT)):
+        message = b"\x0a" + bytes([len(name)]) + name + filler
+        try:
+            call(message, timeout=60)
+        except grpc.RpcError as exc:
+            assert exc.code() == code, exc
+        else:
+            raise AssertionError("accepted")
+    assert sh.rss_mb(gateway) < before + 200, (before, sh.rss_mb(gateway))

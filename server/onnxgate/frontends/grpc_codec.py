@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from onnxgate.core import tensors
 from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
@@ -51,6 +52,50 @@ def message_limit(elements: int | None) -> int | None:
     """The largest ModelInferRequest a valid request of at most ``elements`` tensor elements
     can be (None: no model bound; the transport's message limit applies)."""
     return None if elements is None else MESSAGE_SLACK_BYTES + BYTES_PER_ELEMENT * elements
+
+
+def peek_target(data: bytes) -> tuple[str, str, str] | None:
+    """``(model_name, model_version, id)`` from the leading fields of a serialized
+    ModelInferRequest, without parsing the rest; None when the message does not start with
+    field 1 (model_name) in canonical order (every protobuf library writes fields in number
+    order), so that only a full parse can tell."""
+    out = ["", "", ""]
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if field > 3 or wire_type != 2:
+            break
+        length, pos = _varint(data, pos)
+        if field < 1 or pos + length > end:
+            return None
+        try:
+            out[field - 1] = data[pos : pos + length].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        pos += length
+    return (out[0], out[1], out[2]) if out[0] else None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return 1 << 62, len(data)  # cut or overlong: a field number no loop goes past
+
+
+def parse_infer(data: bytes) -> InferRequest:
+    """Parse and decode a serialized ModelInferRequest."""
+    try:
+        req = pb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        raise InvalidInput("the request is not a valid inference.ModelInferRequest message") from None
+    return decode_infer(req)
 
 
 def decode_infer(req: pb.ModelInferRequest) -> InferRequest:

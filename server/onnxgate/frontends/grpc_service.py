@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES
 from onnxgate.core.inference import InferRequest, InferResponse
-from onnxgate.core.service import InferenceService
+from onnxgate.core.service import UNKNOWN_MODEL_LABEL, InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
 from onnxgate.frontends.status import grpc_code
@@ -131,27 +131,34 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return grpc_codec.encode_infer(response)
         return await self.service.decode_budget.offload(size, grpc_codec.encode_infer, response)
 
-    async def _decode(self, req: pb.ModelInferRequest | Malformed) -> InferRequest:
-        """Look the model up, check the message against what it can accept, decode under the
-        gateway's decode budget (large messages off the loop)."""
-        if isinstance(req, Malformed):
-            raise InvalidInput(req.message)
+    async def _decode(self, raw: bytes) -> InferRequest:
+        """An infer message arrives unparsed: its model is looked up from the leading fields,
+        the message checked against what that model accepts, and only then parsed and decoded,
+        under the gateway's decode budget (large messages off the loop)."""
         svc = self.service
-        label, elements = svc.request_bound(req.model_name, req.model_version, "grpc")
-        size = req.ByteSize()
+        size = len(raw)
+        target = grpc_codec.peek_target(raw)
+        if target is None:  # not in canonical order: only a full parse can say (budgeted)
+            with svc.decoding(UNKNOWN_MODEL_LABEL, size, "grpc"):
+                request = await svc.decode_budget.offload(size, grpc_codec.parse_infer, raw)
+            name, version = request.model_name, request.model_version
+        else:
+            request, (name, version, _) = None, target
+        label, elements = svc.request_bound(name, version, "grpc")
         limit = grpc_codec.message_limit(elements)
         if limit is not None and size > limit:
             raise PayloadTooLarge(
-                f"request of {size} bytes exceeds {limit} bytes, the most a valid request for "
-                f"'{req.model_name}' needs"
+                f"request of {size} bytes exceeds {limit} bytes, the most a valid request for '{name}' needs"
             )
+        if request is not None:
+            return request
         with svc.decoding(label, size, "grpc"):
             if size < INLINE_DECODE_BYTES:  # the common case, without a coroutine
-                return grpc_codec.decode_infer(req)
-            return await svc.decode_budget.offload(size, grpc_codec.decode_infer, req)
+                return grpc_codec.parse_infer(raw)
+            return await svc.decode_budget.offload(size, grpc_codec.parse_infer, raw)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (up to ``stream_window``); replies come as they finish,
         matched to requests by ``id``.
@@ -171,7 +178,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
-        async def run_one(req: pb.ModelInferRequest) -> None:
+        async def run_one(req: bytes) -> None:
             replies.put_nowait(await self._stream_one(req, headers))
 
         async def read() -> None:
@@ -201,7 +208,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(
-        self, req: pb.ModelInferRequest, headers: dict[str, str]
+        self, req: bytes, headers: dict[str, str]
     ) -> tuple[pb.ModelStreamInferResponse, grpc.StatusCode | None]:
         """The reply to one streamed request, and the status it failed with (None: it did not)."""
         try:
@@ -214,7 +221,8 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception:
             log.exception("unhandled error in ModelStreamInfer")
             code, message = grpc.StatusCode.INTERNAL, "internal error; see the gateway log"
-        failed = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
+        name, version, request_id = grpc_codec.peek_target(req) or ("", "", "")
+        failed = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
         failed.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
         return pb.ModelStreamInferResponse(error_message=message, infer_response=failed), code
 
@@ -257,6 +265,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
 
 _STREAMING = {"ModelStreamInfer"}
+_RAW = {"ModelInfer", "ModelStreamInfer"}
 
 
 class Malformed:
@@ -301,8 +310,10 @@ def add_to_server(
         factory = (
             grpc.stream_stream_rpc_method_handler if method.name in _STREAMING else grpc.unary_unary_rpc_method_handler
         )
+        # Infer messages reach the servicer as bytes, parsed only once their model is known.
+        parse = None if method.name in _RAW else _parser(request_cls)
         handlers[method.name] = factory(
-            fn, request_deserializer=_parser(request_cls), response_serializer=response_cls.SerializeToString
+            fn, request_deserializer=parse, response_serializer=response_cls.SerializeToString
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)
