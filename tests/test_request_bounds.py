@@ -211,3 +211,20 @@ def test_a_grpc_message_is_not_parsed_before_its_model_is_known(gateway):
         else:
             raise AssertionError("accepted")
     assert sh.rss_mb(gateway) < before + 200, (before, sh.rss_mb(gateway))
+
+
+def test_a_route_is_refused_only_for_the_share_of_a_target_that_is_not_ready(tmp_path: Path):
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "heavy_share", scale=2.0)
+    modelzoo.build_scaled(repo, "light_share", scale=3.0)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "routes:\n  - name: r\n    split: [{target: heavy_share, weight: 70}, {target: light_share, weight: 30}]\n"
+    )
+    args = ["--config", str(config), "--model-control-mode", "explicit", "--load-model", "*"]
+    with GatewayProcess(repo, args) as gw:
+        assert sh.unload_model(gw, "heavy_share")[0] == 200
+        x = np.ones((1, 4), np.float32)
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}]})
+        statuses = [_raw_http(gw, _head("/v2/models/r/infer", len(body)), body.encode())[0] for _ in range(40)]
+    assert set(statuses) == {200, 503}, statuses  # P(no 200 in 40 at 30 %) < 1e-6

@@ -267,16 +267,34 @@ class InferenceService:
         metrics label, and the most tensor elements a valid request for it carries (None:
         unbounded but for the transport's limit). Unknown or unready names raise (counted)
         here, so no body is read for them."""
-        asked = name
         try:
             if route := self._route(name, version):
-                name, version = route.primary.model, route.primary.version
+                return name, self._route_bound(route)
             model = self.manager.get(name, version).model
         except GatewayError as exc:
-            self.count_refusal(asked, "", protocol, exc)
+            self.count_refusal(name, "", protocol, exc)
             raise
         assert model is not None
         return name, model.max_request_elements
+
+    def _route_bound(self, route: Route) -> int | None:
+        """A route takes what its largest ready split target takes (the split is chosen once the
+        request is decoded); Unavailable only when no split target is ready."""
+        bounds: list[int | None] = []
+        error: GatewayError | None = None
+        for target, weight in route.split:
+            if weight <= 0:
+                continue
+            try:
+                model = self.manager.get(target.model, target.version).model
+            except GatewayError as exc:
+                error = exc
+                continue
+            assert model is not None
+            bounds.append(model.max_request_elements)
+        if not bounds:
+            raise error or Unavailable(f"route '{route.name}' has no ready target")
+        return None if None in bounds else max(b for b in bounds if b is not None)
 
     def decoding(self, label: str, nbytes: int, protocol: str) -> Hold:
         """``with service.decoding(model, n, protocol):`` around reading and decoding ``n`` bytes
@@ -286,9 +304,10 @@ class InferenceService:
 
     def count_refusal(self, name: str, version: str, protocol: str, exc: GatewayError) -> None:
         """Count a request refused or failed. Label values only ever come from the repository's
-        models: a name the gateway does not serve is counted under model="" (one series,
-        whatever clients send)."""
-        label = name if name in self.manager.models else UNKNOWN_MODEL_LABEL
+        models and the routes: a name the gateway does not serve is counted under model="" (one
+        series, whatever clients send)."""
+        known = name in self.manager.models or name in self.routes.routes
+        label = name if known else UNKNOWN_MODEL_LABEL
         self.metrics.request_done(label, version, protocol, _OUTCOMES.get(type(exc), "error"), None)
         if isinstance(exc, Overloaded):
             self.metrics.rejected.labels(label, exc.reason).inc()
