@@ -264,6 +264,25 @@ def test_past_the_cap_the_connection_idle_longest_gives_its_place_to_a_new_reque
         second.close()
 
 
+def test_past_the_cap_new_connections_are_refused_at_once_so_sockets_never_pile_up(crowded):
+    """Two connections hold the places without a request: each further connection is answered 503
+    and closed as it is accepted, before it sends anything (it was held open, unanswered)."""
+    first, second = _connect(crowded), _connect(crowded)
+    try:
+        time.sleep(0.2)  # both accepted, in order, before the others
+        for _ in range(20):
+            with _connect(crowded) as extra:
+                response = _until_closed(extra)
+            assert _status(response) == 503, response
+    finally:
+        first.close()
+        second.close()
+    deadline = time.monotonic() + BOUND
+    while _live_or_refused(crowded) != 200:
+        assert time.monotonic() < deadline, "a closed connection's place was never given back"
+        time.sleep(0.05)
+
+
 def _live_or_refused(gw) -> int:
     with _connect(gw) as sock:
         sock.sendall(_get(extra=b"Connection: close\r\n"))

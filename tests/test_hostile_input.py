@@ -138,3 +138,28 @@ def test_the_gateway_still_serves_and_logged_no_traceback(gateway):
     status, body = _http(gateway, "POST", "/v2/models/mlp/infer", _mlp_body())
     assert status == 200, body
     assert "Traceback" not in gateway.log, gateway.log[-5000:]
+
+
+def test_unknown_names_leave_nothing_behind_in_the_control_plane(tmp_path):
+    """Load and unload calls for names the repository lacks are 404s that keep no state: each
+    used to leave a lock behind (keyed by the name), so a client could grow the gateway at will."""
+    import modelzoo
+    import swap_helpers as sh
+    from gateway import GatewayProcess
+
+    modelzoo.build_mlp(tmp_path / "repo")
+    with GatewayProcess(tmp_path / "repo", ["--model-control-mode", "explicit"]) as gw:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=30)
+
+        def call(path: str) -> int:
+            conn.request("POST", path, body=b"{}")
+            reply = conn.getresponse()
+            reply.read()
+            return reply.status
+
+        call("/v2/repository/models/warm-up/unload")
+        before = sh.rss_mb(gw)
+        for i in range(1500):  # 1500 names of 20 KB: 30 MB if each is kept
+            assert call(f"/v2/repository/models/{'n' * 20000}{i}/{'load' if i % 2 else 'unload'}") == 404
+        assert sh.rss_mb(gw) < before + 15, (before, sh.rss_mb(gw))
+        conn.close()

@@ -94,7 +94,9 @@ class ServerConfig:
     grpc_keepalive_timeout_s: float = 20.0  # and close it when the ping is not answered in this (0: gRPC's)
     grpc_max_connection_idle_s: float = 300.0  # close (GOAWAY) a connection without calls after this
     grpc_max_connection_age_s: float = 300.0  # GOAWAY after this (+-10% jitter): clients rebalance
-    grpc_max_connection_age_grace_s: float = 30.0  # calls still open after the GOAWAY get this long
+    # Calls open at the age GOAWAY get this long; 0 = until they end (a long ModelStreamInfer
+    # stream is not cut every few minutes; new calls still move to a new connection).
+    grpc_max_connection_age_grace_s: float = 0.0
     grpc_min_client_ping_interval_s: float = 10.0  # client pings closer together without data are strikes
     grpc_max_ping_strikes: int = 2  # strikes before the connection is closed (GOAWAY too_many_pings)
 

@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +73,7 @@ class _Slots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held: set[LimitedHttpProtocol] = set()
+        self._warned = -math.inf
 
     def take(self, conn: LimitedHttpProtocol, evict: bool = False) -> bool:
         """A place for ``conn``; when full and ``evict``, the one of the connection idle longest
@@ -90,6 +93,13 @@ class _Slots:
 
     def release(self, conn: LimitedHttpProtocol) -> None:
         self.held.discard(conn)
+
+    def warn_full(self, logger: logging.Logger) -> None:
+        """One warning a minute at most, however many connections are refused."""
+        now = time.monotonic()
+        if now - self._warned >= 60.0:
+            self._warned = now
+            logger.warning("HTTP connection limit (%d) reached: answering 503", self.limit)
 
 
 class _Refused(Exception):
@@ -115,7 +125,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._slots.take(self)
+        # Past the cap a new connection takes the place of the one idle longest, or is answered
+        # 503 at once: sockets never pile up past the cap (the linger is bounded by _LINGER_S).
+        if not self._slots.take(self, evict=True):
+            self._slots.warn_full(self.logger)
+            self._refuse(503, "too many connections; retry shortly", [(b"retry-after", b"1")])
+            return
         self._arm(self._limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,7 +190,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._refuse(431, f"request line and headers exceed {self._limits.max_header_bytes} bytes")
             raise _Refused()
         if not self._slots.take(self, evict=True):
-            self.logger.warning("HTTP connection limit (%d) reached: answering 503", self._limits.max_connections)
+            self._slots.warn_full(self.logger)
             self._refuse(503, "too many connections; retry shortly", [(b"retry-after", b"1")])
             raise _Refused()
         super().on_headers_complete()

@@ -9,6 +9,7 @@ process, at exit, whether any is still inside one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import weakref
@@ -55,10 +56,15 @@ class InstanceThread:
             try:
                 result = fn(*args)
             except BaseException as exc:  # handed to the waiting coroutine
-                loop.call_soon_threadsafe(set_exception, future, exc)
+                _hand_back(loop, set_exception, future, exc)
             else:
-                loop.call_soon_threadsafe(set_result, future, result)
+                _hand_back(loop, set_result, future, result)
 
     def close(self) -> None:
         """End the thread once its current job (if any) is done; returns at once."""
         self._jobs.put(None)
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, setter, future: asyncio.Future, value: object) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed while the run went on (the process is exiting)
+        loop.call_soon_threadsafe(setter, future, value)

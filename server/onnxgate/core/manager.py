@@ -205,6 +205,10 @@ class ModelManager:
         ``override`` is merged over config.pbtxt and remembered; without one, a remembered
         override is dropped unless ``keep_override`` (polls keep it, operators' loads do not).
         """
+        if name not in self.models and source is None:  # no lock (a dict entry) for names clients make up
+            source = await asyncio.to_thread(self.repository.find, name)
+            if source is None:
+                raise ModelNotFound(f"model '{name}' is not in the repository")
         async with self.lock(name):
             if source is None:
                 source = await asyncio.to_thread(self.repository.find, name)
@@ -332,6 +336,8 @@ class ModelManager:
 
     async def unload(self, name: str, reason: str = "unloaded") -> None:
         """Stop serving a model; queued and running requests finish first."""
+        if name not in self.models:  # no lock (a dict entry) for names clients make up
+            raise ModelNotFound(f"unknown model '{name}'")
         async with self.lock(name):
             entry = self.models.get(name)
             if entry is None:
@@ -380,8 +386,8 @@ class ModelManager:
         assert scheduler is not None
         try:
             await scheduler.drain()
-        finally:
-            await scheduler.close()
+        finally:  # shielded: a second cancel (a drain step overrunning) must not stop it halfway
+            await asyncio.shield(scheduler.close())
             ver.scheduler = None
             ver.model = None
         await asyncio.to_thread(_release_memory)

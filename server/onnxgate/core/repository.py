@@ -63,8 +63,13 @@ class Repository:
 
     def find(self, name: str) -> ModelSource | None:
         """One model directory, or None when absent (blocking)."""
+        if not name or "/" in name or "\0" in name or name.startswith(".") or len(name.encode()) > 255:
+            return None  # no directory can have that name (255 bytes is the file-name limit)
         path = self.root / name
-        if not name or "/" in name or name.startswith(".") or not path.is_dir():
+        try:
+            if not path.is_dir():
+                return None
+        except OSError:  # e.g. a name the file system refuses
             return None
         return self._source(path)
 
