@@ -51,7 +51,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from onnxgate.core import model_config
 from onnxgate.core.repository import DEFAULT_MODEL_FILENAME, ModelSource
-from onnxgate.errors import GatewayError
+from onnxgate.errors import GatewayError, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ MANIFEST = ".onnxgate-remote.json"
 _CHUNK = 8 * 1024 * 1024
 
 
-class RemoteError(GatewayError):
-    """A remote repository could not be listed or a file could not be fetched or verified."""
+class RemoteError(Unavailable):
+    """A remote repository could not be listed or a file could not be fetched or verified: the
+    caller sees 503 / UNAVAILABLE (the store may answer on a retry), never a 500."""
 
 
 def redact_url(url: str) -> str:
