@@ -34,7 +34,9 @@ FACTOR = 3.0
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory):
     repo: Path = tmp_path_factory.mktemp("overload")
-    modelzoo.build_slow(repo, "heavy", dim=DIM, layers=16)  # ~130 MFLOP per row
+    # ~270 MFLOP per row: a few hundred rows/s, so that the load generator, sharing the machine,
+    # can offer three times that (it could not at a few thousand).
+    modelzoo.build_slow(repo, "heavy", dim=DIM, layers=32)
     modelzoo.write_config(repo / "heavy", CONFIG)
     with GatewayProcess(repo) as g:
         yield g
