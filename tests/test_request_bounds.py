@@ -148,7 +148,8 @@ def test_a_request_past_the_decode_budget_is_refused_at_once(budget_gw):
     body = body.encode() + b" " * 1500  # padding: the body is larger than the whole budget
     with socket.create_connection(("127.0.0.1", budget_gw.http_port), timeout=30) as slow:
         slow.sendall(_head("/v2/models/mlp/infer", len(body)) + body[:100])  # holds the budget, unfinished
-        time.sleep(GAP_S)  # its head is read and its share taken by now
+        held = lambda: sh.metric(budget_gw, "onnxgate_decode_bytes")  # noqa: E731
+        assert wait_until(lambda: held() == 100, timeout=30), held()
         status, reply = _raw_http(budget_gw, _head("/v2/models/mlp/infer", len(body)), body)
         assert status == 429, reply
         assert "decoding" in json.loads(reply)["error"]

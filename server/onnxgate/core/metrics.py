@@ -86,6 +86,12 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.decode_bytes = Gauge(
+            "onnxgate_decode_bytes",
+            "Request bytes being read and decoded now, against the decode budget (server.decode_budget_bytes).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self._shadow_metrics(r)
         self.load_failures = Counter(
             "onnxgate_model_load_failures",

@@ -96,6 +96,7 @@ class InferenceService:
         self.manager = manager
         self.metrics = metrics
         self.decode_budget = DecodeBudget(decode_budget_bytes)
+        metrics.decode_bytes.set_function(lambda: self.decode_budget.used)  # read at scrape time only
         self.live = True
         self.ready = False
         self.draining = False
