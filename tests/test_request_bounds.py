@@ -186,7 +186,8 @@ def test_announced_sizes_hold_no_budget_only_bytes_that_arrived_do(gateway):
     try:
         for sock in stalled:
             sock.sendall(head + b"\x1f")
-        time.sleep(GAP_S)  # their heads are read by now
+        held = lambda: sh.metric(gateway, "onnxgate_decode_bytes")  # noqa: E731
+        assert wait_until(lambda: held() == 3, timeout=30), held()  # one byte each, not 768 MiB
         x = np.zeros((1, 16), np.float32)
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x.tolist()}]})
         status, reply = _raw_http(gateway, _head("/v2/models/mlp/infer", len(body)), body.encode())
