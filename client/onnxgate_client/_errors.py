@@ -150,8 +150,9 @@ class ServerError(OnnxgateError):
 class RequestFailed(OnnxgateError):
     """One request of a ``stream_infer`` stream failed.
 
-    The stream reports only the server's message (``ModelStreamInferResponse.error_message``),
-    not a status, so ``status`` and ``code`` are ``None`` and ``"UNKNOWN"``.
+    ``code`` is the gRPC status the request failed with when the server names it (onnxgate puts
+    it in ``infer_response.parameters["grpc_status_code"]``); a server that sends only
+    ``error_message`` (Triton) leaves it ``"UNKNOWN"``. ``status`` is ``None``.
     ``index`` is the position of the failed request in the caller's input sequence.
     """
 
