@@ -425,6 +425,14 @@ class RpcCutter:
             task.cancel()
         return len(tasks)
 
+    async def _answer_cut(self, task: asyncio.Task, context: grpc.aio.ServicerContext) -> None:
+        """In a call's ``except CancelledError``: the drain's cut is answered UNAVAILABLE; any
+        other cancellation goes on."""
+        if not self._cut:
+            raise asyncio.CancelledError
+        task.uncancel()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
+
     def _unary(self, behaviour: Any) -> Any:
         async def cuttable(request: Any, context: grpc.aio.ServicerContext) -> Any:
             task = asyncio.current_task()
@@ -433,10 +441,7 @@ class RpcCutter:
             try:
                 return await behaviour(request, context)
             except asyncio.CancelledError:
-                if not self._cut:
-                    raise
-                task.uncancel()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
+                await self._answer_cut(task, context)
             finally:
                 self._tasks.discard(task)
 
@@ -452,10 +457,7 @@ class RpcCutter:
                 async for reply in replies:
                     yield reply
             except asyncio.CancelledError:
-                if not self._cut:
-                    raise
-                task.uncancel()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
+                await self._answer_cut(task, context)
             finally:
                 self._tasks.discard(task)
                 await replies.aclose()
