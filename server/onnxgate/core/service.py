@@ -264,10 +264,10 @@ class InferenceService:
 
     # -- inference ---------------------------------------------------------------------------
     def request_bound(self, name: str, version: str, protocol: str) -> tuple[str, int | None]:
-        """Before a request is read: the model (or route's primary) that will take it, as its
-        metrics label, and the most tensor elements a valid request for it carries (None:
-        unbounded but for the transport's limit). Unknown or unready names raise (counted)
-        here, so no body is read for them."""
+        """Before a request is read: its metrics label (the model or route asked for) and the
+        most tensor elements a valid request for it carries (None: unbounded but for the
+        transport's limit; a route: see :meth:`_route_bound`). Unknown or unready names raise
+        (counted) here, so no body is read for them."""
         try:
             if route := self._route(name, version):
                 return name, self._route_bound(route)
@@ -295,7 +295,7 @@ class InferenceService:
             bounds.append(model.max_request_elements)
         if not bounds:
             raise error or Unavailable(f"route '{route.name}' has no ready target")
-        return None if None in bounds else max(b for b in bounds if b is not None)
+        return None if None in bounds else max(bounds)  # type: ignore[type-var]
 
     def decoding(self, label: str, nbytes: int, protocol: str) -> Hold:
         """``with service.decoding(model, n, protocol):`` around reading and decoding ``n`` bytes

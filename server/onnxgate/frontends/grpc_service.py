@@ -273,7 +273,6 @@ class Malformed:
     (grpc would answer UNKNOWN and log a traceback per message)."""
 
     __slots__ = ("message",)
-    model_name = model_version = id = ""
 
     def __init__(self, message: str) -> None:
         self.message = message

@@ -228,10 +228,7 @@ class HttpApp:
                 text = encoding.decode("latin-1")
                 body = await budget.offload(len(body), http_codec.decompress, body, text, limit)
                 hold.grow(len(body))  # the inflated body too
-                request, binary_default = await budget.offload(
-                    len(body), http_codec.decode_infer, body, header_length, name, version
-                )
-            elif len(body) < INLINE_DECODE_BYTES:  # the common case, without a coroutine
+            if len(body) < INLINE_DECODE_BYTES:  # the common case, without a coroutine
                 request, binary_default = http_codec.decode_infer(body, header_length, name, version)
             else:
                 request, binary_default = await budget.offload(
