@@ -4,11 +4,11 @@
     python -m loadtests.benchmark                  # full sweep, ~8-10 minutes
     python -m loadtests.benchmark --profile        # also py-spy the gateway under overhead-bound load
 
-It builds three models into a temporary repository (``loadtests.models``), measures raw ONNX Runtime
-in process at batch sizes 1..256 with the gateway's session options (``loadtests.ort_bench``),
+It builds three models into a temporary repository (``loadtests.bench.models``), measures raw ONNX Runtime
+in process at batch sizes 1..256 with the gateway's session options (``loadtests.bench.ort``),
 starts the gateway and sweeps closed-loop concurrency 1..64 with single-row requests over gRPC
 unary, gRPC stream and HTTP, then does the same against bare grpc.aio / uvicorn echo servers
-(``loadtests.echo_servers``) carrying the overhead-bound model's payload. It prints the table of
+(``loadtests.bench.echo_servers``) carrying the overhead-bound model's payload. It prints the table of
 targets (PASS/MISS, reported, never asserted) and writes ``benchmark.json`` and ``benchmark.png``
 (throughput vs p99 latency) to ``--out``.
 
@@ -33,19 +33,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests import models, procs
-from loadtests.bench_common import COMPUTE_MODEL, DISTURBED_CORES, OVERHEAD_MODEL, Settings, _log
-from loadtests.bench_report import format_report, plot
-from loadtests.bench_runs import environment, profile_gateway, run_ort, sweep
-from loadtests.bench_targets import targets
-from loadtests.lg_runner import default_processes
-from loadtests.loadgen import _cpu_list
+from loadtests.bench import models, procs
+from loadtests.bench.common import COMPUTE_MODEL, DISTURBED_CORES, OVERHEAD_MODEL, Settings, _log
+from loadtests.bench.report import format_report, plot
+from loadtests.bench.runs import environment, profile_gateway, run_ort, sweep
+from loadtests.bench.targets import targets
+from loadtests.loadgen.runner import cpu_list, default_processes
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results"  # loadtests/results
 
 
 def _cpus(text: str) -> list[int] | None:
-    return None if text in ("", "none") else _cpu_list(text)
+    return None if text in ("", "none") else cpu_list(text)
 
 
 def replot(out: Path) -> int:

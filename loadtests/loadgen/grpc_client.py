@@ -8,7 +8,7 @@ import asyncio
 import os
 from typing import Any
 
-from loadtests.lg_payload import Payload, Target
+from loadtests.loadgen.payload import Payload, Target
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

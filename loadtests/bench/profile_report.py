@@ -1,7 +1,7 @@
 """Summarize a py-spy ``--format raw`` profile (collapsed stacks): self time, cumulative time, call tree.
 
     py-spy record --pid PID --duration 10 --rate 250 --nonblocking --format raw -o gw.txt
-    python -m loadtests.profile_report gw.txt --top 15 --root ModelInfer --root HttpApp.__call__
+    python -m loadtests.bench.profile_report gw.txt --top 15 --root ModelInfer --root HttpApp.__call__
 
 Frames are aggregated by function (``name (file)``, line numbers dropped). Percentages are of all
 samples in the file (py-spy leaves idle threads out unless ``--idle`` was given).
@@ -117,7 +117,7 @@ def report(path: Path, top: int = 15, roots: Sequence[str] = (), min_pct: float 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.profile_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.profile_report", description=__doc__.split("\n")[0])
     p.add_argument("profile", type=Path, help="py-spy --format raw output")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--root", action="append", default=[], help="print the call tree under frames containing this")

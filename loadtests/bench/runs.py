@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests import models, procs
-from loadtests.bench_common import DISTURBED_CORES, TRANSPORTS, Settings, _f, _label, _log, _ms
-from loadtests.lg_payload import Target, TensorSpec
-from loadtests.lg_runner import LoadGenerator, Phase, machine_busy_s
+from loadtests.bench import models, procs
+from loadtests.bench.common import DISTURBED_CORES, TRANSPORTS, Settings, _f, _label, _log, _ms
+from loadtests.loadgen.payload import Target, TensorSpec
+from loadtests.loadgen.runner import LoadGenerator, Phase, machine_busy_s
 
 
 def environment(settings: Settings) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def environment(settings: Settings) -> dict[str, Any]:
     except OSError:
         pass
     git: dict[str, Any] = {}
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository root
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(
@@ -72,7 +72,7 @@ def environment(settings: Settings) -> dict[str, Any]:
 def run_ort(repo: Path, settings: Settings, names: Sequence[str]) -> dict[str, Any]:
     """Raw ONNX Runtime in a subprocess pinned like the gateway."""
     out = repo / "ort.json"
-    cmd = [*procs.taskset_prefix(settings.server_cpus), sys.executable, "-m", "loadtests.ort_bench"]
+    cmd = [*procs.taskset_prefix(settings.server_cpus), sys.executable, "-m", "loadtests.bench.ort"]
     cmd += ["--repo", str(repo), "--models", ",".join(names), "--seconds", str(settings.ort_seconds)]
     cmd += ["--batch-sizes", ",".join(map(str, settings.batch_sizes)), "--json", str(out)]
     env = {**os.environ, "PYTHONPATH": procs._pythonpath()}
@@ -220,7 +220,7 @@ def profile_gateway(gw: procs.ServerProcess, model: models.BenchModel, settings:
 
     Separate runs from the measured ones: py-spy (``--nonblocking``) still costs the gateway a little.
     """
-    from loadtests import profile_report
+    from loadtests.bench import profile_report
 
     pyspy = shutil.which("py-spy")
     if pyspy is None:

@@ -7,7 +7,7 @@ statistics, the whole ``InferenceService.infer``, the whole ASGI ``HttpApp`` cal
 servicer method (with a stub context). The socket and protocol layers (grpc.aio, uvicorn) are
 what the echo servers measure.
 
-    taskset -c 0 python -m loadtests.microbench --model gemm16
+    taskset -c 0 python -m loadtests.bench.microbench --model gemm16
 
 Run it pinned like the gateway: the thread hop costs depend on it.
 """
@@ -52,13 +52,13 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
     """Median microseconds per call of each step, one request at a time."""
     from prometheus_client import CollectorRegistry
 
-    from loadtests import models
-    from loadtests.loadgen import Target, TensorSpec, build_payload
-    from onnxgate.core.manager import ModelManager
+    from loadtests.bench import models
+    from loadtests.loadgen.payload import Target, TensorSpec, build_payload
     from onnxgate.core.metrics import Metrics
-    from onnxgate.core.model import LoadOptions
-    from onnxgate.core.repository import Repository
+    from onnxgate.core.registry.local import Repository
     from onnxgate.core.service import InferenceService
+    from onnxgate.core.serving.manager import ModelManager
+    from onnxgate.core.serving.model import LoadOptions
     from onnxgate.frontends import grpc_codec, http_codec
     from onnxgate.frontends.grpc_service import GrpcInferenceServicer
     from onnxgate.frontends.http_app import HttpApp
@@ -186,13 +186,13 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.microbench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.microbench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="gemm16")
     p.add_argument("-n", type=int, default=2000, help="calls per round (5 rounds, median)")
     args = p.parse_args(argv)
     import uvloop
 
-    from loadtests import models
+    from loadtests.bench import models
 
     np.random.seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ handlers take the request bytes and return a canned reply of exactly the size an
 sends for one row of the model (the stream handler parses each request only for its ``id``). The
 gRPC server uses the gateway's channel options; uvicorn uses the gateway's settings.
 
-    python -m loadtests.echo_servers --model gemm16 --out-dim 16 --http-port 0 --grpc-port 0
+    python -m loadtests.bench.echo_servers --model gemm16 --out-dim 16 --http-port 0 --grpc-port 0
 
 logs ``listening: http H:P, grpc H:P, metrics H:0`` then `` ready: `` on stderr.
 """
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from loadtests.lg_grpc import varint
+from loadtests.loadgen.grpc_client import varint
 
 
 def canned_grpc_reply(model: str, version: str, output: str, out_dim: int, rows: int = 1) -> bytes:
@@ -173,7 +173,7 @@ def _no_signals() -> _NoSignals:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT."""
-    p = argparse.ArgumentParser(prog="python -m loadtests.echo_servers", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.echo_servers", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=0)

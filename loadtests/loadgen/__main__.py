@@ -1,48 +1,7 @@
-"""Load generator for the Open Inference Protocol (KServe V2): gRPC unary, gRPC stream and HTTP.
+"""The load generator's command line: ``python -m loadtests.loadgen --url URL --model M [...]``.
 
-Transports (chosen by the ``--url`` scheme):
-
-* ``grpc://H:P`` -- ``ModelInfer`` unary calls over raw ``grpc.aio`` multi-callables fed with a
-  pre-serialized request (no per-call protobuf work), or with ``--stream`` one or more
-  ``ModelStreamInfer`` streams per process, requests tagged with a unique ``id`` and replies
-  matched to them by that ``id``.
-* ``http://H:P`` -- ``POST /v2/models/M/infer`` with the binary tensor extension (JSON header +
-  raw bytes, ``Inference-Header-Content-Length``), over keep-alive connections. The default
-  client is a lean ``asyncio.Protocol`` + ``httptools`` parser (``--http-client raw``); the
-  aiohttp client is available for comparison (``--http-client aiohttp``).
-
-Load models:
-
-* **closed loop** (``--concurrency C``): C clients, each sends its next request when its
-  previous one finished. Latency = completion - send.
-* **open loop** (``--rate R``): requests arrive at a fixed rate (``--arrival constant``) or as a
-  Poisson process (``--arrival poisson``), whether or not earlier ones have finished. Latency is
-  measured from the **intended** send time, so a stalled server or client shows up as latency
-  (no coordinated omission). ``send_lag_ms`` reports how late the client itself was.
-
-A run has a warm-up (``--warmup`` seconds, excluded from every number) followed by the measured
-window: ``--duration`` seconds, or exactly ``--requests`` requests. A request belongs to the
-window when its (intended) send time does. Load comes from ``--processes`` worker processes,
-each running one uvloop event loop; ``--cpus`` pins them.
-
-Output: a table and a JSON document ``{"loadgen": 1, "runs": [RUN, ...]}`` where each RUN has
-
-    url, transport, model, model_version, grpc_mode, http_client, mode ("closed"|"open"),
-    concurrency, rate, arrival, batch_size, processes, cpus, warmup_s, duration_s,
-    requests_target, elapsed_s, requests, successes, errors, errors_by_kind {kind: count},
-    throughput_rps, rows_per_s, offered_rps,
-    latency_ms {min, mean, p50, p90, p99, p999, max},
-    send_lag_ms {mean, max}, client_cpu_s, client_cpu_cores,
-    watched_cpu_cores {pid: cores} (``--watch-pid``), machine_busy_cores
-
-``requests == successes + errors``; errors are keyed ``grpc:<STATUS>``, ``http:<status>``,
-``stream:<message>``, ``timeout``, ``connect:<exception>``, ``client_overflow`` (open loop: more
-than ``--max-inflight`` requests outstanding, the request was not sent) and ``invalid_response``
-(``--validate`` only).
-
-This module is the CLI and re-exports the API; the parts live in ``lg_payload`` (what to send),
-``lg_grpc`` / ``lg_http`` (clients), ``lg_worker`` (one worker process), ``lg_runner`` (phases,
-worker processes, merged results) and ``lg_report`` (percentiles, table).
+What it measures, the load models and every field of the JSON it prints are described in the
+package docstring (``loadtests/loadgen/__init__.py``).
 
 Example::
 
@@ -56,25 +15,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from loadtests.lg_grpc import GRPC_INFER as GRPC_INFER
-from loadtests.lg_grpc import GRPC_STREAM as GRPC_STREAM
-from loadtests.lg_grpc import varint as varint
-from loadtests.lg_payload import Payload, Target, TensorSpec, build_payload, resolve_inputs
-from loadtests.lg_report import format_table, latency_summary
-from loadtests.lg_runner import LoadGenerator, Phase, default_processes, run_load
-from loadtests.lg_runner import machine_busy_s as machine_busy_s
-from loadtests.lg_runner import process_cpu_s as process_cpu_s
-
-
-def _cpu_list(text: str) -> list[int]:
-    cpus: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            cpus.extend(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            cpus.append(int(part))
-    return cpus
+from loadtests.loadgen.payload import Target, TensorSpec
+from loadtests.loadgen.report import format_table
+from loadtests.loadgen.runner import LoadGenerator, Phase, cpu_list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases = [Phase(rate=float(r), arrival=args.arrival, **common) for r in args.rate.split(",")]
     else:
         phases = [Phase(concurrency=int(c), **common) for c in (args.concurrency or "1").split(",")]
-    cpus = _cpu_list(args.cpus) if args.cpus else None
+    cpus = cpu_list(args.cpus) if args.cpus else None
     with LoadGenerator(target, args.processes, cpus) as gen:
         runs = [gen.run(phase, args.watch_pid) for phase in phases]
     doc = {"loadgen": 1, "runs": runs}
@@ -166,20 +109,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = [
-    "LoadGenerator",
-    "Payload",
-    "Phase",
-    "Target",
-    "TensorSpec",
-    "build_parser",
-    "build_payload",
-    "default_processes",
-    "format_table",
-    "latency_summary",
-    "main",
-    "resolve_inputs",
-    "run_load",
-]

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.lg_payload import Target, build_payload, resolve_inputs
-from loadtests.lg_report import latency_summary
-from loadtests.lg_worker import _worker_main
+from loadtests.loadgen.payload import Target, build_payload, resolve_inputs
+from loadtests.loadgen.report import latency_summary
+from loadtests.loadgen.worker import _worker_main
 
 _START_LEAD_S = 0.25  # time the workers get to receive a phase before it starts
 
@@ -115,6 +115,18 @@ def default_processes(cpus: Sequence[int] | None = None) -> int:
     """One worker process per CPU the workers may run on (at most 4)."""
     count = len(cpus) if cpus else len(os.sched_getaffinity(0))
     return max(1, min(4, count))
+
+
+def cpu_list(text: str) -> list[int]:
+    """CPU numbers from a command-line list such as ``1``, ``0,2`` or ``2-3``."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.extend(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            cpus.append(int(part))
+    return cpus
 
 
 def _split(total: int, parts: int) -> list[int]:

@@ -8,7 +8,7 @@ import asyncio
 import json
 from typing import Any
 
-from loadtests.lg_payload import Payload, Target
+from loadtests.loadgen.payload import Payload, Target
 
 
 def _check_http_reply(header_length: bytes | None, body: bytes, outputs: tuple[str, ...]) -> str | None:

@@ -104,11 +104,11 @@ def gateway(repository: Path, cpus: Sequence[int] | None = None, extra: Sequence
 
 def echo_servers(model: str, out_dim: int, cpus: Sequence[int] | None = None) -> ServerProcess:
     """The bare gRPC + HTTP echo servers answering like ``model`` does for one row."""
-    args = [sys.executable, "-m", "loadtests.echo_servers", "--model", model, "--out-dim", str(out_dim)]
+    args = [sys.executable, "-m", "loadtests.bench.echo_servers", "--model", model, "--out-dim", str(out_dim)]
     return ServerProcess(args, cpus, env={"PYTHONPATH": _pythonpath()})
 
 
 def _pythonpath() -> str:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the repository root
     current = os.environ.get("PYTHONPATH", "")
     return root + (os.pathsep + current if current else "")

@@ -1,11 +1,11 @@
 """Raw ONNX Runtime, in process: rows/s and latency per batch size, with the gateway's thread settings.
 
-Session options come from ``onnxgate.core.sessions.session_options`` -- the very function the
+Session options come from ``onnxgate.core.serving.sessions.session_options`` -- the very function the
 gateway uses -- with one instance and ``cpu_threads=0``, so ``intra_op_num_threads`` is the number
 of CPUs this process may use. Run it pinned like the gateway (``taskset -c 0``) to get the same
 setting::
 
-    taskset -c 0 python -m loadtests.ort_bench --repo DIR --models gemm16,mlp,big --json out.json
+    taskset -c 0 python -m loadtests.bench.ort --repo DIR --models gemm16,mlp,big --json out.json
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def _session(path: Path):
     from onnxgate_client.pb import model_config_pb2 as mc
 
     try:
-        from onnxgate.core.sessions import session_options
+        from onnxgate.core.serving.sessions import session_options
 
         options = session_options(mc.ModelConfig(), 1, 0)
-        source = "onnxgate.core.sessions.session_options(instances=1, cpu_threads=0)"
+        source = "onnxgate.core.serving.sessions.session_options(instances=1, cpu_threads=0)"
     except Exception as exc:  # the server API moved: fall back to its documented defaults
-        from onnxgate.core.sessions import available_cores
+        from onnxgate.core.serving.sessions import available_cores
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = available_cores()
@@ -124,7 +124,7 @@ def bench_model(path: Path, batch_sizes: Sequence[int], seconds: float, min_runs
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    p = argparse.ArgumentParser(prog="python -m loadtests.ort_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.ort", description=__doc__.split("\n")[0])
     p.add_argument("--repo", required=True, help="model repository (NAME/1/model.onnx)")
     p.add_argument("--models", required=True, help="comma list of model names")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))

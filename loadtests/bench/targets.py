@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from loadtests.bench_common import COMPUTE_MODEL, OVERHEAD_MODEL, Settings, _f, _pct
+from loadtests.bench.common import COMPUTE_MODEL, OVERHEAD_MODEL, Settings, _f, _pct
 
 
 def _find(runs: list[dict], server: str, model: str, label: str, level: int | None = None) -> list[dict]:

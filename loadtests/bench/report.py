@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadtests import models
-from loadtests.bench_common import DISTURBED_CORES, Settings, _f, _pct
-from loadtests.bench_targets import _find
+from loadtests.bench import models
+from loadtests.bench.common import DISTURBED_CORES, Settings, _f, _pct
+from loadtests.bench.targets import _find
 
 
 def format_report(doc: dict) -> str:

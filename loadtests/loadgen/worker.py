@@ -11,9 +11,9 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loadtests.lg_grpc import _GrpcStreams, _GrpcUnary
-from loadtests.lg_http import _AiohttpClient, _RawHttp
-from loadtests.lg_payload import Payload, Target
+from loadtests.loadgen.grpc_client import _GrpcStreams, _GrpcUnary
+from loadtests.loadgen.http_client import _AiohttpClient, _RawHttp
+from loadtests.loadgen.payload import Payload, Target
 
 _SPIN_NS = 1_200_000  # open loop: the last part of a wait is spun (uvloop timers round to 1 ms)
 
