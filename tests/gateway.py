@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtests.procs import ServerProcess
+from loadtests.bench.procs import ServerProcess
 
 
 class GatewayProcess(ServerProcess):

@@ -1,4 +1,4 @@
-"""The load generator (loadtests/loadgen.py) against a real gateway: exact counts, no errors, JSON fields.
+"""The load generator (loadtests/loadgen/) against a real gateway: exact counts, no errors, JSON fields.
 
 Short runs (about a second or two each) over gRPC unary, gRPC stream and HTTP, closed and open loop.
 No assertion depends on wall-clock speed.
@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loadtests import loadgen, models  # noqa: E402
+from loadtests import loadgen  # noqa: E402
+from loadtests.bench import models  # noqa: E402
 
 from gateway import GatewayProcess  # noqa: E402
 
-# The fields the module docstring of loadtests/loadgen.py documents for every run.
+# The fields the package docstring of loadtests/loadgen/ documents for every run.
 RUN_FIELDS = {
     "url", "transport", "model", "model_version", "grpc_mode", "http_client", "mode", "concurrency", "rate",
     "arrival", "batch_size", "processes", "cpus", "warmup_s", "duration_s", "requests_target", "elapsed_s",
