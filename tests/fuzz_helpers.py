@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxgate.core import tensors
+from onnxgate.core.serving import tensors
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from protocol_helpers import zoo_feeds
 

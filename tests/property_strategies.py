@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnxgate.core import tensors
 from onnxgate.core.inference import InferInput
-from onnxgate.core.model import ModelVersion
+from onnxgate.core.serving import tensors
+from onnxgate.core.serving.model import ModelVersion
 from onnxgate.errors import GatewayError
 from onnxgate_client.pb import grpc_service_pb2 as pb
 

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
-from onnxgate.core.sample_config import SampleLogConfig
-from onnxgate.core.sample_log import Sample, SampleLogger
+from onnxgate.core.monitoring.config import SampleLogConfig
+from onnxgate.core.monitoring.sample_log import Sample, SampleLogger
 
 
 class Collector:

@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from onnxgate import drift_report
-from onnxgate.config import ConfigError
-from onnxgate.core.drift import DriftConfig, DriftMetrics, DriftMonitor, LiveDrift, _Ring
-from onnxgate.core.drift_stats import Thresholds, compare_feature
 from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
-from onnxgate.core.sample_config import SampleLogConfig
-from onnxgate.core.sample_log import Sample, SampleLogger
+from onnxgate.core.monitoring.config import SampleLogConfig
+from onnxgate.core.monitoring.drift import DriftConfig, DriftMetrics, DriftMonitor, LiveDrift, _Ring
+from onnxgate.core.monitoring.drift_stats import Thresholds, compare_feature
+from onnxgate.core.monitoring.sample_log import Sample, SampleLogger
+from onnxgate.errors import ConfigError
 
 COLORS = np.array(["red", "green", "blue"])
 BASE = (0.5, 0.3, 0.2)

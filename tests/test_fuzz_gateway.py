@@ -27,7 +27,7 @@ import pytest
 
 from fuzz_helpers import MODELS, datatype_of, grpc_case, http_case
 from gateway import GatewayProcess
-from onnxgate.core import tensors
+from onnxgate.core.serving import tensors
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from protocol_helpers import reference, zoo_feeds
 

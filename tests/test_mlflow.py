@@ -22,10 +22,12 @@ import modelzoo
 import registry_helpers as rh
 import swap_helpers as sh
 from gateway import wait_until
-from onnxgate.config import ConfigError
-from onnxgate.core.mlflow_registry import MlflowModelSpec, MlflowRepository, RegistryConfig, open_repository
-from onnxgate.core.remote import RemoteError, RemoteRepository
-from onnxgate.core.repository import ModelSource, Repository, model_fingerprints
+from onnxgate.core.registry.config import RegistryConfig, open_repository
+from onnxgate.core.registry.local import Repository
+from onnxgate.core.registry.mlflow_repository import MlflowModelSpec, MlflowRepository
+from onnxgate.core.registry.object_store import RemoteError, RemoteRepository
+from onnxgate.core.serving.source import ModelSource, model_fingerprints
+from onnxgate.errors import ConfigError
 
 
 def _mlflow() -> Any:
@@ -198,7 +200,8 @@ def test_gateway_follows_alias_under_load(mlflow_uri, tmp_path):
 
 
 def test_the_core_never_imports_mlflow():
-    code = ("import sys, onnxgate.config, onnxgate.lifecycle, onnxgate.core.mlflow_registry, onnxgate.core.remote; "
+    code = ("import sys, onnxgate.config, onnxgate.lifecycle, onnxgate.core.registry.config, "
+            "onnxgate.core.registry.mlflow_repository, onnxgate.core.registry.object_store; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'fsspec', 's3fs')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

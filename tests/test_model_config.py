@@ -1,4 +1,4 @@
-"""Unit tests of ``onnxgate.core.model_config``: completing config.pbtxt from real ONNX graphs.
+"""Unit tests of ``onnxgate.core.serving.model_config``: completing config.pbtxt from real ONNX graphs.
 
 The graphs come from :mod:`modelzoo` (plus two small ones built here) and are read through
 real ONNX Runtime sessions, exactly as the gateway reads them.
@@ -9,13 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnxruntime as ort
+import orjson
 import pytest
 from onnx import TensorProto, helper
 
 import modelzoo
-from onnxgate.core import model_config
-from onnxgate.core.model_config import GraphTensor
+from onnxgate.core.serving import model_config
+from onnxgate.core.serving.model_config import GraphTensor
 from onnxgate.errors import ModelLoadError
+from onnxgate.frontends import http_codec
 from onnxgate_client.pb import model_config_pb2 as mc
 
 DEFAULT_MBS = 32
@@ -81,7 +83,7 @@ def test_no_config_batchable_model_gets_default_max_batch_size(graphs):
     assert cfg.max_batch_size == DEFAULT_MBS
     assert tensors(cfg.input) == {"x": ("TYPE_FP32", [16])}
     assert tensors(cfg.output) == {"y": ("TYPE_FP32", [10])}
-    assert model_config.to_json_dict(cfg)["max_batch_size"] == DEFAULT_MBS
+    assert orjson.loads(http_codec.config_json(cfg))["max_batch_size"] == DEFAULT_MBS
 
 
 def test_no_config_fixed_first_dim_gets_zero_and_full_dims(graphs):
@@ -89,7 +91,7 @@ def test_no_config_fixed_first_dim_gets_zero_and_full_dims(graphs):
     assert cfg.max_batch_size == 0
     assert tensors(cfg.input) == {"x": ("TYPE_FP32", [3, 4])}
     assert tensors(cfg.output) == {"y": ("TYPE_FP32", [3, 2])}
-    assert model_config.to_json_dict(cfg)["max_batch_size"] == 0  # present, perf_analyzer reads it
+    assert orjson.loads(http_codec.config_json(cfg))["max_batch_size"] == 0  # present, perf_analyzer reads it
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ import pytest
 import registry_helpers as rh
 import swap_helpers as sh
 from gateway import wait_until
-from onnxgate.core.remote import RemoteError, RemoteFile, RemoteRepository, redact_url
-from onnxgate.core.repository import model_fingerprints
+from onnxgate.core.registry.object_store import RemoteError, RemoteFile, RemoteRepository, redact_url
+from onnxgate.core.serving.source import model_fingerprints
 
 rh.need("s3fs", "pip install 'onnxgate[s3]'")
 rh.need("moto.server", "pip install 'moto[server]'")

@@ -25,9 +25,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import modelzoo
-from onnxgate.core import tensors
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse, RequestedOutput
-from onnxgate.core.model import LoadOptions, ModelVersion
+from onnxgate.core.serving import tensors
+from onnxgate.core.serving.model import LoadOptions, ModelVersion
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_codec, http_codec
 from onnxgate_client.pb import grpc_service_pb2 as pb

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onnxgate import config as gateway_config
-from onnxgate.core import model_config, router
-from onnxgate.core.sample_config import SampleLogConfig
+from onnxgate.core.monitoring.config import SampleLogConfig
+from onnxgate.core.serving import model_config
+from onnxgate.core.traffic import routes as router
 from property_config_strategies import (
     CONFIG_DOCS,
     PBTXT_FRAGMENTS,

@@ -17,12 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import CollectorRegistry
 
-from onnxgate.config import ConfigError
-from onnxgate.core.drift_stats import log_files, read_records
 from onnxgate.core.inference import InferOutput, InferResponse
-from onnxgate.core.sample_config import SampleLogConfig
-from onnxgate.core.sample_log import Sample, SampleLogger, ShadowResult, make_record
-from onnxgate.errors import InvalidInput
+from onnxgate.core.monitoring.config import SampleLogConfig
+from onnxgate.core.monitoring.drift_stats import log_files, read_records
+from onnxgate.core.monitoring.sample_log import Sample, SampleLogger, ShadowResult, make_record
+from onnxgate.errors import ConfigError, InvalidInput
 from sample_log_helpers import Collector, cfg, run, sample, tiny_tmpfs, value, write_all
 
 # -- config -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from onnxgate.core.sample_log import DROP_REASONS, SampleLogger
+from onnxgate.core.monitoring.sample_log import DROP_REASONS, SampleLogger
 from sample_log_helpers import Collector, cfg, run, sample, value, write_all
 
 # -- HTTP sink --------------------------------------------------------------------------------------

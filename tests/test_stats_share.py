@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from onnxgate.core.stats import ExecutionTiming, VersionStats
-from onnxgate.core.stats_share import SharedStats, from_doc, merge, read_snapshots, to_doc, write_snapshot
+from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
+from onnxgate.core.serving.stats_share import SharedStats, from_doc, merge, read_snapshots, to_doc, write_snapshot
 
 
 def _stats(name: str, version: int, requests: int, rows: int = 2, failures: int = 0) -> VersionStats:

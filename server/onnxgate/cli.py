@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from onnxgate import __version__
-from onnxgate.config import ConfigError, load
-from onnxgate.errors import GatewayError
+from onnxgate.config import load
+from onnxgate.errors import ConfigError, GatewayError
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -208,7 +208,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except GatewayError as exc:  # e.g. routes naming models the repository does not have
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2
-    from onnxgate.core.instances import runs_in_progress
+    from onnxgate.core.serving.instances import runs_in_progress
 
     if running := runs_in_progress():
         # The drain answered their requests; the runs cannot be interrupted, and exiting the

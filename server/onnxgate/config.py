@@ -21,17 +21,13 @@ from typing import Any
 
 import yaml
 
-from onnxgate.core.drift import DriftConfig
-from onnxgate.core.mlflow_registry import RegistryConfig
-from onnxgate.core.router import Route, parse_routes
-from onnxgate.core.sample_config import SampleLogConfig
-from onnxgate.errors import GatewayError, InvalidInput
+from onnxgate.core.monitoring.config import SampleLogConfig
+from onnxgate.core.monitoring.drift import DriftConfig
+from onnxgate.core.registry.config import RegistryConfig
+from onnxgate.core.traffic.routes import Route, parse_routes
+from onnxgate.errors import ConfigError, InvalidInput
 
 SECTIONS = ("server", "routes", "sample_log", "drift", "registry")
-
-
-class ConfigError(GatewayError):
-    """The gateway config file or flags are invalid."""
 
 
 # Limits where 0 means "off" (the keepalive pair: gRPC's defaults, 2 h and 20 s; the client-ping

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxgate.core.drift_stats import (
+from onnxgate.core.monitoring.drift_stats import (
     DriftDataError,
     FeatureDrift,
     FeatureTable,

@@ -11,7 +11,8 @@
     ├── Overloaded          a bounded queue is full; retry later
     ├── Unsupported         a feature the gateway does not implement
     ├── ModelLoadError      a model (version) failed to load or to pass its checks
-    └── InferenceFailed     ONNX Runtime failed on valid inputs
+    ├── InferenceFailed     ONNX Runtime failed on valid inputs
+    └── ConfigError         the gateway config file or flags are invalid
 
 The mapping to HTTP statuses and gRPC codes lives in ``frontends/status.py`` only.
 """
@@ -73,3 +74,7 @@ class ModelLoadError(GatewayError):
 
 class InferenceFailed(GatewayError):
     """ONNX Runtime failed while running valid inputs."""
+
+
+class ConfigError(GatewayError):
+    """The gateway config file or flags are invalid."""

@@ -22,17 +22,17 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 
 from onnxgate import config as config_mod
 from onnxgate.config import GatewayConfig
-from onnxgate.core.drift import DriftMonitor
-from onnxgate.core.manager import ModelManager
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.mlflow_registry import open_repository
-from onnxgate.core.model import LoadOptions
-from onnxgate.core.poller import RepositoryPoller
-from onnxgate.core.remote import redact_url
-from onnxgate.core.sample_log import SampleLogger
+from onnxgate.core.monitoring.drift import DriftMonitor
+from onnxgate.core.monitoring.sample_log import SampleLogger
+from onnxgate.core.registry.config import open_repository
+from onnxgate.core.registry.object_store import redact_url
 from onnxgate.core.service import InferenceService
-from onnxgate.core.sessions import available_cores
-from onnxgate.core.stats_share import SharedStats
+from onnxgate.core.serving.manager import ModelManager
+from onnxgate.core.serving.model import LoadOptions
+from onnxgate.core.serving.poller import RepositoryPoller
+from onnxgate.core.serving.sessions import available_cores
+from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.http_app import HttpApp

@@ -17,7 +17,7 @@ The pipe works on every POSIX system and with threads, unlike ``PR_SET_PDEATHSIG
 ``preexec_fn``.
 
 Statistics: each worker shares a snapshot of its own in a directory the supervisor makes
-(:mod:`onnxgate.core.stats_share`), so the statistics extension answers for all workers.
+(:mod:`onnxgate.core.serving.stats_share`), so the statistics extension answers for all workers.
 """
 
 from __future__ import annotations

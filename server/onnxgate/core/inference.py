@@ -11,6 +11,17 @@ import numpy as np
 Parameters = dict[str, Any]
 
 
+MAX_VERSION_DIGITS = 18  # versions are int64 in the model config
+
+
+def parse_version(text: str) -> int | None:
+    """A version as written in a request ("3"), or None when it is not one: ASCII digits only
+    (``"²".isdigit()`` is true, ``int("²")`` fails) and short enough for an int64."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS:
+        return int(text)
+    return None
+
+
 @dataclass(slots=True)
 class InferInput:
     """One decoded input tensor; ``data`` already has ``shape``."""

@@ -7,6 +7,7 @@ It knows nothing of gRPC or HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
@@ -15,20 +16,20 @@ from typing import Any
 import numpy as np
 
 from onnxgate import __version__
-from onnxgate.core import manager as manager_mod
-from onnxgate.core import model_config
 from onnxgate.core.admission import DecodeBudget, Hold
-from onnxgate.core.comparison import Comparator
-from onnxgate.core.inference import InferOutput, InferRequest, InferResponse
-from onnxgate.core.manager import IndexRow, ModelManager, VersionEntry
-from onnxgate.core.memory import held_nbytes
+from onnxgate.core.inference import InferOutput, InferRequest, InferResponse, parse_version
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.model import ModelVersion
-from onnxgate.core.router import Route, RouteTable, Target
-from onnxgate.core.sample_log import Sample, SampleLogger
-from onnxgate.core.shadow import ShadowRunner
-from onnxgate.core.stats import VersionStats
-from onnxgate.core.stats_share import SharedStats
+from onnxgate.core.monitoring.sample_log import Sample, SampleLogger, ShadowResult
+from onnxgate.core.serving import manager as manager_mod
+from onnxgate.core.serving import model_config
+from onnxgate.core.serving.manager import IndexRow, ModelManager, VersionEntry
+from onnxgate.core.serving.memory import held_nbytes
+from onnxgate.core.serving.model import ModelVersion
+from onnxgate.core.serving.stats import VersionStats
+from onnxgate.core.serving.stats_share import SharedStats
+from onnxgate.core.traffic.comparison import Comparator
+from onnxgate.core.traffic.routes import Route, RouteTable, Target, parse_route
+from onnxgate.core.traffic.shadow import Report, ShadowRunner
 from onnxgate.errors import (
     Draining,
     GatewayError,
@@ -185,7 +186,7 @@ class InferenceService:
             raise InvalidInput("load parameter 'config' must be a string holding JSON")
         version = params.pop("version", None)
         if version is not None:
-            if isinstance(version, str) and (number := manager_mod.parse_version(version)) is not None:
+            if isinstance(version, str) and (number := parse_version(version)) is not None:
                 version = number
             if isinstance(version, bool) or not isinstance(version, int) or version < 1:
                 raise InvalidInput(f"load parameter 'version' must be a positive integer, got {version!r}")
@@ -240,14 +241,16 @@ class InferenceService:
     def attach_sample_log(self, sampler: SampleLogger | None) -> None:
         """Hand sampled requests (and mirrored answers) to ``sampler``."""
         self.sample_log = sampler
-        self.shadows.offer = sampler.offer if sampler is not None else None
+        self.shadows.report = _shadow_logger(sampler) if sampler is not None else None
         cfg = sampler.config if sampler is not None else None
         self.sample_headers = bool(cfg and (cfg.headers or cfg.hash_header))
 
-    def put_route(self, route: Route) -> None:
-        """Add or replace one route (validated; the others stay as they are)."""
+    def put_route(self, doc: Mapping[str, Any]) -> Route:
+        """Add or replace one route from its JSON form (validated; the others stay as they are)."""
+        route = parse_route(doc)
         self._check_shared("changing a route")
         self.set_routes([*(r for n, r in self.routes.routes.items() if n != route.name), route])
+        return route
 
     def delete_route(self, name: str) -> None:
         self._check_shared("deleting a route")
@@ -352,6 +355,9 @@ class InferenceService:
                 request.protocol, latency,
             )
         if mirror is not None:
+            if sample is not None:  # let go of the primary's batch now, not once the shadow is in
+                with contextlib.suppress(Exception):  # never fails the primary; offer tries again, and counts
+                    sample.compact()
             mirror.primary_done(response, latency, sample)  # logged with the shadow's answer
         elif sample is not None:
             sampler.offer(sample)
@@ -391,6 +397,18 @@ class InferenceService:
         version = str(ver.version)
         self.metrics.request_done(name, version, protocol, "success", elapsed / 1e9)
         return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance)
+
+
+def _shadow_logger(sampler: SampleLogger) -> Report:
+    """The shadow runner's report: the primary's sample, logged with the shadow's answer."""
+
+    def report(sample: Sample, target: str, answer: InferResponse | None, error: BaseException | None,
+               comparison: Mapping[str, Any] | None) -> None:
+        sample.shadow = ShadowResult(target, answer, error)
+        sample.comparison = comparison
+        sampler.offer(sample)
+
+    return report
 
 
 _MAX_TIMEOUT_US = (1 << 63) - 1  # an int64, as Triton's parameter

@@ -7,11 +7,10 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from onnxgate.core import tensors
 from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
-from onnxgate.core.manager import IndexRow
-from onnxgate.core.service import ModelMetadata
-from onnxgate.core.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
+from onnxgate.core.service import IndexRow, ModelMetadata
+from onnxgate.core.serving import tensors
+from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, Unsupported
 from onnxgate_client.pb import grpc_service_pb2 as pb
 

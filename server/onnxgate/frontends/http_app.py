@@ -15,11 +15,8 @@ from urllib.parse import unquote
 
 import orjson
 
-from onnxgate.core import model_config
 from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
-from onnxgate.core.inference import InferRequest, InferResponse
-from onnxgate.core.manager import parse_version
-from onnxgate.core.router import parse_route
+from onnxgate.core.inference import InferRequest, InferResponse, parse_version
 from onnxgate.core.service import InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge, Unsupported
 from onnxgate.frontends import http_codec
@@ -150,7 +147,7 @@ class HttpApp:
         if action == "config":
             if bad := self._only(method, "GET"):
                 return bad
-            return _ok(orjson.dumps(model_config.to_json_dict(svc.model_config(name, version))))
+            return _ok(http_codec.config_json(svc.model_config(name, version)))
         if action == "stats":
             return self._only(method, "GET") or _ok(http_codec.stats_json(svc.statistics(name, version)))
         return _error(404, f"no such endpoint for model '{name}'")
@@ -174,8 +171,7 @@ class HttpApp:
             doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
             if doc.get("name", name) != name:
                 raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
-            route = parse_route({**doc, "name": name})
-            svc.put_route(route)
+            route = svc.put_route({**doc, "name": name})
             return _ok(orjson.dumps(route.to_dict()))
         if method == "DELETE":
             svc.delete_route(name)

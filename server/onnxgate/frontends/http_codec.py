@@ -9,13 +9,15 @@ from typing import Any
 
 import numpy as np
 import orjson
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
-from onnxgate.core import tensors
 from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
-from onnxgate.core.manager import IndexRow
-from onnxgate.core.service import ModelMetadata
-from onnxgate.core.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
+from onnxgate.core.service import IndexRow, ModelMetadata
+from onnxgate.core.serving import tensors
+from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, PayloadTooLarge, Unsupported
+from onnxgate_client.pb import model_config_pb2 as mc
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _COMPRESS_MIN_BYTES = 1024
@@ -314,3 +316,46 @@ def parse_json_object(body: bytes) -> dict:
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     return doc
+
+
+def config_json(config: mc.ModelConfig) -> bytes:
+    """ModelConfig as Triton's JSON: proto field names, enum names, defaults included.
+
+    Like Triton's ``ModelConfigToJson``, 64-bit integers (``dims``, queue delays, ...) are JSON
+    numbers, not the strings of protobuf's JSON mapping.
+    """
+    doc = json_format.MessageToDict(config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _int64_as_numbers(config.DESCRIPTOR, doc)
+    return orjson.dumps(doc)
+
+
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _int64_as_numbers(descriptor, doc: dict) -> None:
+    """Turn the string-valued 64-bit integer fields of a MessageToDict result into ints, in place."""
+    for field in descriptor.fields:
+        value = doc.get(field.name)
+        if value is None:
+            continue
+        sub = field.message_type
+        if sub is not None and sub.GetOptions().map_entry:  # map keys stay strings, as in JSON
+            value_field = sub.fields_by_name["value"]
+            if value_field.message_type is not None:
+                for item in value.values():
+                    _int64_as_numbers(value_field.message_type, item)
+            elif value_field.type in _INT64_TYPES:
+                doc[field.name] = {k: int(v) for k, v in value.items()}
+        elif sub is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _int64_as_numbers(sub, item)
+        elif field.type in _INT64_TYPES:
+            doc[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxgate.core.instances import InstanceThread, set_exception, set_result
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.model import ModelVersion
-from onnxgate.core.stats import ExecutionTiming, VersionStats
+from onnxgate.core.serving.instances import InstanceThread, set_exception, set_result
+from onnxgate.core.serving.model import ModelVersion
+from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
 from onnxgate.errors import InferenceFailed, Overloaded, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 

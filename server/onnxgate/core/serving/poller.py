@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from onnxgate.core import model_config
-from onnxgate.core.manager import READY, ModelEntry, ModelManager, merge_config
-from onnxgate.core.repository import ModelSource, model_fingerprints
+from onnxgate.core.serving import model_config
+from onnxgate.core.serving.manager import READY, ModelEntry, ModelManager, merge_config
+from onnxgate.core.serving.source import ModelSource, model_fingerprints
 from onnxgate.errors import GatewayError
 
 log = logging.getLogger(__name__)

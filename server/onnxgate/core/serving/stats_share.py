@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from onnxgate.core.stats import INFERENCE_STAT_FIELDS, BatchStats, Duration, VersionStats
+from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, BatchStats, Duration, VersionStats
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 if TYPE_CHECKING:
-    from onnxgate.core.sample_config import SinkConfig
+    from onnxgate.core.monitoring.config import SinkConfig
 
 log = logging.getLogger("onnxgate.sample_log")
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
-from google.protobuf.descriptor import FieldDescriptor
 
-from onnxgate.core.tensors import BY_CONFIG, BY_ORT, DataType
+from onnxgate.core.serving.tensors import BY_CONFIG, BY_ORT, DataType
 from onnxgate.errors import ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
 
@@ -82,49 +81,6 @@ def parse_json(text: str) -> mc.ModelConfig:
     except json_format.ParseError as exc:
         raise ModelLoadError(f"config override: {exc}") from None
     return config
-
-
-def to_json_dict(config: mc.ModelConfig) -> dict:
-    """ModelConfig as Triton's JSON: proto field names, enum names, defaults included.
-
-    Like Triton's ``ModelConfigToJson``, 64-bit integers (``dims``, queue delays, ...) are JSON
-    numbers, not the strings of protobuf's JSON mapping.
-    """
-    doc = json_format.MessageToDict(config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    _int64_as_numbers(config.DESCRIPTOR, doc)
-    return doc
-
-
-_INT64_TYPES = frozenset(
-    {
-        FieldDescriptor.TYPE_INT64,
-        FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_SINT64,
-        FieldDescriptor.TYPE_FIXED64,
-        FieldDescriptor.TYPE_SFIXED64,
-    }
-)
-
-
-def _int64_as_numbers(descriptor, doc: dict) -> None:
-    """Turn the string-valued 64-bit integer fields of a MessageToDict result into ints, in place."""
-    for field in descriptor.fields:
-        value = doc.get(field.name)
-        if value is None:
-            continue
-        sub = field.message_type
-        if sub is not None and sub.GetOptions().map_entry:  # map keys stay strings, as in JSON
-            value_field = sub.fields_by_name["value"]
-            if value_field.message_type is not None:
-                for item in value.values():
-                    _int64_as_numbers(value_field.message_type, item)
-            elif value_field.type in _INT64_TYPES:
-                doc[field.name] = {k: int(v) for k, v in value.items()}
-        elif sub is not None:
-            for item in value if isinstance(value, list) else [value]:
-                _int64_as_numbers(sub, item)
-        elif field.type in _INT64_TYPES:
-            doc[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
 
 
 def _first_dim_dynamic(t: GraphTensor) -> bool:

@@ -10,20 +10,22 @@ task. Every task is owned here and awaited or cancelled on close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
-from onnxgate.core.comparison import Comparator
 from onnxgate.core.inference import InferRequest, InferResponse
-from onnxgate.core.router import Route, Target
-from onnxgate.core.sample_log import Sample, ShadowResult
+from onnxgate.core.traffic.comparison import Comparator
+from onnxgate.core.traffic.routes import Route, Target
 from onnxgate.errors import GatewayError, Overloaded
 
 log = logging.getLogger(__name__)
 
 RunShadow = Callable[[InferRequest, Target], Awaitable[InferResponse]]
+# (the primary's note, shadow target, its answer or error, the comparison or None): a mirrored
+# request that the caller noted is reported back once both answers are in (the sample log's hook).
+Report = Callable[[Any, str, InferResponse | None, BaseException | None, Mapping[str, Any] | None], None]
 
 
 class Mirror:
@@ -34,15 +36,10 @@ class Mirror:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._primary: asyncio.Future = loop.create_future()
 
-    def primary_done(self, response: InferResponse, latency_s: float, sample: Sample | None = None) -> None:
-        """The primary answered; ``sample`` (when sampled) is logged with the shadow's answer.
-
-        The sample lets go of the primary's batch now, not once the shadow is in."""
-        if sample is not None:
-            with contextlib.suppress(Exception):  # never fails the primary; offer tries again, and counts
-                sample.compact()
+    def primary_done(self, response: InferResponse, latency_s: float, note: Any = None) -> None:
+        """The primary answered; a ``note`` (not None) is reported with the shadow's answer."""
         if not self._primary.done():
-            self._primary.set_result((response, latency_s, sample))
+            self._primary.set_result((response, latency_s, note))
 
     def primary_failed(self) -> None:
         if not self._primary.done():
@@ -52,9 +49,9 @@ class Mirror:
 class ShadowRunner:
     """Owns every shadow task and each route's in-flight budget."""
 
-    def __init__(self, comparator: Comparator, offer: Callable[[Sample], object] | None = None) -> None:
+    def __init__(self, comparator: Comparator, report: Report | None = None) -> None:
         self.comparator = comparator
-        self.offer = offer  # the sample logger's offer, for sampled mirrored requests
+        self.report = report  # where noted mirrored requests go (the service's sample-log hook)
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: dict[str, int] = {}
 
@@ -96,7 +93,7 @@ class ShadowRunner:
                 if answer is not None:
                     self.comparator.record_failure(*pair, "primary_failed")
                 return
-            response, primary_latency, sample = outcome
+            response, primary_latency, note = outcome
             result = None
             if answer is not None:
                 result = self.comparator.record(
@@ -105,10 +102,8 @@ class ShadowRunner:
                     {o.name: o.data for o in answer.outputs},
                     shadow_latency - primary_latency,
                 )
-            if sample is not None and self.offer is not None:
-                sample.shadow = ShadowResult(str(shadow), answer, error)
-                sample.comparison = result
-                self.offer(sample)
+            if note is not None and self.report is not None:
+                self.report(note, str(shadow), answer, error, result)
         except asyncio.CancelledError:
             raise
         except Exception:  # a shadow must never take anything down

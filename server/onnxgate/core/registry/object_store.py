@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from onnxgate.core import model_config
-from onnxgate.core.repository import DEFAULT_MODEL_FILENAME, ModelSource
+from onnxgate.core.serving import model_config
+from onnxgate.core.serving.source import DEFAULT_MODEL_FILENAME, ModelSource
 from onnxgate.errors import GatewayError, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 

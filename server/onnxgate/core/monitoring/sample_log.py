@@ -53,9 +53,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from onnxgate.core.inference import InferRequest, InferResponse
-from onnxgate.core.sample_config import INCLUDE, SampleLogConfig
-from onnxgate.core.sample_memory import SAMPLE_OVERHEAD, headers_nbytes, held_nbytes, owned_copies
-from onnxgate.core.sinks import Sink, make_sink
+from onnxgate.core.monitoring.config import INCLUDE, SampleLogConfig
+from onnxgate.core.monitoring.sample_memory import SAMPLE_OVERHEAD, headers_nbytes, held_nbytes, owned_copies
+from onnxgate.core.monitoring.sinks import Sink, make_sink
 
 log = logging.getLogger("onnxgate.sample_log")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxgate.core import model_config, sessions
 from onnxgate.core.inference import InferInput
-from onnxgate.core.model_config import GraphTensor, TensorSpec
+from onnxgate.core.serving import model_config, sessions
+from onnxgate.core.serving.model_config import GraphTensor, TensorSpec
 from onnxgate.errors import InferenceFailed, InvalidInput, ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxgate.core.model_config import TensorSpec
+from onnxgate.core.serving.model_config import TensorSpec
 from onnxgate.errors import ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
 

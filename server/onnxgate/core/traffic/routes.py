@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from onnxgate.core.manager import parse_version
+from onnxgate.core.inference import parse_version
 from onnxgate.errors import InvalidInput
 
 

@@ -23,12 +23,13 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from onnxgate.core import model_config
-from onnxgate.core.batcher import Batcher, policy_from_config
+from onnxgate.core.inference import parse_version
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.model import LoadOptions, ModelVersion
-from onnxgate.core.repository import Fingerprint, ModelSource, Repository, fingerprint
-from onnxgate.core.stats import VersionStats
+from onnxgate.core.serving import model_config
+from onnxgate.core.serving.batcher import Batcher, policy_from_config
+from onnxgate.core.serving.model import LoadOptions, ModelVersion
+from onnxgate.core.serving.source import Fingerprint, ModelSource, ModelStore, fingerprint
+from onnxgate.core.serving.stats import VersionStats
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 
@@ -103,17 +104,6 @@ def merge_config(base: mc.ModelConfig, override: mc.ModelConfig) -> mc.ModelConf
     return out
 
 
-MAX_VERSION_DIGITS = 18  # versions are int64 in the model config
-
-
-def parse_version(text: str) -> int | None:
-    """A version as written in a request ("3"), or None when it is not one: ASCII digits only
-    (``"²".isdigit()`` is true, ``int("²")`` fails) and short enough for an int64."""
-    if text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS:
-        return int(text)
-    return None
-
-
 def pin_config(version: int) -> mc.ModelConfig:
     """An override that serves exactly ``version``."""
     config = mc.ModelConfig()
@@ -124,7 +114,7 @@ def pin_config(version: int) -> mc.ModelConfig:
 class ModelManager:
     """Owns every model entry; the only writer of their states."""
 
-    def __init__(self, repository: Repository, options: LoadOptions, metrics: Metrics | None = None) -> None:
+    def __init__(self, repository: ModelStore, options: LoadOptions, metrics: Metrics | None = None) -> None:
         self.repository = repository
         self.options = options
         self.metrics = metrics or Metrics()

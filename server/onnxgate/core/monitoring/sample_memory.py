@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from onnxgate.core.memory import buffer_nbytes, held_nbytes, objects_nbytes
+from onnxgate.core.serving.memory import buffer_nbytes, held_nbytes, objects_nbytes
 
 __all__ = ["SAMPLE_OVERHEAD", "headers_nbytes", "held_nbytes", "owned_copies"]
 

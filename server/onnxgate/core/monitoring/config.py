@@ -1,7 +1,7 @@
 """The ``sample_log:`` section of gateway.yaml, parsed into frozen dataclasses.
 
 Kept apart from ``sample_log.py`` (the logger) and ``sinks.py`` (the writers) so the config
-loader can import it without either. Errors are ``onnxgate.config.ConfigError`` naming the key.
+loader can import it without either. Errors are ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
@@ -12,39 +12,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from onnxgate.core.sections import check, parse_fields
+
 INCLUDE = ("inputs", "outputs", "shadow")
 SINK_TYPES = ("jsonl", "parquet", "http", "none")
-
-
-def parse_fields(cls: type, d: Any, section: str, allowed: set[str] | None = None) -> dict[str, Any]:
-    """Check a YAML mapping against a dataclass's defaults; the kwargs it gives, or ConfigError."""
-    check(isinstance(d, Mapping), f"{section} must be a mapping, got {type(d).__name__}")
-    defaults = cls()
-    allowed = allowed if allowed is not None else set(cls.__dataclass_fields__)
-    unknown = sorted(map(str, set(d) - allowed))
-    check(not unknown, f"unknown key(s) in {section}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        default = getattr(defaults, key)
-        expected = float if default is None else type(default)  # None defaults are optional floats
-        if value is None and default is None:
-            out[key] = None
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        wrong = not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool)
-        check(not wrong, f"{section}.{key} must be {expected.__name__}, got {value!r}")
-        out[key] = value
-    return out
-
-
-def check(ok: bool, message: str) -> None:
-    """Raise ``onnxgate.config.ConfigError(message)`` unless ``ok``."""
-    if not ok:
-        # Imported here, not at the top: onnxgate.config imports this module to parse its section.
-        from onnxgate.config import ConfigError
-
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +98,7 @@ class SampleLogConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SampleLogConfig:
-        """Parse the ``sample_log`` section; raises ``onnxgate.config.ConfigError``."""
+        """Parse the ``sample_log`` section; raises ``ConfigError``."""
         s = "sample_log"
         check(isinstance(d, Mapping), f"section '{s}' must be a mapping, got {type(d).__name__}")
         check("sink" in d, f"{s}.sink is required (type: parquet | jsonl | http | none)")

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from onnxgate.core.drift_stats import (
+from onnxgate.core.monitoring.drift_stats import (
     DriftDataError,
     FeatureDrift,
     FeatureTable,
@@ -50,9 +50,9 @@ from onnxgate.core.drift_stats import (
     feature_names,
     load_features,
 )
-from onnxgate.core.sample_config import check, parse_fields
-from onnxgate.core.sample_log import rfc3339
-from onnxgate.core.sinks import encode_json, post
+from onnxgate.core.monitoring.sample_log import rfc3339
+from onnxgate.core.monitoring.sinks import encode_json, post
+from onnxgate.core.sections import check, parse_fields
 
 log = logging.getLogger("onnxgate.drift")
 
@@ -85,7 +85,7 @@ class DriftConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftConfig:
-        """Parse the section; raises ``onnxgate.config.ConfigError``."""
+        """Parse the section; raises ``ConfigError``."""
         check(isinstance(d, Mapping), f"section 'drift' must be a mapping, got {type(d).__name__}")
         values = parse_fields(cls, {k: v for k, v in d.items() if k != "models"}, "drift")
         models = d.get("models") or {}
