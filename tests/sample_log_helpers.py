@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
 from onnxgate.core.monitoring.config import SampleLogConfig
-from onnxgate.core.monitoring.sample_log import Sample, SampleLogger
+from onnxgate.core.monitoring.records import Sample
+from onnxgate.core.monitoring.sample_log import SampleLogger
 
 
 class Collector:

@@ -21,7 +21,8 @@ from onnxgate.core.inference import InferInput, InferOutput, InferRequest, Infer
 from onnxgate.core.monitoring.config import SampleLogConfig
 from onnxgate.core.monitoring.drift import DriftConfig, DriftMetrics, DriftMonitor, LiveDrift, _Ring
 from onnxgate.core.monitoring.drift_stats import Thresholds, compare_feature
-from onnxgate.core.monitoring.sample_log import Sample, SampleLogger
+from onnxgate.core.monitoring.records import Sample
+from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.errors import ConfigError
 
 COLORS = np.array(["red", "green", "blue"])

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from onnxgate.core.inference import InferOutput, InferResponse
 from onnxgate.core.monitoring.config import SampleLogConfig
 from onnxgate.core.monitoring.drift_stats import log_files, read_records
-from onnxgate.core.monitoring.sample_log import Sample, SampleLogger, ShadowResult, make_record
+from onnxgate.core.monitoring.records import Sample, ShadowResult, make_record
+from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.errors import ConfigError, InvalidInput
 from sample_log_helpers import Collector, cfg, run, sample, tiny_tmpfs, value, write_all
 

@@ -14,7 +14,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
-from onnxgate.core.monitoring.sample_log import Sample, SampleLogger, ShadowResult
+from onnxgate.core.monitoring.records import Sample, ShadowResult
+from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.monitoring.sample_memory import SAMPLE_OVERHEAD, held_nbytes
 from onnxgate.core.monitoring.sinks import Sink
 from sample_log_helpers import cfg, run, value

@@ -19,7 +19,8 @@ from onnxgate import __version__
 from onnxgate.core.admission import DecodeBudget, Hold
 from onnxgate.core.inference import InferOutput, InferRequest, InferResponse, parse_version
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.monitoring.sample_log import Sample, SampleLogger, ShadowResult
+from onnxgate.core.monitoring.records import Sample, ShadowResult
+from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.serving import manager as manager_mod
 from onnxgate.core.serving import model_config
 from onnxgate.core.serving.manager import IndexRow, ModelManager, VersionEntry

@@ -20,7 +20,7 @@ SINK_TYPES = ("jsonl", "parquet", "http", "none")
 
 @dataclass(frozen=True, slots=True)
 class SinkConfig:
-    """``sample_log.sink``: where records go (see ``core/sinks.py``)."""
+    """``sample_log.sink``: where records go (see ``sinks.py``)."""
 
     type: str = "jsonl"  # jsonl | parquet | http | none (sampled only for observers such as live drift)
     path: str = ""  # files: the directory

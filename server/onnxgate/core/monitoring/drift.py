@@ -50,8 +50,9 @@ from onnxgate.core.monitoring.drift_stats import (
     feature_names,
     load_features,
 )
-from onnxgate.core.monitoring.sample_log import rfc3339
-from onnxgate.core.monitoring.sinks import encode_json, post
+from onnxgate.core.monitoring.http_sink import post
+from onnxgate.core.monitoring.records import rfc3339
+from onnxgate.core.monitoring.sinks import encode_json
 from onnxgate.core.sections import check, parse_fields
 
 log = logging.getLogger("onnxgate.drift")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from onnxgate.core.monitoring.sinks import JSON_COLUMNS
+from onnxgate.core.monitoring.file_sinks import JSON_COLUMNS
 
 _EPS = 1e-4
 
