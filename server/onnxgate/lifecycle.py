@@ -36,7 +36,9 @@ from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.http_app import HttpApp
-from onnxgate.listeners import HttpServer, RpcCutter, drain_grpc, grpc_options, listen
+from onnxgate.listeners.grpc_server import RpcCutter, drain_grpc, grpc_options
+from onnxgate.listeners.http_server import HttpServer
+from onnxgate.listeners.sockets import listen
 from onnxgate.supervisor import watch_supervisor, worker_info, worker_stats_dir
 
 log = logging.getLogger("onnxgate")

@@ -1,4 +1,4 @@
-"""The listeners: uvicorn (httptools) and grpc.aio with connection limits, drained to one deadline.
+"""The HTTP listener: uvicorn (httptools) with connection limits, drained to one deadline.
 
 HTTP limits uvicorn's httptools protocol does not have, added by :class:`LimitedHttpProtocol`:
 
@@ -18,9 +18,9 @@ A refusal is written, then the write side is shut (FIN) and what the client stil
 and dropped for up to :data:`_LINGER_S` ("lingering close"), so that a client still sending reads
 the answer instead of a connection reset.
 
-The drain: :meth:`HttpServer.drain` and :func:`drain_grpc` stop accepting at once, let in-flight
-requests run until the deadline, then cut what is left: HTTP requests are answered 503, gRPC
-calls UNAVAILABLE (through :class:`RpcCutter`), not dropped.
+The drain: :meth:`HttpServer.drain` stops accepting at once, lets in-flight requests run until
+the deadline, then cuts what is left: those requests are answered 503, not dropped (the gRPC
+listener's drain is :func:`onnxgate.listeners.grpc_server.drain_grpc`).
 """
 
 from __future__ import annotations
@@ -36,20 +36,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from onnxgate.config import ServerConfig
 from onnxgate.frontends.status import CUT_MESSAGE
+from onnxgate.listeners.sockets import ANSWER_S
 
 log = logging.getLogger("onnxgate")
 
 _LINGER_S = 2.0  # how long a refused connection's further input is read and dropped
-_ANSWER_S = 0.5  # after the deadline: how long cut requests get to send their 503 / UNAVAILABLE
 _POLL_S = 0.05  # how often the HTTP drain looks whether the connections have gone
-_INT32_MAX = 2**31 - 1
 _FOREVER_S = 10.0**9  # a keep-alive timeout of 0 means none
 
 
@@ -348,129 +346,8 @@ class HttpServer(uvicorn.Server):
                 log.warning("drain timeout: answering %d unfinished HTTP request(s) 503", len(tasks))
                 for task in tasks:
                     task.cancel()
-                await asyncio.wait(tasks, timeout=_ANSWER_S)
+                await asyncio.wait(tasks, timeout=ANSWER_S)
             for connection in list(state.connections):
                 connection.transport.close()
         if not self.force_exit:
             await self.lifespan.shutdown()
-
-
-def listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket for uvicorn."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
-# -- gRPC -----------------------------------------------------------------------------------------
-def grpc_options(s: ServerConfig, reuse_port: bool) -> list[tuple[str, int]]:
-    """grpc.aio server options for the limits of ``s``."""
-
-    def ms(seconds: float) -> int:
-        return min(_INT32_MAX, round(seconds * 1000))
-
-    options = [
-        ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
-        ("grpc.max_send_message_length", s.grpc_max_message_bytes),
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
-        # One hard limit, so that no request below it is refused at random (grpc's default soft
-        # limit refuses a random share of those between it and the hard one).
-        ("grpc.max_metadata_size", s.grpc_max_metadata_bytes),
-        ("grpc.absolute_max_metadata_size", s.grpc_max_metadata_bytes),
-        # Pings clients may send: closer together than this without data is a strike.
-        ("grpc.http2.min_ping_interval_without_data_ms", ms(s.grpc_min_client_ping_interval_s)),
-        ("grpc.http2.max_ping_strikes", s.grpc_max_ping_strikes),
-        # The server's own keepalive pings go on while a call is open but quiet (a stream).
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-    optional = [
-        ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams, int),
-        ("grpc.keepalive_time_ms", s.grpc_keepalive_time_s, ms),
-        ("grpc.keepalive_timeout_ms", s.grpc_keepalive_timeout_s, ms),
-        ("grpc.max_connection_idle_ms", s.grpc_max_connection_idle_s, ms),
-        ("grpc.max_connection_age_ms", s.grpc_max_connection_age_s, ms),
-    ]
-    options += [(name, convert(value)) for name, value, convert in optional if value]
-    if s.grpc_max_connection_age_s:  # 0 = calls open at the GOAWAY may run until they end
-        options.append(("grpc.max_connection_age_grace_ms", ms(s.grpc_max_connection_age_grace_s) or _INT32_MAX))
-    return options
-
-
-class RpcCutter:
-    """Knows the task of every running call, so that the drain can cut them at its deadline:
-    each then answers UNAVAILABLE, where grpc's own grace timer would cancel it without a word
-    (the client would see CANCELLED). It wraps the method behaviours when they are registered
-    (:meth:`wrap`), not as a grpc.aio interceptor, which would add a coroutine to every call."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task] = set()
-        self._cut = False
-
-    def wrap(self, behaviour: Any, streaming: bool) -> Any:
-        """A method behaviour (a coroutine function, or an async generator function when
-        ``streaming``) that the drain can cut."""
-        return self._stream(behaviour) if streaming else self._unary(behaviour)
-
-    def cut(self) -> int:
-        """Cancel every running call; returns how many."""
-        self._cut = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        return len(tasks)
-
-    async def _answer_cut(self, task: asyncio.Task, context: grpc.aio.ServicerContext) -> None:
-        """In a call's ``except CancelledError``: the drain's cut is answered UNAVAILABLE; any
-        other cancellation goes on."""
-        if not self._cut:
-            raise asyncio.CancelledError
-        task.uncancel()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
-
-    def _unary(self, behaviour: Any) -> Any:
-        async def cuttable(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            task = asyncio.current_task()
-            assert task is not None
-            self._tasks.add(task)
-            try:
-                return await behaviour(request, context)
-            except asyncio.CancelledError:
-                await self._answer_cut(task, context)
-            finally:
-                self._tasks.discard(task)
-
-        return cuttable
-
-    def _stream(self, behaviour: Any) -> Any:
-        async def cuttable(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            task = asyncio.current_task()
-            assert task is not None
-            self._tasks.add(task)
-            replies = behaviour(requests, context)
-            try:
-                async for reply in replies:
-                    yield reply
-            except asyncio.CancelledError:
-                await self._answer_cut(task, context)
-            finally:
-                self._tasks.discard(task)
-                await replies.aclose()
-
-        return cuttable
-
-
-async def drain_grpc(server: grpc.aio.Server, cutter: RpcCutter, deadline: float) -> None:
-    """Stop accepting calls; let running ones finish until ``deadline`` (loop time), then cut
-    them (UNAVAILABLE). grpc's grace timer, just after, cancels any that did not answer."""
-    remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-    stopping = asyncio.ensure_future(server.stop(remaining + _ANSWER_S))
-    done, _ = await asyncio.wait({stopping}, timeout=remaining)
-    if not done and (cut := cutter.cut()):
-        log.warning("drain timeout: answering %d unfinished gRPC call(s) UNAVAILABLE", cut)
-    await stopping
