@@ -1,1 +1,16 @@
-"""The serving core: models, scheduling, statistics and metrics. Knows nothing of gRPC or HTTP."""
+"""The gateway's core: everything between a decoded request and its answer. Knows nothing of
+gRPC or HTTP, and imports no front end.
+
+Capabilities, one package each (ARCHITECTURE.md has the map and the import rule, which
+``tests/test_architecture.py`` enforces):
+
+- ``serving``: datatypes, model config, sessions, one model version, the batcher, the manager
+  (lifecycle and swap), the poller, statistics;
+- ``registry``: where models come from (a local directory, an object store, MLflow);
+- ``traffic``: routes, shadow traffic and the comparison of answers;
+- ``monitoring``: the sample log (records, sinks) and drift.
+
+At the top: ``service`` (the one entry point for front ends) and ``admission`` (the request
+memory budget) above the capabilities; ``inference`` (the request and response), ``metrics``
+(the Prometheus families) and ``sections`` (config-section parsing) below them, imported by all.
+"""

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxgate.errors import InvalidInput
+
 Parameters = dict[str, Any]
 
 
@@ -79,3 +81,18 @@ class InferResponse:
     def nbytes(self) -> int:
         """The outputs' array bytes (a BYTES element counts as its pointer): what encoding costs."""
         return sum(o.data.nbytes for o in self.outputs)
+
+
+_MAX_TIMEOUT_US = (1 << 63) - 1  # an int64, as Triton's parameter
+
+
+def timeout_us(request: InferRequest) -> int | None:
+    """The request's ``timeout`` parameter (microseconds; Triton's), or None when it has none."""
+    value = request.parameters.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TIMEOUT_US:
+        raise InvalidInput(
+            f"parameter 'timeout' must be an integer of 0..{_MAX_TIMEOUT_US} (microseconds), got {value!r:.40}"
+        )
+    return value

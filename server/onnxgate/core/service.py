@@ -13,11 +13,9 @@ from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from onnxgate import __version__
 from onnxgate.core.admission import DecodeBudget, Hold
-from onnxgate.core.inference import InferOutput, InferRequest, InferResponse, parse_version
+from onnxgate.core.inference import InferRequest, InferResponse, parse_version, timeout_us
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.monitoring.records import Sample, ShadowResult
 from onnxgate.core.monitoring.sample_log import SampleLogger
@@ -25,7 +23,7 @@ from onnxgate.core.serving import manager as manager_mod
 from onnxgate.core.serving import model_config
 from onnxgate.core.serving.manager import IndexRow, ModelManager, VersionEntry
 from onnxgate.core.serving.memory import held_nbytes
-from onnxgate.core.serving.model import ModelVersion
+from onnxgate.core.serving.outputs import classification, make_output
 from onnxgate.core.serving.stats import VersionStats
 from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.core.traffic.comparison import Comparator
@@ -380,12 +378,12 @@ class InferenceService:
             assert model is not None and stats is not None and scheduler is not None
             feeds, rows = model.validate(request.inputs)
             wanted = model.check_outputs([o.name for o in request.outputs])
-            classify = _classification(request, model)
+            classify = classification(request, model)
             # What the queue holds: each tensor's bytes (views of one body add up to the body);
             # BYTES tensors with their strings.
             nbytes = sum(held_nbytes(a) if a.dtype.hasobject else a.nbytes for a in feeds.values())
-            results, timing = await scheduler.submit(feeds, rows, wanted, _timeout_us(request), shadow, nbytes)
-            outputs = [_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
+            results, timing = await scheduler.submit(feeds, rows, wanted, timeout_us(request), shadow, nbytes)
+            outputs = [make_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:
             elapsed = time.perf_counter_ns() - start
             version = str(ver.version) if ver is not None else ""
@@ -410,53 +408,3 @@ def _shadow_logger(sampler: SampleLogger) -> Report:
         sampler.offer(sample)
 
     return report
-
-
-_MAX_TIMEOUT_US = (1 << 63) - 1  # an int64, as Triton's parameter
-
-
-def _timeout_us(request: InferRequest) -> int | None:
-    value = request.parameters.get("timeout")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_TIMEOUT_US:
-        raise InvalidInput(
-            f"parameter 'timeout' must be an integer of 0..{_MAX_TIMEOUT_US} (microseconds), got {value!r:.40}"
-        )
-    return value
-
-
-def _classification(request: InferRequest, model: ModelVersion) -> dict[str, int]:
-    wanted: dict[str, int] = {}
-    for out in request.outputs:
-        k = out.parameters.get("classification")
-        if k is None:
-            continue
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInput(f"output '{out.name}': classification must be a positive integer, got {k!r}")
-        spec = model.outputs[out.name]
-        if spec.dtype.v2 == "BYTES" or spec.dtype.v2 == "BOOL":
-            raise InvalidInput(f"output '{out.name}': classification needs a numeric output, not {spec.dtype.v2}")
-        wanted[out.name] = k
-    return wanted
-
-
-def _output(model: ModelVersion, name: str, arr: np.ndarray, classify: int) -> InferOutput:
-    spec = model.outputs[name]
-    if not classify:
-        return InferOutput(name, spec.dtype.v2, list(arr.shape), arr)
-    # Top-k classes per batch row (or of the whole tensor without a batch dimension), as
-    # "value:index" strings, highest first, like Triton's classification extension.
-    rows = arr.reshape(arr.shape[0], -1) if model.batched else arr.reshape(1, -1)
-    n = rows.shape[1]
-    k = min(classify, n)
-    # Descending order, ties by lower index, without negating (which overflows integers).
-    top = (n - 1 - np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1])[:, :k]
-    values = np.take_along_axis(rows, top, axis=1)
-    fmt = "{:f}:{}" if values.dtype.kind == "f" else "{}:{}"
-    labels = np.array(
-        [fmt.format(v, i) for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)], dtype=object
-    ).reshape(values.shape)
-    if not model.batched:
-        labels = labels.reshape(k)
-    return InferOutput(name, "BYTES", list(labels.shape), labels)
