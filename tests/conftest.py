@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # gateway, modelzoo and the helpers
 sys.path.insert(1, str(Path(__file__).parent.parent))  # the repository root, for loadtests
 
 import modelzoo

@@ -1,7 +1,7 @@
 """Server subprocesses for the benchmark: the gateway and the echo servers, optionally pinned.
 
 Both log ``listening: http H:P, grpc H:P, metrics H:P`` and then `` ready: `` on stderr (the same
-idea as ``tests/gateway.py``'s ``GatewayProcess``, plus CPU pinning with ``taskset``).
+idea as ``tests/support/gateway.py``'s ``GatewayProcess``, plus CPU pinning with ``taskset``).
 """
 
 from __future__ import annotations

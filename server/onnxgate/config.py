@@ -83,7 +83,7 @@ class ServerConfig:
     http_backlog: int = 2048  # the kernel's queue of connections not yet accepted
     # Calls at once per connection. Beyond it grpc refuses streams a client opened before it saw the
     # limit (RST_STREAM REFUSED_STREAM: UNAVAILABLE): at 100, one busy channel got ~15% of its calls
-    # refused in tests/test_overload.py, so the default only stops a connection hoarding streams.
+    # refused in tests/robustness/test_overload.py, so the default only stops a connection hoarding streams.
     grpc_max_concurrent_streams: int = 1000
     grpc_max_metadata_bytes: int = 32 * 1024  # request metadata; beyond: RESOURCE_EXHAUSTED
     grpc_keepalive_time_s: float = 60.0  # ping a connection with calls open that went quiet this long

@@ -8,7 +8,7 @@
 
 REF is training data (Parquet, CSV or NPZ) or an earlier sample-log directory; PATH is a
 sample-log directory (JSONL and Parquet files). Features, sources and statistics are described
-in ``core/drift_stats.py``. Writes the HTML report (``--out``, one reference/current histogram
+in ``core/monitoring/drift_stats.py``. Writes the HTML report (``--out``, one reference/current histogram
 pair per feature) and its JSON summary beside it (same name, ``.json``); prints the summary
 (``--json``: the JSON). Exit status: 0 no feature drifted, 1 some feature crossed a threshold,
 2 usage error (bad paths, unreadable files, no records for the model, nothing to compare).

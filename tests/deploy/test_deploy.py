@@ -26,7 +26,7 @@ import yaml
 
 from gateway import GatewayProcess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.30"
 UID = 10001
@@ -171,7 +171,7 @@ def test_every_copy_source_exists_in_the_build_context():
         assert (ROOT / src).exists(), f"COPY source {src} is not in the repository"
         assert not excluded(src), f"COPY source {src} is excluded by .dockerignore"
     assert not excluded("server/onnxgate/cli.py") and not excluded("client/onnxgate_client/pb/grpc_service_pb2.py")
-    assert excluded("tests/test_deploy.py") and excluded("server/onnxgate/__pycache__/cli.cpython-311.pyc")
+    assert excluded("tests/deploy/test_deploy.py") and excluded("server/onnxgate/__pycache__/cli.cpython-311.pyc")
     assert excluded(".git/HEAD") and excluded(".venv/bin/python")
 
 

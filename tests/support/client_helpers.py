@@ -1,4 +1,4 @@
-"""Plain helpers the client test modules share (tests/client is on sys.path, as pytest puts it there)."""
+"""Plain helpers the client test modules share."""
 
 from __future__ import annotations
 

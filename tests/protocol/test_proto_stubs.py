@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2 as tc_service_pb2
 
 from onnxgate_client.pb import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATE = REPO_ROOT / "proto" / "generate.py"
 PB_DIR = REPO_ROOT / "client" / "onnxgate_client" / "pb"
 

@@ -20,7 +20,7 @@ import swap_helpers as sh
 from gateway import GatewayProcess, wait_until
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
-from test_accepted import GAP_S, SLOW, Call
+from queue_helpers import GAP_S, SLOW, Call
 
 
 def _raw_http(gw, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
