@@ -35,6 +35,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="budget of the whole drain after the delay: in-flight requests finish within it, then what is "
         "left is answered 503/UNAVAILABLE and files are closed (default 30)",
     )
+    p.add_argument("--tls-cert-file", help="PEM certificate chain: serve HTTP and gRPC over TLS (with --tls-key-file)")
+    p.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
+    p.add_argument(
+        "--tls-client-ca-file",
+        help="PEM CA bundle: require client certificates it signed (mTLS) on every endpoint but health",
+    )
     p.add_argument("--grpc-max-message-bytes", type=int, help="gRPC message size limit (default 256 MiB)")
     p.add_argument("--http-max-body-bytes", type=int, help="HTTP body size limit (default 256 MiB)")
     _limit_arguments(p)
@@ -134,6 +140,9 @@ _SERVER_KEYS = (
     "grpc_max_metadata_bytes",
     "grpc_max_connection_idle_s",
     "grpc_max_connection_age_s",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
 )
 
 

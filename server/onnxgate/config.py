@@ -24,10 +24,11 @@ import yaml
 from onnxgate.core.monitoring.config import SampleLogConfig
 from onnxgate.core.monitoring.drift import DriftConfig
 from onnxgate.core.registry.config import RegistryConfig
+from onnxgate.core.security.config import SecurityConfig
 from onnxgate.core.traffic.routes import Route, parse_routes
 from onnxgate.errors import ConfigError, InvalidInput
 
-SECTIONS = ("server", "routes", "sample_log", "drift", "registry")
+SECTIONS = ("server", "routes", "sample_log", "drift", "registry", "security")
 
 
 # Limits where 0 means "off" (the keepalive pair: gRPC's defaults, 2 h and 20 s; the client-ping
@@ -95,6 +96,10 @@ class ServerConfig:
     grpc_max_connection_age_grace_s: float = 0.0
     grpc_min_client_ping_interval_s: float = 10.0  # client pings closer together without data are strikes
     grpc_max_ping_strikes: int = 2  # strikes before the connection is closed (GOAWAY too_many_pings)
+    # TLS on the HTTP and gRPC ports (SECURITY.md): both files or neither; re-read on SIGHUP.
+    tls_cert_file: str = ""  # PEM certificate chain
+    tls_key_file: str = ""  # PEM private key
+    tls_client_ca_file: str = ""  # PEM CA bundle: client certificates are verified and required (mTLS)
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in ("none", "poll", "explicit"):
@@ -127,6 +132,10 @@ class ServerConfig:
             raise ConfigError(
                 f"server.max_queued_bytes_per_model must be >= 0 (0 = off), got {self.max_queued_bytes_per_model}"
             )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("server.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file")
         for name in _OFF_WHEN_ZERO:
             value = getattr(self, name)
             if value < 0 or value > _MAX_LIMIT:
@@ -142,6 +151,7 @@ class GatewayConfig:
     sample_log: SampleLogConfig | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     path: str = ""  # the file it was read from ("" = none), for SIGHUP re-reads
 
 
@@ -216,6 +226,7 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         sample_log=sample_log,
         drift=drift,
         registry=RegistryConfig.from_dict(doc.get("registry")),
+        security=SecurityConfig.from_dict(doc.get("security")),
         path=str(path) if path is not None else "",
     )
 

@@ -6,6 +6,8 @@
     ├── InvalidInput        the request is malformed or does not match the model
     │   └── PayloadTooLarge the request is larger than its model can accept
     ├── ModelNotFound       unknown model or version
+    ├── Unauthenticated     no credentials, or credentials the gateway does not know
+    ├── PermissionDenied    known credentials without the scope the endpoint needs
     ├── Unavailable         the model, version or server cannot serve now
     │   └── Draining        the server is shutting down
     ├── Overloaded          a bounded queue is full; retry later
@@ -45,6 +47,14 @@ class PayloadTooLarge(InvalidInput):
 
 class ModelNotFound(GatewayError):
     """The model or version does not exist."""
+
+
+class Unauthenticated(GatewayError):
+    """The request carries no token (or client certificate) the gateway accepts."""
+
+
+class PermissionDenied(GatewayError):
+    """The caller is known but lacks the scope the endpoint needs (or admin is closed by default)."""
 
 
 class Unavailable(GatewayError):

@@ -13,6 +13,8 @@ from onnxgate.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
     Unsupported,
 )
@@ -25,6 +27,8 @@ _TABLE: tuple[tuple[type[GatewayError], int, grpc.StatusCode], ...] = (
     (PayloadTooLarge, 413, grpc.StatusCode.INVALID_ARGUMENT),  # no valid request is this large: do not retry
     (InvalidInput, 400, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, 404, grpc.StatusCode.NOT_FOUND),
+    (Unauthenticated, 401, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, 403, grpc.StatusCode.PERMISSION_DENIED),
     (Draining, 503, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, 503, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
