@@ -17,14 +17,19 @@ import orjson
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
 from onnxgate.core.inference import InferRequest, InferResponse, parse_version
+from onnxgate.core.security.access import AccessPolicy, Principal
+from onnxgate.core.security.audit import AuditLog
+from onnxgate.core.security.config import SecurityConfig
 from onnxgate.core.service import InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge, Unsupported
 from onnxgate.frontends import http_codec
+from onnxgate.frontends.endpoints import ENDPOINTS, Endpoint, HttpRouter
 from onnxgate.frontends.status import CUT_MESSAGE, http_status
 
 log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
+Params = dict[str, str]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
@@ -54,10 +59,22 @@ def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = 
 class HttpApp:
     """ASGI application serving the Open Inference Protocol REST API."""
 
-    def __init__(self, service: InferenceService, max_body_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        max_body_bytes: int = 1 << 30,
+        access: AccessPolicy | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
+        self.access = access if access is not None else AccessPolicy(SecurityConfig(), "127.0.0.1")
+        self.audit = audit
         self.cut = False  # set by the drain at its deadline: a request it then cancels is answered 503
+        self.router = HttpRouter()
+        self._handlers: dict[str, Callable[[Params, Scope, Receive], Awaitable[_Reply]]] = {
+            e.name: getattr(self, "_" + e.name.replace(".", "_")) for e in ENDPOINTS if e.http
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -93,110 +110,130 @@ class HttpApp:
         parts = [unquote(p) for p in raw_path.split(b"?", 1)[0].decode("latin-1").split("/")[1:]]
         if parts and parts[-1] == "":
             parts.pop()
-        method = scope["method"]
-        if not parts or parts[0] != "v2":
+        found = self.router.match(parts)
+        if found is None:
             return _error(404, f"no such endpoint: {scope['path']}")
-        rest = parts[1:]
-        svc = self.service
-        if not rest:
-            return self._only(method, "GET") or _ok(orjson.dumps(svc.server_metadata()))
-        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
-            if bad := self._only(method, "GET"):
-                return bad
-            ok = svc.live if rest[1] == "live" else (svc.ready and not svc.draining)
-            return _ok() if ok else _error(503, f"server is not {rest[1]}")
-        if rest[0] == "models":
-            return await self._model_route(method, rest[1:], scope, receive)
-        if rest[0] == "routes":
-            return await self._routes_route(method, rest[1:], receive)
-        if rest[0] == "repository":
-            return await self._repository_route(method, rest[1:], receive)
-        return _error(404, f"no such endpoint: {scope['path']}")
-
-    @staticmethod
-    def _only(method: str, allowed: str) -> _Reply | None:
-        if method != allowed:
+        methods, params = found
+        method = scope["method"]
+        endpoint = methods.get(method)
+        if endpoint is None:
+            allowed = ", ".join(methods)
             return _error(405, f"method {method} not allowed; use {allowed}", [(b"allow", allowed.encode())])
-        return None
+        if "version" in params and parse_version(params["version"]) is None:
+            raise ModelNotFound(
+                f"unknown version '{params['version']}' of model '{params['model']}': versions are integers"
+            )
+        handler = self._handlers[endpoint.name]
+        if not self.access.guards(endpoint.scope):
+            return await handler(params, scope, receive)
+        principal = self._check(endpoint, params, scope)
+        if endpoint.scope != "admin":
+            return await handler(params, scope, receive)
+        try:
+            reply = await handler(params, scope, receive)
+        except GatewayError as exc:
+            self._audit(principal.name, endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
+            raise
+        self._audit(principal.name, endpoint, params, scope, "ok" if reply.status < 400 else str(reply.status))
+        return reply
 
-    async def _model_route(self, method: str, rest: list[str], scope: Scope, receive: Receive) -> _Reply:
-        svc = self.service
-        if rest == ["stats"]:
-            return self._only(method, "GET") or _ok(http_codec.stats_json(svc.statistics()))
-        if not rest:
-            return _error(404, "missing model name")
-        name, rest = rest[0], rest[1:]
-        version = ""
-        if len(rest) >= 2 and rest[0] == "versions":
-            version, rest = rest[1], rest[2:]
-            if parse_version(version) is None:
-                raise ModelNotFound(f"unknown version '{version}' of model '{name}': versions are integers")
-        action = rest[0] if len(rest) == 1 else ("" if not rest else None)
-        if action == "infer":
-            if bad := self._only(method, "POST"):
-                return bad
-            return await self._infer(name, version, scope, receive)
-        if action == "":
-            return self._only(method, "GET") or _ok(http_codec.metadata_json(svc.model_metadata(name, version)))
-        if action == "ready":
-            if bad := self._only(method, "GET"):
-                return bad
-            if svc.model_ready(name, version):
-                return _ok()
-            return _error(503, f"model '{name}'" + (f" version {version}" if version else "") + " is not ready")
-        if action == "config":
-            if bad := self._only(method, "GET"):
-                return bad
-            return _ok(http_codec.config_json(svc.model_config(name, version)))
-        if action == "stats":
-            return self._only(method, "GET") or _ok(http_codec.stats_json(svc.statistics(name, version)))
-        return _error(404, f"no such endpoint for model '{name}'")
+    def _check(self, endpoint: Endpoint, params: dict[str, str], scope: Scope) -> Principal:
+        """The caller, or the refusal (audited for admin endpoints)."""
+        authorization = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        tls = (scope.get("extensions") or {}).get("tls") or {}
+        try:
+            return self.access.check(
+                endpoint.scope, endpoint.read_only, authorization, _peer(scope), bool(tls.get("client_cert_chain"))
+            )
+        except GatewayError as exc:
+            if endpoint.scope == "admin":
+                self._audit("", endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
+            raise
 
-    async def _routes_route(self, method: str, rest: list[str], receive: Receive) -> _Reply:
-        """GET /v2/routes; GET|PUT|DELETE /v2/routes/{name}; GET /v2/routes/{name}/comparison."""
+    def _audit(self, token: str, endpoint: Endpoint, params: dict[str, str], scope: Scope, result: str) -> None:
+        if self.audit is not None:
+            self.audit.record(token, _peer(scope), endpoint.name, params.get(endpoint.target, ""), result)
+
+    # -- handlers: one per endpoint of ``endpoints.ENDPOINTS`` with HTTP routes ------------------
+    async def _health_live(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok() if self.service.live else _error(503, "server is not live")
+
+    async def _health_ready(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         svc = self.service
-        if not rest:
-            return self._only(method, "GET") or _ok(orjson.dumps([r.to_dict() for r in svc.routes.routes.values()]))
-        name = rest[0]
-        if rest[1:] == ["comparison"]:
-            return self._only(method, "GET") or _ok(orjson.dumps(svc.comparison(name)))
-        if len(rest) != 1:
-            return _error(404, "no such routes endpoint")
-        if method == "GET":
-            route = svc.routes.get(name)
-            if route is None:
-                raise ModelNotFound(f"unknown route '{name}'")
-            return _ok(orjson.dumps(route.to_dict()))
-        if method == "PUT":
-            doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
-            if doc.get("name", name) != name:
-                raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
-            route = svc.put_route({**doc, "name": name})
-            return _ok(orjson.dumps(route.to_dict()))
-        if method == "DELETE":
-            svc.delete_route(name)
+        return _ok() if svc.ready and not svc.draining else _error(503, "server is not ready")
+
+    async def _server_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(orjson.dumps(self.service.server_metadata()))
+
+    async def _model_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        meta = self.service.model_metadata(params["model"], params.get("version", ""))
+        return _ok(http_codec.metadata_json(meta))
+
+    async def _model_ready(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        name, version = params["model"], params.get("version", "")
+        if self.service.model_ready(name, version):
             return _ok()
-        return _error(405, f"method {method} not allowed; use GET, PUT or DELETE", [(b"allow", b"GET, PUT, DELETE")])
+        return _error(503, f"model '{name}'" + (f" version {version}" if version else "") + " is not ready")
 
-    async def _repository_route(self, method: str, rest: list[str], receive: Receive) -> _Reply:
-        if bad := self._only(method, "POST"):
-            return bad
-        body = await self._body(receive, CONTROL_BODY_LIMIT)
-        svc = self.service
-        if rest == ["index"]:
-            doc = http_codec.parse_json_object(body)
-            return _ok(http_codec.index_json(svc.repository_index(bool(doc.get("ready", False)))))
-        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
-            doc = http_codec.parse_json_object(body)
-            params = doc.get("parameters") or {}
-            if not isinstance(params, dict):
-                raise InvalidInput("'parameters' must be an object")
-            if rest[2] == "load":
-                await svc.load_model(rest[1], params)
-            else:
-                await svc.unload_model(rest[1])
-            return _ok()
-        return _error(404, "no such repository endpoint")
+    async def _model_config(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(http_codec.config_json(self.service.model_config(params["model"], params.get("version", ""))))
+
+    async def _model_infer(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return await self._infer(params["model"], params.get("version", ""), scope, receive)
+
+    async def _stats_all(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(http_codec.stats_json(self.service.statistics()))
+
+    async def _stats_model(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(http_codec.stats_json(self.service.statistics(params["model"], params.get("version", ""))))
+
+    async def _repository_index(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
+        return _ok(http_codec.index_json(self.service.repository_index(bool(doc.get("ready", False)))))
+
+    async def _repository_load(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        await self.service.load_model(params["model"], await self._load_parameters(receive))
+        return _ok()
+
+    async def _repository_unload(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        await self._load_parameters(receive)  # checked, not used
+        await self.service.unload_model(params["model"])
+        return _ok()
+
+    async def _load_parameters(self, receive: Receive) -> dict[str, Any]:
+        doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
+        params = doc.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        return params
+
+    async def _routes_list(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(orjson.dumps([r.to_dict() for r in self.service.routes.routes.values()]))
+
+    async def _routes_get(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        route = self.service.routes.get(params["route"])
+        if route is None:
+            raise ModelNotFound(f"unknown route '{params['route']}'")
+        return _ok(orjson.dumps(route.to_dict()))
+
+    async def _routes_put(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        name = params["route"]
+        doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
+        if doc.get("name", name) != name:
+            raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
+        route = self.service.put_route({**doc, "name": name})
+        return _ok(orjson.dumps(route.to_dict()))
+
+    async def _routes_delete(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        self.service.delete_route(params["route"])
+        return _ok()
+
+    async def _routes_comparison(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(orjson.dumps(self.service.comparison(params["route"])))
 
     async def _infer(self, name: str, version: str, scope: Scope, receive: Receive) -> _Reply:
         """The model is looked up before the body is read; the body is bounded by what that model
@@ -274,6 +311,11 @@ def _infer_reply(response: InferResponse, request: InferRequest, binary_default:
         if used:
             reply_headers.append((b"content-encoding", used.encode()))
     return _Reply(200, out, reply_headers)
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def _header_int(headers: dict[bytes, bytes], name: str) -> int | None:
