@@ -11,10 +11,18 @@ Streams (``stream_infer``) have no deadline unless given one: they last as long 
 
 Repository calls (``load_model``, ``unload_model``) and ``statistics`` go to *one* endpoint like
 every call; make one client per replica to manage or watch each of them.
+
+Authentication and TLS (see ``onnxgate_client._auth``): ``token=`` (default: the
+``ONNXGATE_TOKEN`` environment variable) is sent as ``authorization: Bearer <token>`` on every
+request over both transports; ``https://`` and ``grpcs://`` endpoints use TLS, checked against
+``ca_file`` when given, presenting ``cert_file``/``key_file`` to a server that wants a client
+certificate. 401 / UNAUTHENTICATED and 403 / PERMISSION_DENIED raise :class:`Unauthenticated`
+and :class:`PermissionDenied`, never retried.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -22,6 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from onnxgate_client import _codec, _ops
+from onnxgate_client._auth import Credentials
 from onnxgate_client._grpc import AsyncGrpcTransport, GrpcTransport
 from onnxgate_client._http import AsyncHttpTransport, HttpTransport
 from onnxgate_client._pool import AsyncTransport, Balancer, SyncTransport, parse_url, run_async, run_sync
@@ -42,26 +51,29 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_WINDOW = 64
 
 
+PathLike = str | os.PathLike[str]
+
+
 def _transports(
     url: str | Sequence[str],
-    grpc_transport: Callable[[str, str, bytes | None], Any],
+    grpc_transport: Callable[[str, str, Credentials], Any],
     http_transport: Callable[..., Any],
-    verify: bool | str | ssl.SSLContext,
     connect_timeout: float,
-    root_certificates: bytes | None,
-) -> list[Any]:
-    """One transport per endpoint URL, of the kind its scheme names."""
+    **credentials: Any,
+) -> tuple[list[Any], Credentials]:
+    """One transport per endpoint URL, of the kind its scheme names, all with the same credentials."""
     urls = [url] if isinstance(url, str) else list(url)
     if not urls:
         raise ValueError("a client needs at least one endpoint URL")
+    parsed = [parse_url(u) for u in urls]
+    creds = Credentials([f"{scheme}://" for scheme, _ in parsed], **credentials)
     transports = []
-    for u in urls:
-        scheme, target = parse_url(u)
+    for scheme, target in parsed:
         if scheme.startswith("grpc"):
-            transports.append(grpc_transport(scheme, target, root_certificates))
+            transports.append(grpc_transport(scheme, target, creds))
         else:
-            transports.append(http_transport(target, verify=verify, connect_timeout=connect_timeout))
-    return transports
+            transports.append(http_transport(target, creds, connect_timeout=connect_timeout))
+    return transports, creds
 
 
 class Client:
@@ -71,7 +83,10 @@ class Client:
     It keeps one gRPC channel per gRPC endpoint and a pool of kept-alive connections per HTTP
     endpoint; use it as a context manager or call :meth:`close`.
 
-    ``verify`` (HTTPS) is passed to httpx: ``True``, ``False``, an ``ssl.SSLContext`` or a CA path;
+    ``token`` is sent on every call (``None``: ``$ONNXGATE_TOKEN``; ``""``: none). For TLS
+    endpoints, ``ca_file`` is the PEM CA to check the server against and ``cert_file`` /
+    ``key_file`` a client certificate (mTLS), for ``https://`` and ``grpcs://`` alike.
+    ``verify`` (HTTPS) is httpx's: ``True``, ``False``, an ``ssl.SSLContext`` or a CA path;
     ``root_certificates`` (PEM bytes) are for ``grpcs://``. ``connect_timeout`` caps the time
     one HTTP attempt may spend connecting before the next endpoint is tried.
     """
@@ -82,11 +97,24 @@ class Client:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
+        token: str | None = None,
+        ca_file: PathLike | None = None,
+        cert_file: PathLike | None = None,
+        key_file: PathLike | None = None,
         verify: bool | str | ssl.SSLContext = True,
         root_certificates: bytes | None = None,
     ) -> None:
-        transports: list[SyncTransport] = _transports(
-            url, GrpcTransport, HttpTransport, verify, connect_timeout, root_certificates
+        transports, self._credentials = _transports(
+            url,
+            GrpcTransport,
+            HttpTransport,
+            connect_timeout,
+            token=token,
+            verify=verify,
+            root_certificates=root_certificates,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
         )
         self.timeout = timeout
         self._balancer: Balancer[SyncTransport] = Balancer(transports)
@@ -94,6 +122,9 @@ class Client:
     @property
     def urls(self) -> list[str]:
         return [e.url for e in self._balancer.endpoints]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.urls!r}, timeout={self.timeout!r}, {self._credentials!r})"
 
     def _run(self, op: _ops.Op[T], timeout: float | None) -> T:
         return run_sync(self._balancer, op, self.timeout if timeout is None else timeout)
@@ -234,11 +265,24 @@ class AsyncClient:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
+        token: str | None = None,
+        ca_file: PathLike | None = None,
+        cert_file: PathLike | None = None,
+        key_file: PathLike | None = None,
         verify: bool | str | ssl.SSLContext = True,
         root_certificates: bytes | None = None,
     ) -> None:
-        transports: list[AsyncTransport] = _transports(
-            url, AsyncGrpcTransport, AsyncHttpTransport, verify, connect_timeout, root_certificates
+        transports, self._credentials = _transports(
+            url,
+            AsyncGrpcTransport,
+            AsyncHttpTransport,
+            connect_timeout,
+            token=token,
+            verify=verify,
+            root_certificates=root_certificates,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
         )
         self.timeout = timeout
         self._balancer: Balancer[AsyncTransport] = Balancer(transports)
@@ -246,6 +290,9 @@ class AsyncClient:
     @property
     def urls(self) -> list[str]:
         return [e.url for e in self._balancer.endpoints]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.urls!r}, timeout={self.timeout!r}, {self._credentials!r})"
 
     async def _run(self, op: _ops.Op[T], timeout: float | None) -> T:
         return await run_async(self._balancer, op, self.timeout if timeout is None else timeout)

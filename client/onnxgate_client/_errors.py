@@ -5,6 +5,8 @@
     OnnxgateError                  base; carries ``status``, ``code``, ``message``, ``endpoint``
     ├── InvalidInput               400 / INVALID_ARGUMENT: the request does not fit the model   never retried
     ├── NotFound                   404 / NOT_FOUND: unknown model, version or endpoint          never retried
+    ├── Unauthenticated            401 / UNAUTHENTICATED: no token, or one the server rejects   never retried
+    ├── PermissionDenied           403 / PERMISSION_DENIED: the token lacks the call's scope    never retried
     ├── Unavailable                503 / UNAVAILABLE: not ready, draining, unreachable         retried elsewhere
     │   └── ConnectionFailed       no answer: refused, reset, closed before replying           retried elsewhere
     ├── Overloaded                 429 / RESOURCE_EXHAUSTED: this replica's queue is full       retried elsewhere
@@ -20,7 +22,9 @@ Retry policy, for clients given several endpoints: a request that failed with
 :class:`Unavailable` (which includes :class:`ConnectionFailed`) or :class:`Overloaded` goes to
 the next endpoint while the caller's deadline lasts. 429 / RESOURCE_EXHAUSTED means *this*
 replica's queue is full; another replica may have room, and the request did not run, so moving
-on is safe. Everything else is an answer about the request itself and is raised at once.
+on is safe. Everything else is an answer about the request itself and is raised at once:
+:class:`Unauthenticated` and :class:`PermissionDenied` in particular are about the caller's
+token, which every replica judges alike, so they are never retried nor failed over.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ __all__ = [
     "NotFound",
     "OnnxgateError",
     "Overloaded",
+    "PermissionDenied",
     "RequestFailed",
     "ServerError",
+    "Unauthenticated",
     "Unavailable",
     "Unsupported",
 ]
@@ -84,6 +90,23 @@ class NotFound(OnnxgateError):
 
     default_status = 404
     default_code = "NOT_FOUND"
+
+
+class Unauthenticated(OnnxgateError):
+    """The server wants a token and got none, or one it does not accept (401 / UNAUTHENTICATED).
+
+    Give the client ``token=`` (or set ``ONNXGATE_TOKEN``); never retried.
+    """
+
+    default_status = 401
+    default_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(OnnxgateError):
+    """The token is known but lacks the scope the call needs (403 / PERMISSION_DENIED); never retried."""
+
+    default_status = 403
+    default_code = "PERMISSION_DENIED"
 
 
 class Unavailable(OnnxgateError):
@@ -167,6 +190,8 @@ class RequestFailed(OnnxgateError):
 _BY_GRPC_CODE: dict[str, type[OnnxgateError]] = {
     "INVALID_ARGUMENT": InvalidInput,
     "NOT_FOUND": NotFound,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
     "UNAVAILABLE": Unavailable,
     "RESOURCE_EXHAUSTED": Overloaded,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
@@ -175,6 +200,8 @@ _BY_GRPC_CODE: dict[str, type[OnnxgateError]] = {
 
 _BY_HTTP_STATUS: dict[int, type[OnnxgateError]] = {
     400: InvalidInput,
+    401: Unauthenticated,
+    403: PermissionDenied,
     404: NotFound,
     429: Overloaded,
     501: Unsupported,
@@ -198,3 +225,14 @@ def from_http(status: int, message: str, endpoint: str, retry_after: float | Non
     if cls is Overloaded:
         return Overloaded(message, retry_after=retry_after, status=status, endpoint=endpoint)
     return cls(message, status=status, endpoint=endpoint)
+
+
+NO_TOKEN_HINT = "the client sent no token: pass token= or set ONNXGATE_TOKEN"
+
+
+def with_token_hint(exc: OnnxgateError, has_token: bool) -> OnnxgateError:
+    """``exc``, saying so when the server wanted a token and the client had none to send."""
+    if isinstance(exc, Unauthenticated) and not has_token and NO_TOKEN_HINT not in exc.message:
+        exc.message = f"{exc.message} ({NO_TOKEN_HINT})"
+        exc.args = (exc.message,)
+    return exc

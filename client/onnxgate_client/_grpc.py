@@ -7,7 +7,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from onnxgate_client._errors import ConnectionFailed, OnnxgateError, from_grpc
+from onnxgate_client._auth import Credentials
+from onnxgate_client._errors import ConnectionFailed, OnnxgateError, from_grpc, with_token_hint
 from onnxgate_client._ops import Op
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -39,40 +40,50 @@ _CONNECTION_HINTS = (
 )
 
 
-def grpc_error(exc: grpc.RpcError, endpoint: str) -> OnnxgateError:
+def grpc_error(exc: grpc.RpcError, endpoint: str, has_token: bool = True) -> OnnxgateError:
     """The client exception for a failed gRPC call (sync ``RpcError`` or ``AioRpcError``)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     if name == "UNAVAILABLE" and any(h in details.lower() for h in _CONNECTION_HINTS):
         return ConnectionFailed(details, code=name, endpoint=endpoint)
-    return from_grpc(name, details, endpoint)
+    return with_token_hint(from_grpc(name, details, endpoint), has_token)
 
 
-def _credentials(scheme: str, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
-    return grpc.ssl_channel_credentials(root_certificates) if scheme == "grpcs" else None
+def _check_scheme(scheme: str, credentials: Credentials) -> grpc.ChannelCredentials | None:
+    if scheme == "grpcs" and credentials.grpc_credentials is None:
+        raise ValueError("a grpcs:// endpoint needs Credentials made with its URL")
+    return credentials.grpc_credentials if scheme == "grpcs" else None
 
 
 class GrpcTransport:
-    """A synchronous gRPC endpoint: one ``grpc.Channel``, thread-safe."""
+    """A synchronous gRPC endpoint: one ``grpc.Channel``, thread-safe.
+
+    ``metadata`` is what every call on it carries (the token), ``None`` when nothing.
+    """
 
     kind = "grpc"
 
-    def __init__(self, scheme: str, target: str, root_certificates: bytes | None = None) -> None:
+    def __init__(self, scheme: str, target: str, credentials: Credentials) -> None:
         self.url = f"{scheme}://{target}"
-        creds = _credentials(scheme, root_certificates)
+        creds = _check_scheme(scheme, credentials)
+        self.metadata = credentials.grpc_metadata()
+        self.has_token = credentials.has_token
         if creds is None:
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             self.channel = grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
+    def __repr__(self) -> str:
+        return f"GrpcTransport({self.url!r}, token={'<set>' if self.has_token else None})"
+
     def execute(self, op: Op[T], timeout: float | None) -> T:
         call = op.grpc()
         try:
-            reply = getattr(self.stub, call.rpc)(call.request, timeout=timeout)
+            reply = getattr(self.stub, call.rpc)(call.request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise grpc_error(exc, self.url) from None
+            raise grpc_error(exc, self.url, self.has_token) from None
         return call.parse(reply)
 
     def close(self) -> None:
@@ -84,17 +95,21 @@ class AsyncGrpcTransport:
 
     kind = "grpc"
 
-    def __init__(self, scheme: str, target: str, root_certificates: bytes | None = None) -> None:
+    def __init__(self, scheme: str, target: str, credentials: Credentials) -> None:
         self.url = f"{scheme}://{target}"
-        self._scheme = scheme
         self._target = target
-        self._root_certificates = root_certificates
+        self._creds = _check_scheme(scheme, credentials)
+        self.metadata = credentials.grpc_metadata()
+        self.has_token = credentials.has_token
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
 
+    def __repr__(self) -> str:
+        return f"AsyncGrpcTransport({self.url!r}, token={'<set>' if self.has_token else None})"
+
     def stub(self) -> pb_grpc.GRPCInferenceServiceStub:
         if self._stub is None:
-            creds = _credentials(self._scheme, self._root_certificates)
+            creds = self._creds
             if creds is None:
                 self._channel = grpc.aio.insecure_channel(self._target, options=CHANNEL_OPTIONS)
             else:
@@ -105,9 +120,9 @@ class AsyncGrpcTransport:
     async def execute(self, op: Op[T], timeout: float | None) -> T:
         call = op.grpc()
         try:
-            reply = await getattr(self.stub(), call.rpc)(call.request, timeout=timeout)
+            reply = await getattr(self.stub(), call.rpc)(call.request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise grpc_error(exc, self.url) from None
+            raise grpc_error(exc, self.url, self.has_token) from None
         return call.parse(reply)
 
     async def close(self) -> None:

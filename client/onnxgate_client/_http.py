@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from collections.abc import Mapping
 from typing import TypeVar
 
 import httpx
 
-from onnxgate_client._errors import ConnectionFailed, DeadlineExceeded, OnnxgateError, from_http
+from onnxgate_client._auth import Credentials
+from onnxgate_client._errors import ConnectionFailed, DeadlineExceeded, OnnxgateError, from_http, with_token_hint
 from onnxgate_client._ops import HttpCall, Op
 
 T = TypeVar("T")
-Verify = bool | str | ssl.SSLContext  # httpx's ``verify``: on/off, a CA bundle path, or a context
 
 _HEADERS = {"Accept-Encoding": "identity", "User-Agent": "onnxgate-client"}
 _LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=60.0)
@@ -41,7 +40,7 @@ def _transport_error(exc: httpx.TransportError, url: str) -> OnnxgateError:
     return ConnectionFailed(f"{type(exc).__name__}: {exc}", endpoint=url)
 
 
-def _reply(call: HttpCall[T], status: int, headers: Mapping[str, str], body: bytes, url: str) -> T:
+def _reply(call: HttpCall[T], status: int, headers: Mapping[str, str], body: bytes, url: str, has_token: bool) -> T:
     if call.accept(status):
         return call.parse(status, headers, body)
     message = body.decode("utf-8", "replace")
@@ -57,18 +56,28 @@ def _reply(call: HttpCall[T], status: int, headers: Mapping[str, str], body: byt
             retry_after = float(raw)
         except ValueError:
             retry_after = None
-    raise from_http(status, message or f"HTTP {status}", url, retry_after)
+    raise with_token_hint(from_http(status, message or f"HTTP {status}", url, retry_after), has_token)
 
 
 class HttpTransport:
-    """A synchronous HTTP endpoint; thread-safe, connections pooled and kept alive."""
+    """A synchronous HTTP endpoint; thread-safe, connections pooled and kept alive.
+
+    Every request carries the credentials' ``Authorization`` header (httpx masks it in reprs).
+    """
 
     kind = "http"
 
-    def __init__(self, base_url: str, *, verify: Verify = True, connect_timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str, credentials: Credentials, *, connect_timeout: float = 5.0) -> None:
         self.url = base_url
         self.connect_timeout = connect_timeout
-        self._client = httpx.Client(base_url=base_url, headers=_HEADERS, verify=verify, limits=_LIMITS, timeout=None)
+        self.has_token = credentials.has_token
+        headers = {**_HEADERS, **credentials.http_headers()}
+        self._client = httpx.Client(
+            base_url=base_url, headers=headers, verify=credentials.http_verify, limits=_LIMITS, timeout=None
+        )
+
+    def __repr__(self) -> str:
+        return f"HttpTransport({self.url!r}, token={'<set>' if self.has_token else None})"
 
     def execute(self, op: Op[T], timeout: float | None) -> T:
         call = op.http()
@@ -82,7 +91,7 @@ class HttpTransport:
             )
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from None
-        return _reply(call, r.status_code, r.headers, r.content, self.url)
+        return _reply(call, r.status_code, r.headers, r.content, self.url, self.has_token)
 
     def close(self) -> None:
         self._client.close()
@@ -93,16 +102,21 @@ class AsyncHttpTransport:
 
     kind = "http"
 
-    def __init__(self, base_url: str, *, verify: Verify = True, connect_timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str, credentials: Credentials, *, connect_timeout: float = 5.0) -> None:
         self.url = base_url
         self.connect_timeout = connect_timeout
-        self._verify = verify
+        self.has_token = credentials.has_token
+        self._credentials = credentials
         self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncHttpTransport({self.url!r}, token={'<set>' if self.has_token else None})"
 
     def _session(self) -> httpx.AsyncClient:
         if self._client is None:
+            headers = {**_HEADERS, **self._credentials.http_headers()}
             self._client = httpx.AsyncClient(
-                base_url=self.url, headers=_HEADERS, verify=self._verify, limits=_LIMITS, timeout=None
+                base_url=self.url, headers=headers, verify=self._credentials.http_verify, limits=_LIMITS, timeout=None
             )
         return self._client
 
@@ -121,7 +135,7 @@ class AsyncHttpTransport:
             raise _transport_error(exc, self.url) from None
         except TimeoutError:
             raise DeadlineExceeded(f"no reply within {timeout} s", endpoint=self.url) from None
-        return _reply(call, r.status_code, r.headers, r.content, self.url)
+        return _reply(call, r.status_code, r.headers, r.content, self.url, self.has_token)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -128,8 +128,11 @@ class _SyncStream:
 
     def __init__(self, transport: GrpcTransport, timeout: float | None) -> None:
         self.url = transport.url
+        self._has_token = transport.has_token
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._call = transport.stub.ModelStreamInfer(iter(self._queue.get, _END), timeout=timeout)
+        self._call = transport.stub.ModelStreamInfer(
+            iter(self._queue.get, _END), timeout=timeout, metadata=transport.metadata
+        )
 
     def send(self, message: pb.ModelInferRequest) -> None:
         self._queue.put(message)
@@ -143,7 +146,7 @@ class _SyncStream:
         except StopIteration:
             raise ConnectionFailed("the stream ended with requests unanswered", endpoint=self.url) from None
         except grpc.RpcError as exc:
-            raise grpc_error(exc, self.url) from None
+            raise grpc_error(exc, self.url, self._has_token) from None
 
     def cancel(self) -> None:
         self._queue.put(_END)
@@ -196,8 +199,9 @@ class _AsyncStream:
 
     def __init__(self, transport: AsyncGrpcTransport, timeout: float | None) -> None:
         self.url = transport.url
+        self._has_token = transport.has_token
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._call = transport.stub().ModelStreamInfer(self._requests(), timeout=timeout)
+        self._call = transport.stub().ModelStreamInfer(self._requests(), timeout=timeout, metadata=transport.metadata)
 
     async def _requests(self) -> AsyncIterator[pb.ModelInferRequest]:
         while (item := await self._queue.get()) is not _END:
@@ -213,7 +217,7 @@ class _AsyncStream:
         try:
             reply = await self._call.read()
         except grpc.RpcError as exc:
-            raise grpc_error(exc, self.url) from None
+            raise grpc_error(exc, self.url, self._has_token) from None
         if reply is grpc.aio.EOF:
             raise ConnectionFailed("the stream ended with requests unanswered", endpoint=self.url)
         return reply
