@@ -1,6 +1,9 @@
 """Composition root: build the core, start the front ends on one loop, own signals, drain.
 
-Start: listeners open (live, not ready) -> the repository loads -> ready.
+Start: TLS files checked (when configured) -> listeners open (live, not ready) -> the repository
+loads -> ready.
+SIGHUP: :attr:`Gateway.reloaders` run in order (routes, then TLS certificates); each failure is
+logged and the others still run.
 Stop (SIGTERM/SIGINT): readiness false -> optional delay while still serving -> then one budget,
 ``drain_timeout_s``, for all that follows: listeners stop accepting and in-flight requests
 finish until the deadline, what is left is answered 503 / UNAVAILABLE; shadows, the sample log
@@ -11,6 +14,7 @@ budget -> sessions are released.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -27,6 +31,8 @@ from onnxgate.core.monitoring.drift import DriftMonitor
 from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.registry.config import open_repository
 from onnxgate.core.registry.object_store import redact_url
+from onnxgate.core.security.access import AccessPolicy
+from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.service import InferenceService
 from onnxgate.core.serving.manager import ModelManager
 from onnxgate.core.serving.model import LoadOptions
@@ -35,10 +41,12 @@ from onnxgate.core.serving.sessions import available_cores
 from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
-from onnxgate.frontends.http_app import HttpApp
+from onnxgate.frontends.grpc_access import GrpcAccess
+from onnxgate.frontends.http_app import HttpApp, guarded_metrics
 from onnxgate.listeners.grpc_server import RpcCutter, drain_grpc, grpc_options
 from onnxgate.listeners.http_server import HttpServer
 from onnxgate.listeners.sockets import listen
+from onnxgate.listeners.tls import ServerTls
 from onnxgate.supervisor import watch_supervisor, worker_info, worker_stats_dir
 
 log = logging.getLogger("onnxgate")
@@ -86,17 +94,28 @@ class Gateway:
         )
         self.service.attach_sample_log(self.sample_log)
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
+        self.access = AccessPolicy(config.security, s.host, require_client_cert=bool(s.tls_client_ca_file))
+        self.audit = AuditLog(config.security.audit_log)
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._rpcs = RpcCutter()
         self._http: list[tuple[HttpServer, asyncio.Task]] = []
         self._stop = asyncio.Event()
+        self.tls: ServerTls | None = None  # loaded by start() when tls_cert_file is set
+        # What SIGHUP runs, in order: sync, or returning an awaitable that is awaited. A failure is
+        # logged and the rest still run. Do file I/O off the loop (asyncio.to_thread).
+        self.reloaders: list[Callable[[], Awaitable[object] | object]] = [self.reload_routes, self.reload_tokens]
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Open every listener, then load the repository; ready once the load has finished.
 
         A worker of ``--workers N`` (and ``--listen-after-load``) loads first and listens after,
         so that no connection reaches a gateway whose models are still loading."""
+        if self.config.server.tls_cert_file:  # bad files fail the start before anything else
+            self.tls = await asyncio.to_thread(ServerTls.load, self.config.server)
+            self.reloaders.append(self.tls.reload)
         if self.drift is not None:
             await self.drift.start()
         if self.sample_log is not None:
@@ -122,14 +141,20 @@ class Gateway:
     async def _listen(self) -> None:
         s = self.config.server
         self._grpc = grpc.aio.server(options=grpc_options(s, self.worker is not None))
-        grpc_service.add_to_server(self._grpc, self.service, self._rpcs.wrap)
-        self.grpc_port = self._grpc.add_insecure_port(
-            f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
-        )
+        grpc_service.add_to_server(self._grpc, self.service, self._rpcs.wrap, GrpcAccess(self.access, self.audit))
+        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+        if self.tls is None:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self._grpc.add_secure_port(address, self.tls.grpc_credentials())
         await self._grpc.start()
-        self.http_port = await self._serve_http(HttpApp(self.service, s.http_max_body_bytes), s.http_port)
+        app = HttpApp(self.service, s.http_max_body_bytes, self.access, self.audit)
+        self.http_port = await self._serve_http(app, s.http_port, self.tls)
         if self.worker is None:  # workers' metrics are served by the supervisor
-            self.metrics_port = await self._serve_http(make_asgi_app(self.metrics.registry), s.metrics_port)
+            metrics_app = guarded_metrics(make_asgi_app(self.metrics.registry), self.access)
+            self.metrics_port = await self._serve_http(metrics_app, s.metrics_port)
+        if (warning := self.access.startup_warning()) and self.worker is None:
+            log.warning("security: %s", warning)
         if self.worker is None:
             log.info(
                 "listening: http %s:%d, grpc %s:%d, metrics %s:%d; loading %s",
@@ -155,10 +180,10 @@ class Gateway:
             await self.poller.prime()
             self.poller.start()
 
-    async def _serve_http(self, app, port: int) -> int:
+    async def _serve_http(self, app, port: int, tls: ServerTls | None = None) -> int:
         s = self.config.server
         sock = listen(s.host, port, s.http_backlog, reuse_port=self.worker is not None)
-        server = HttpServer(app, s)
+        server = HttpServer(app, s, tls)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():
@@ -167,17 +192,43 @@ class Gateway:
         self._http.append((server, task))
         return sock.getsockname()[1]
 
-    def reload_routes(self) -> None:
-        """SIGHUP: re-read the routes from the config file; on any error keep the old ones."""
+    def request_reload(self) -> None:
+        """SIGHUP: run :attr:`reloaders` in a task (one reload at a time, in signal order)."""
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> None:
+        """Run every reloader in order; a failure is logged and does not stop the others."""
+        async with self._reload_lock:
+            for reloader in list(self.reloaders):
+                try:
+                    result = reloader()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("SIGHUP: %s failed", getattr(reloader, "__qualname__", reloader))
+
+    async def reload_routes(self) -> None:
+        """Re-read the routes from the config file (in a thread); on any error keep the old ones."""
         if not self.config.path:
-            log.warning("SIGHUP: no --config file to re-read routes from")
+            if self.tls is None:
+                log.warning("SIGHUP: no --config file to re-read routes from")
             return
         try:
-            self.service.set_routes(config_mod.load_routes(self.config.path))
+            routes = await asyncio.to_thread(config_mod.load_routes, self.config.path)
+            self.service.set_routes(routes)
         except GatewayError as exc:
             log.error("SIGHUP: routes not changed: %s", exc.message)
             return
         log.info("SIGHUP: routes reloaded: %s", sorted(self.service.routes.routes))
+
+    async def reload_tokens(self) -> None:
+        """SIGHUP: re-read the tokens file; on any error keep the old tokens."""
+        try:
+            await asyncio.to_thread(self.access.reload_tokens)
+        except GatewayError as exc:
+            log.error("SIGHUP: tokens not changed: %s", exc.message)
 
     def request_stop(self) -> None:
         """Begin the drain (signal handlers call this)."""
@@ -226,6 +277,7 @@ class Gateway:
             except Exception:
                 log.exception("drain: closing %s failed", name)
         self.service.decode_budget.close()
+        await asyncio.to_thread(self.audit.close, max(0.0, deadline - loop.time()))
         self.service.live = False
         log.info("stopped")
 
@@ -253,7 +305,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_routes)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         unwatch = watch_supervisor(self.request_stop) if self.worker is not None else None  # drain if orphaned
         try:
             await self.start()

@@ -21,6 +21,8 @@ from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.service import UNKNOWN_MODEL_LABEL, InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
+from onnxgate.frontends.endpoints import grpc_endpoints
+from onnxgate.frontends.grpc_access import GrpcAccess
 from onnxgate.frontends.status import grpc_code
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
@@ -289,19 +291,26 @@ def _parser(cls: type) -> Callable[[bytes], object]:
 
 
 def add_to_server(
-    server: grpc.aio.Server, service: InferenceService, wrap: Callable[[Callable, bool], Callable] | None = None
+    server: grpc.aio.Server,
+    service: InferenceService,
+    wrap: Callable[[Callable, bool], Callable] | None = None,
+    access: GrpcAccess | None = None,
 ) -> None:
     """Register the inference and health services on ``server``.
 
     As one generic handler per service: grpc.aio waits on every registered method's future for
     each call, which the 20 methods of the generated ``add_*_to_server`` make measurably slower.
-    Methods not implemented here answer UNIMPLEMENTED, as grpc does for unknown methods.
-    ``wrap(behaviour, streaming)``, when given, wraps each method (the drain's call cutter)."""
+    Methods not implemented here answer UNIMPLEMENTED, as grpc does for unknown methods. Every
+    method has its endpoint in ``endpoints.ENDPOINTS`` (else this raises): ``access`` checks its
+    scope. ``wrap(behaviour, streaming)``, when given, wraps each method (the drain's call cutter)."""
     servicer = GrpcInferenceServicer(service)
     descriptor = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    endpoints = grpc_endpoints(m.name for m in descriptor.methods)
     handlers = {}
     for method in descriptor.methods:
         fn = getattr(servicer, method.name)
+        if access is not None:
+            fn = access.wrap(fn, endpoints[method.name], method.name in _STREAMING)
         if wrap is not None:
             fn = wrap(fn, method.name in _STREAMING)
         request_cls = getattr(pb, method.input_type.name)

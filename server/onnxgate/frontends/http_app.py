@@ -21,7 +21,15 @@ from onnxgate.core.security.access import AccessPolicy, Principal
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.security.config import SecurityConfig
 from onnxgate.core.service import InferenceService
-from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge, Unsupported
+from onnxgate.errors import (
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unsupported,
+)
 from onnxgate.frontends import http_codec
 from onnxgate.frontends.endpoints import ENDPOINTS, Endpoint, HttpRouter
 from onnxgate.frontends.status import CUT_MESSAGE, http_status
@@ -96,6 +104,8 @@ class HttpApp:
             extra = None
             if isinstance(exc, Overloaded):
                 extra = [(b"retry-after", str(max(1, round(exc.retry_after_s))).encode())]
+            elif isinstance(exc, Unauthenticated):
+                extra = [(b"www-authenticate", b"Bearer")]
             reply = _error(http_status(exc), exc.message, extra)
         except Exception:  # the process must survive any request
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
@@ -124,7 +134,7 @@ class HttpApp:
                 f"unknown version '{params['version']}' of model '{params['model']}': versions are integers"
             )
         handler = self._handlers[endpoint.name]
-        if not self.access.guards(endpoint.scope):
+        if endpoint.scope != "admin" and not self.access.guards(endpoint.scope):
             return await handler(params, scope, receive)
         principal = self._check(endpoint, params, scope)
         if endpoint.scope != "admin":
@@ -363,6 +373,25 @@ async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     finally:
         watch.remove_done_callback(on_message)
         watch.cancel()
+
+
+def guarded_metrics(app: Callable[[Scope, Receive, Send], Awaitable[None]], access: AccessPolicy):
+    """The metrics app behind ``security.metrics_token_sha256`` (itself when none is set)."""
+    if not access.metrics_digest:
+        return app
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            if not access.metrics_allowed(authorization):
+                body = orjson.dumps({"error": "the metrics port needs its token: Authorization: Bearer <token>"})
+                headers = [*_JSON, (b"content-length", str(len(body)).encode()), (b"www-authenticate", b"Bearer")]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
