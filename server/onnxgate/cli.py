@@ -96,11 +96,33 @@ def _limit_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _models_parser(sub: argparse._SubParsersAction) -> None:
-    # --url and --json work before or after the action: `onnxgate models list --json`.
+def _admin_options() -> argparse.ArgumentParser:
+    """--url, --json, the token file and TLS files of `models` and `routes`: before or after the action.
+
+    No option takes the token itself: a command line shows in ``ps``.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help="the gateway's HTTP address (http://127.0.0.1:8000)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
+    common.add_argument(
+        "--token-file",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="file holding the bearer token (whitespace stripped); default: $ONNXGATE_TOKEN",
+    )
+    common.add_argument(
+        "--ca-file", default=argparse.SUPPRESS, metavar="PATH", help="PEM CA to check an https:// gateway against"
+    )
+    common.add_argument(
+        "--cert-file", default=argparse.SUPPRESS, metavar="PATH", help="PEM client certificate (mTLS), https:// only"
+    )
+    common.add_argument("--key-file", default=argparse.SUPPRESS, metavar="PATH", help="PEM key of --cert-file")
+    return common
+
+
+def _models_parser(sub: argparse._SubParsersAction) -> None:
+    # --url and --json work before or after the action: `onnxgate models list --json`.
+    common = _admin_options()
     p = sub.add_parser("models", parents=[common], help="list, load, unload or roll back models of a running gateway")
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[common], help="the repository index: models, versions, states, reasons")
@@ -111,6 +133,20 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:
     unload.add_argument("name")
     back = actions.add_parser("rollback", parents=[common], help="pin the version that served before the current one")
     back.add_argument("name")
+
+
+def _routes_parser(sub: argparse._SubParsersAction) -> None:
+    common = _admin_options()
+    p = sub.add_parser("routes", parents=[common], help="list, show, add/replace or delete routes of a running gateway")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[common], help="every route: split, sticky key, shadow")
+    get = actions.add_parser("get", parents=[common], help="one route")
+    get.add_argument("name")
+    put = actions.add_parser("put", parents=[common], help="add or replace a route from a YAML or JSON file")
+    put.add_argument("name")
+    put.add_argument("--file", required=True, metavar="PATH", help="the route (split, sticky, shadow); '-' = stdin")
+    delete = actions.add_parser("delete", parents=[common], help="delete a route")
+    delete.add_argument("name")
 
 
 _SERVER_KEYS = (
@@ -153,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _models_parser(sub)
+    _routes_parser(sub)
     from onnxgate import drift_report
 
     drift_report.add_arguments(
@@ -163,12 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return drift_report.run(args)
     if args.command == "serve":
         return _serve(args, list(argv if argv is not None else sys.argv[1:])[1:])
-    if args.command == "models":
+    if args.command in ("models", "routes"):
         from onnxgate import admin
 
-        url = getattr(args, "url", "http://127.0.0.1:8000")
-        name, version = getattr(args, "name", None), getattr(args, "version", None)
-        return admin.run(args.action, url, name, version, getattr(args, "json", False))
+        return admin.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
