@@ -47,7 +47,8 @@ class GrpcAccess:
             # gRPC verifies client certificates at the TLS layer: a call that got here has one
             return self.access.check(endpoint.scope, endpoint.read_only, _authorization(context), context.peer())
         except GatewayError as exc:
-            self._audit("", endpoint, request, context, f"{grpc_code(exc).name}: {exc.message}")
+            token = getattr(exc, "token_name", "")
+            self._audit(token, endpoint, request, context, f"{grpc_code(exc).name}: {exc.message}")
             await context.abort(grpc_code(exc), exc.message)
             raise AssertionError("unreachable") from None  # pragma: no cover
 

@@ -161,7 +161,8 @@ class HttpApp:
             )
         except GatewayError as exc:
             if endpoint.scope == "admin":
-                self._audit("", endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
+                token = getattr(exc, "token_name", "")
+                self._audit(token, endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
             raise
 
     def _audit(self, token: str, endpoint: Endpoint, params: dict[str, str], scope: Scope, result: str) -> None:

@@ -136,7 +136,9 @@ class AccessPolicy:
                 raise Unauthenticated("this endpoint needs a token: send Authorization: Bearer <token>")
             raise Unauthenticated("the token is not valid")
         if not allows(principal.scopes, scope, read_only):
-            raise PermissionDenied(f"token '{principal.name}' lacks the '{scope}' scope this endpoint needs")
+            denied = PermissionDenied(f"token '{principal.name}' lacks the '{scope}' scope this endpoint needs")
+            denied.token_name = principal.name  # for the audit log
+            raise denied
         return principal
 
     def _authenticate(self, authorization: str | None) -> Principal | None:
