@@ -4,7 +4,10 @@ The supervisor reserves the ports (SO_REUSEPORT, so port 0 works too), starts N 
 each load their own sessions with ``cores // N`` threads and then listen on the same ports (the
 kernel spreads connections between them), serves the Prometheus metrics of all workers together
 (prometheus-client multiprocess mode) on the metrics port, and on SIGTERM/SIGINT forwards SIGTERM
-so every worker drains, then exits 0. SIGHUP is forwarded.
+so every worker drains, then exits 0. SIGHUP is forwarded (each worker runs its reloaders: routes,
+tokens, TLS certificates). With TLS each worker builds its own contexts from the same files; the
+supervisor only checks them first, so that a bad file exits 2 at once instead of failing every
+worker's start.
 
 A worker that dies is restarted after a delay that starts at 0.5 s and doubles with each exit in
 a row, up to 30 s; a worker that stayed up 60 s starts the sequence afresh. So a worker that
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxgate.config import GatewayConfig
+from onnxgate.errors import ConfigError
 
 log = logging.getLogger("onnxgate")
 
@@ -183,6 +187,14 @@ class Supervisor:
 
     def run(self) -> int:
         s = self.config.server
+        if s.tls_cert_file:
+            from onnxgate.listeners.tls import TlsFiles, read_material
+
+            try:
+                read_material(TlsFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file))
+            except ConfigError as exc:
+                print(f"onnxgate: {exc.message}", file=sys.stderr)
+                return 2
         # before anything is announced: a SIGTERM right after "listening" must stop us cleanly
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
