@@ -37,6 +37,12 @@ Result = dict[str, np.ndarray] | OnnxgateError
 Inputs = Mapping[str, Any]
 _END = object()
 _STATUS_PARAMETER = "grpc_status_code"  # in a failed request's reply: the status, by name
+# What grpc.aio reports for a call whose request could not be sent because the server had just
+# ended it (refused the stream for its token, or while draining, say): the server's own status
+# is then lost (grpc.aio overwrites it). An empty stream asks again: with nothing to send, nothing
+# can fail to be sent, and a server that accepts waits for requests until _PROBE_S passes.
+_SEND_FAILED = "Internal error from Core"
+_PROBE_S = 2.0
 
 
 class StreamBook:
@@ -199,6 +205,7 @@ class _AsyncStream:
 
     def __init__(self, transport: AsyncGrpcTransport, timeout: float | None) -> None:
         self.url = transport.url
+        self._transport = transport
         self._has_token = transport.has_token
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._call = transport.stub().ModelStreamInfer(self._requests(), timeout=timeout, metadata=transport.metadata)
@@ -217,7 +224,7 @@ class _AsyncStream:
         try:
             reply = await self._call.read()
         except grpc.RpcError as exc:
-            raise grpc_error(exc, self.url, self._has_token) from None
+            raise grpc_error(await self._server_status(exc), self.url, self._has_token) from None
         if reply is grpc.aio.EOF:
             raise ConnectionFailed("the stream ended with requests unanswered", endpoint=self.url)
         return reply
@@ -225,6 +232,19 @@ class _AsyncStream:
     def cancel(self) -> None:
         self._queue.put_nowait(_END)
         self._call.cancel()
+
+    async def _server_status(self, exc: grpc.RpcError) -> grpc.RpcError:
+        """``exc``, or what the server answers an empty stream when grpc.aio lost its status."""
+        if exc.code() != grpc.StatusCode.INTERNAL or exc.details() != _SEND_FAILED:  # type: ignore[attr-defined]
+            return exc
+        probe = self._transport.stub().ModelStreamInfer(timeout=_PROBE_S, metadata=self._transport.metadata)
+        try:
+            code, details = await probe.code(), await probe.details()
+        finally:
+            probe.cancel()
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return exc  # the server takes streams: the failure was something else
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 async def _next_input(source: Iterator[Inputs] | AsyncIterator[Inputs]) -> Inputs:
