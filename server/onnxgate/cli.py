@@ -101,7 +101,7 @@ def _admin_options() -> argparse.ArgumentParser:
 
     No option takes the token itself: a command line shows in ``ps``.
     """
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help="the gateway's HTTP address (http://127.0.0.1:8000)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
     common.add_argument(
@@ -120,33 +120,38 @@ def _admin_options() -> argparse.ArgumentParser:
     return common
 
 
+class _AdminActions:
+    """``models``/``routes`` and their actions, all sharing ``_admin_options`` (so --url etc. work
+    before or after the action). No abbreviations: ``--token X`` must not pass for ``--token-file X``."""
+
+    def __init__(self, sub: argparse._SubParsersAction, name: str, help: str) -> None:
+        self.common = _admin_options()
+        p = sub.add_parser(name, parents=[self.common], allow_abbrev=False, help=help)
+        self.actions = p.add_subparsers(dest="action", required=True)
+
+    def add(self, name: str, help: str) -> argparse.ArgumentParser:
+        return self.actions.add_parser(name, parents=[self.common], allow_abbrev=False, help=help)
+
+
 def _models_parser(sub: argparse._SubParsersAction) -> None:
     # --url and --json work before or after the action: `onnxgate models list --json`.
-    common = _admin_options()
-    p = sub.add_parser("models", parents=[common], help="list, load, unload or roll back models of a running gateway")
-    actions = p.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", parents=[common], help="the repository index: models, versions, states, reasons")
-    load = actions.add_parser("load", parents=[common], help="load or reload a model; --version pins one version")
+    models = _AdminActions(sub, "models", "list, load, unload or roll back models of a running gateway")
+    models.add("list", "the repository index: models, versions, states, reasons")
+    load = models.add("load", "load or reload a model; --version pins one version")
     load.add_argument("name")
     load.add_argument("--version", type=int, help="serve exactly this version until the next plain load")
-    unload = actions.add_parser("unload", parents=[common], help="stop serving a model (in-flight requests finish)")
-    unload.add_argument("name")
-    back = actions.add_parser("rollback", parents=[common], help="pin the version that served before the current one")
-    back.add_argument("name")
+    models.add("unload", "stop serving a model (in-flight requests finish)").add_argument("name")
+    models.add("rollback", "pin the version that served before the current one").add_argument("name")
 
 
 def _routes_parser(sub: argparse._SubParsersAction) -> None:
-    common = _admin_options()
-    p = sub.add_parser("routes", parents=[common], help="list, show, add/replace or delete routes of a running gateway")
-    actions = p.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", parents=[common], help="every route: split, sticky key, shadow")
-    get = actions.add_parser("get", parents=[common], help="one route")
-    get.add_argument("name")
-    put = actions.add_parser("put", parents=[common], help="add or replace a route from a YAML or JSON file")
+    routes = _AdminActions(sub, "routes", "list, show, add/replace or delete routes of a running gateway")
+    routes.add("list", "every route: split, sticky key, shadow")
+    routes.add("get", "one route").add_argument("name")
+    put = routes.add("put", "add or replace a route from a YAML or JSON file")
     put.add_argument("name")
     put.add_argument("--file", required=True, metavar="PATH", help="the route (split, sticky, shadow); '-' = stdin")
-    delete = actions.add_parser("delete", parents=[common], help="delete a route")
-    delete.add_argument("name")
+    routes.add("delete", "delete a route").add_argument("name")
 
 
 _SERVER_KEYS = (
