@@ -31,6 +31,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from tritonclient.utils import InferenceServerException
 
 import modelzoo
@@ -211,6 +212,28 @@ def test_mtls_http_verifies_a_presented_certificate_and_allows_none(mtls_gw, pki
     refused_at_tls(mtls_gw.http_port, pki.ca.cert, pki.stranger)
 
 
+def resumed(port: int, ca: Path, client: Issued | None) -> bool:
+    """Whether a second TLS 1.3 connection resumes the first one's session."""
+    ctx = client_context(ca, client)
+    session = None
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, ctx.wrap_socket(
+            raw, server_hostname="127.0.0.1", session=session
+        ) as tls:
+            tls.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            while tls.recv(4096):  # the session tickets come after the handshake
+                pass
+            assert tls.version() == "TLSv1.3"
+            reused, session = tls.session_reused, tls.session
+    return reused
+
+
+def test_mtls_resumes_no_session_so_each_connection_shows_its_certificate(tls_gw, mtls_gw, pki):
+    assert resumed(tls_gw.http_port, pki.ca.cert, None)  # TLS alone: resumption as usual
+    assert not resumed(mtls_gw.http_port, pki.ca.cert, pki.client)
+    assert not resumed(mtls_gw.http_port, pki.ca.cert, None)
+
+
 def test_mtls_grpc_requires_a_certificate_of_the_ca(mtls_gw, pki):
     assert grpc_code(grpcs_client(mtls_gw, pki.ca.cert)) == "StatusCode.UNAVAILABLE"
     assert grpc_code(grpcs_client(mtls_gw, pki.ca.cert, pki.stranger)) == "StatusCode.UNAVAILABLE"
@@ -385,7 +408,7 @@ def _serve(repo: Path, args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("case", ["missing cert", "mismatched key", "junk ca", "unreadable key"])
+@pytest.mark.parametrize("case", ["missing cert", "mismatched key", "encrypted key", "junk ca", "unreadable key"])
 def test_bad_tls_files_fail_the_start_clearly(repo, pki, tmp_path, case, workers):
     junk = tmp_path / "junk.pem"
     junk.write_text("junk\n")
@@ -394,6 +417,13 @@ def test_bad_tls_files_fail_the_start_clearly(repo, pki, tmp_path, case, workers
         cert, want = tmp_path / "missing.crt", ("server.tls_cert_file", "missing.crt")
     elif case == "mismatched key":
         key, want = pki.client.key, ("server.tls_key_file", str(pki.client.key))
+    elif case == "encrypted key":
+        key = tmp_path / "encrypted.key"
+        key.write_bytes(pki.server.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        ))
+        want = ("server.tls_key_file", str(key), "encrypted")
     elif case == "junk ca":
         ca, want = junk, ("server.tls_client_ca_file", str(junk))
     else:

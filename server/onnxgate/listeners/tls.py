@@ -123,6 +123,11 @@ def read_material(files: TlsFiles) -> TlsMaterial:
         except (ssl.SSLError, UnicodeDecodeError, ValueError):
             raise ConfigError(f"server.tls_client_ca_file: {files.client_ca!r} holds no PEM certificate") from None
         context.verify_mode = ssl.CERT_OPTIONAL  # verified when presented; health needs none
+        # No session tickets: a resumed session skips the certificate, and would outlive a reload
+        # that removed its CA (the listening context, which holds the ticket keys, stays). TLS 1.2
+        # session IDs still resume: Python cannot turn the server's session cache off.
+        context.num_tickets = 0
+        context.options |= ssl.OP_NO_TICKET
     # The context was loaded from the paths: what gRPC gets must be those very bytes.
     if _read("tls_cert_file", files.cert) != cert_pem or _read("tls_key_file", files.key) != key_pem:
         raise ConfigError(f"server.tls_cert_file {files.cert!r} or its key changed while being read; try again")
