@@ -45,6 +45,7 @@ from onnxgate.frontends.grpc_access import GrpcAccess
 from onnxgate.frontends.http_app import HttpApp, guarded_metrics
 from onnxgate.listeners.grpc_server import RpcCutter, drain_grpc, grpc_options
 from onnxgate.listeners.http_server import HttpServer
+from onnxgate.listeners.https_server import HttpsServer
 from onnxgate.listeners.sockets import listen
 from onnxgate.listeners.tls import ServerTls
 from onnxgate.supervisor import watch_supervisor, worker_info, worker_stats_dir
@@ -183,7 +184,7 @@ class Gateway:
     async def _serve_http(self, app, port: int, tls: ServerTls | None = None) -> int:
         s = self.config.server
         sock = listen(s.host, port, s.http_backlog, reuse_port=self.worker is not None)
-        server = HttpServer(app, s, tls)
+        server = HttpServer(app, s) if tls is None else HttpsServer(app, s, tls)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():

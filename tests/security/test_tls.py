@@ -17,6 +17,7 @@ endpoint table (tests of the front end), not here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import shutil
@@ -62,9 +63,12 @@ def tls_args(server: Issued, ca: Path | None = None) -> list[str]:
     return [*args, "--tls-client-ca-file", str(ca)] if ca is not None else args
 
 
+HEADER_TIMEOUT = ["--http-header-timeout-s", "2"]  # bounds the TLS handshake too
+
+
 @pytest.fixture(scope="module")
 def tls_gw(repo: Path, pki: Pki):
-    with GatewayProcess(repo, [*ARGS, *tls_args(pki.server)]) as gw:
+    with GatewayProcess(repo, [*ARGS, *HEADER_TIMEOUT, *tls_args(pki.server)]) as gw:
         yield gw
 
 
@@ -193,6 +197,15 @@ def test_tls_serves_the_configured_certificate_and_metrics_stay_plain(tls_gw, pk
     assert plain_get(tls_gw.metrics_port, "/metrics") == 200
 
 
+def test_a_stalled_handshake_is_closed_after_the_header_timeout(tls_gw, pki):
+    # asyncio would wait 60 s (past this socket's timeout); the header timeout bounds it
+    with socket.create_connection(("127.0.0.1", tls_gw.http_port), timeout=30) as sock:
+        sock.sendall(b"\x16\x03\x01")  # the start of a TLS record, then nothing
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(4096) == b""
+    assert https_get(tls_gw.http_port, "/v2/health/live", pki.ca.cert)[0] == 200
+
+
 def test_tls_without_client_ca_takes_no_client_certificate_into_account(tls_gw, pki):
     # no CA: a client certificate, even one from an unknown CA, is neither asked for nor checked
     assert https_get(tls_gw.http_port, "/v2/health/ready", pki.ca.cert, pki.stranger)[0] == 200
@@ -244,6 +257,7 @@ def test_asgi_scope_carries_the_tls_extension_once_per_connection(pki, tmp_path)
     """The HTTP listener alone, with a tiny ASGI app recording the scopes it is given."""
     from onnxgate.config import ServerConfig
     from onnxgate.listeners.http_server import HttpServer
+    from onnxgate.listeners.https_server import HttpsServer
     from onnxgate.listeners.sockets import listen
     from onnxgate.listeners.tls import ServerTls
 
@@ -270,7 +284,7 @@ def test_asgi_scope_carries_the_tls_extension_once_per_connection(pki, tmp_path)
 
     async def serve(s: ServerConfig, tls: ServerTls | None, clients: list[Issued | None]) -> None:
         sock = listen("127.0.0.1", 0, 16)
-        server = HttpServer(app, s, tls)
+        server = HttpServer(app, s) if tls is None else HttpsServer(app, s, tls)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             assert not task.done()

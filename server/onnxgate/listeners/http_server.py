@@ -43,7 +43,6 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from onnxgate.config import ServerConfig
 from onnxgate.frontends.status import CUT_MESSAGE
 from onnxgate.listeners.sockets import ANSWER_S
-from onnxgate.listeners.tls import ServerTls
 
 log = logging.getLogger("onnxgate")
 
@@ -263,28 +262,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._arm(_LINGER_S, self.transport.close)
 
 
-class TlsHttpProtocol(LimitedHttpProtocol):
-    """:class:`LimitedHttpProtocol` on a TLS listener: every request's scope carries the ASGI TLS
-    extension of its connection (``scope["extensions"]["tls"]``, see
-    :func:`onnxgate.listeners.tls.asgi_tls_info`), computed once, when the connection is made
-    (after the handshake). Plain listeners use :class:`LimitedHttpProtocol` and pay nothing."""
-
-    def __init__(self, *args: Any, tls: ServerTls, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._server_tls = tls
-        self._tls_info: dict[str, Any] = {}
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self._tls_info = self._server_tls.connection_info(ssl_object)
-        super().connection_made(transport)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope["extensions"] = {"tls": self._tls_info}  # type: ignore[typeddict-unknown-key]
-
-
 class _AnswerWhenCut:
     """The ASGI app, answering 503 for a request that the drain cancels before its answer began.
     An app with a ``cut`` attribute of its own (the gateway's HttpApp) does this itself, without
@@ -320,18 +297,17 @@ class HttpServer(uvicorn.Server):
     """uvicorn on a loop and signals that the gateway owns, with the limits of
     :class:`LimitedHttpProtocol`, drained to the gateway's deadline."""
 
-    def __init__(self, app: Any, s: ServerConfig, tls: ServerTls | None = None) -> None:
-        """``tls``: serve TLS only, with its context (None: plain HTTP)."""
+    def __init__(
+        self, app: Any, s: ServerConfig, protocol: type[LimitedHttpProtocol] = LimitedHttpProtocol, **extra: Any
+    ) -> None:
+        """``protocol`` (with the keyword arguments ``extra``): a subclass of :class:`LimitedHttpProtocol`."""
         self._app = app if hasattr(app, "cut") else _AnswerWhenCut(app)
-        limits = {"limits": HttpLimits.from_config(s), "slots": _Slots(s.http_max_connections)}
-        protocol = (
-            functools.partial(LimitedHttpProtocol, **limits)
-            if tls is None
-            else functools.partial(TlsHttpProtocol, tls=tls, **limits)
+        factory = functools.partial(
+            protocol, limits=HttpLimits.from_config(s), slots=_Slots(s.http_max_connections), **extra
         )
         config = uvicorn.Config(
             self._app,
-            http=protocol,  # type: ignore[arg-type]
+            http=factory,  # type: ignore[arg-type]
             ws="none",
             lifespan="off",
             access_log=False,
@@ -340,9 +316,6 @@ class HttpServer(uvicorn.Server):
             timeout_keep_alive=s.http_keep_alive_timeout_s or _FOREVER_S,  # type: ignore[arg-type]  # for call_later
             backlog=s.http_backlog,
         )
-        if tls is not None:  # loaded here so that uvicorn serves the gateway's own context
-            config.load()
-            config.ssl = tls.http_context
         super().__init__(config)
         self._deadline: float | None = None
 
