@@ -6,7 +6,14 @@
 #   docker build -t onnxgate .                                   # CPU (onnxruntime)
 #   docker build -t onnxgate:gpu --build-arg VARIANT=gpu \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 .   # GPU (onnxruntime-gpu)
-#   docker run --rm -p 8000-8002:8000-8002 -v "$PWD/models:/models:ro" onnxgate
+#   docker run --rm -p 8000-8002:8000-8002 -v "$PWD/models:/models:ro" \
+#     -v "$PWD/tokens:/etc/onnxgate/tokens:ro" onnxgate      # tokens/tokens.yaml: digests only
+#
+# The image listens on 0.0.0.0, so its default config (/etc/onnxgate/gateway.yaml, no token in
+# it) wants tokens: it names the tokens file /etc/onnxgate/tokens/tokens.yaml, which you mount
+# (`tokens: [{name, sha256, scopes}]`, digests from `printf %s "$TOKEN" | sha256sum`); without it
+# the gateway does not start. Your own config: mount it and pass `--config PATH` with the other
+# flags after the image name (they replace CMD).
 #
 # BASE_IMAGE is the base of both stages, so the venv's interpreter is the same in each; a base
 # without Python (CUDA images) gets the distribution's python3 (>= 3.11) and venv module.
@@ -54,7 +61,9 @@ RUN if ! command -v python3 >/dev/null; then \
     && groupadd --system --gid 10001 onnxgate \
     && useradd --system --uid 10001 --gid onnxgate --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin onnxgate \
-    && mkdir -p /models
+    && mkdir -p /models /etc/onnxgate/tokens \
+    && printf '%s\n' '# The image default: tokens from a mounted file (digests only); see the Dockerfile.' \
+        'security:' '  tokens_file: /etc/onnxgate/tokens/tokens.yaml' > /etc/onnxgate/gateway.yaml
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
@@ -65,4 +74,4 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 ENTRYPOINT ["onnxgate", "serve"]
-CMD ["--model-repository", "/models", "--host", "0.0.0.0"]
+CMD ["--config", "/etc/onnxgate/gateway.yaml", "--model-repository", "/models", "--host", "0.0.0.0"]

@@ -4,11 +4,15 @@ The Dockerfile is parsed (stages, user, ports, entrypoint, health check, build c
 health check command runs against a real gateway, the Kubernetes manifests are validated
 offline against the JSON schemas bundled in ``kubernetes-validate``, the KServe ServingRuntime
 (a CRD, no bundled schema) gets a structural check, and every ``onnxgate serve`` flag used
-anywhere must exist. The client builds as its own distribution without ONNX Runtime.
+anywhere must exist. Tokens: every gateway container (and the image's default config) reads a
+config naming a tokens file that a Secret provides, mounted read-only; the config and the Secret's
+file parse as the gateway parses them; no manifest holds a token; probes ask health paths only.
+The client builds as its own distribution without ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -99,11 +103,41 @@ def test_dockerfile_runs_as_non_root_and_exposes_the_ports():
     assert sorted(int(p) for e in _final("EXPOSE") for p in e.split()) == [8000, 8001, 8002]
 
 
+IMAGE_CONFIG = "/etc/onnxgate/gateway.yaml"
+TOKENS_FILE = "/etc/onnxgate/tokens/tokens.yaml"
+
+
 def test_dockerfile_entrypoint_and_cmd():
     assert json.loads(_final("ENTRYPOINT")[-1]) == ["onnxgate", "serve"]
     cmd = json.loads(_final("CMD")[-1])
-    assert cmd == ["--model-repository", "/models", "--host", "0.0.0.0"]
+    assert cmd == ["--config", IMAGE_CONFIG, "--model-repository", "/models", "--host", "0.0.0.0"]
     assert_known_flags(cmd)
+
+
+def _image_config(tmp_path: Path) -> dict:
+    """The config file the runtime stage writes, written here by the same shell command."""
+    (run,) = [args for args in _final("RUN") if IMAGE_CONFIG in args]
+    command = run[run.index("printf"):]
+    assert command.endswith(f"> {IMAGE_CONFIG}"), command
+    target = tmp_path / "gateway.yaml"
+    done = subprocess.run(["sh", "-c", command.replace(IMAGE_CONFIG, str(target))], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(target.read_text())
+
+
+def test_dockerfile_default_config_wants_a_tokens_file_and_holds_no_token(tmp_path):
+    """The image listens on 0.0.0.0: its default config names the tokens file to mount, and the
+    gateway refuses to start while it is missing."""
+    doc = _image_config(tmp_path)
+    assert doc == {"security": {"tokens_file": TOKENS_FILE}}, doc
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"(?i)bearer\s+\S|ONNXGATE_TOKEN\s*=|[0-9a-f]{64}", text), "no token or digest in the image"
+    assert f"{TOKENS_FILE.rsplit('/', 1)[0]}:ro" in text, "the Dockerfile shows the read-only tokens mount"
+    from onnxgate.config import load
+    from onnxgate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokens_file"):
+        load(str(tmp_path / "gateway.yaml"), {})
 
 
 def _healthcheck_command() -> list[str]:
@@ -230,10 +264,15 @@ def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _core_files() -> list[Path]:
+    """The core manifests (not the KServe CRD) and the Secret kept apart in secrets/."""
+    return sorted(K8S.glob("*.yaml")) + sorted((K8S / "secrets").glob("*.yaml"))
+
+
 @cache
 def manifests() -> dict[str, dict]:
-    """``kind/name`` -> document, for the core manifests (not the KServe CRD)."""
-    return {f"{d['kind']}/{d['metadata']['name']}": d for f in sorted(K8S.glob("*.yaml")) for d in _docs(f)}
+    """``kind/name`` -> document, for the core manifests and the Secret (not the KServe CRD)."""
+    return {f"{d['kind']}/{d['metadata']['name']}": d for f in _core_files() for d in _docs(f)}
 
 
 def test_core_manifests_validate_against_the_kubernetes_schemas_offline(monkeypatch):
@@ -246,7 +285,7 @@ def test_core_manifests_validate_against_the_kubernetes_schemas_offline(monkeypa
     for key, doc in manifests().items():
         assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION, key
         kinds.add(doc["kind"])
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim", "ConfigMap", "Secret"} <= kinds
     broken = json.loads(json.dumps(manifests()["Deployment/onnxgate"]))
     broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "eight thousand"
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -313,9 +352,112 @@ def test_kserve_serving_runtime_structure():
     assert_known_flags(args)
     assert _flag(args, "--model-repository") == "/mnt/models"
     assert int(_flag(args, "--http-port")) == container["ports"][0]["containerPort"]
-    # the container part is a core Container: check it against the schema of one
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": [container]}}
+    # the container part is a core Container, the volumes core Volumes: check them against a Pod's schema
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+           "spec": {"containers": [container], "volumes": spec["volumes"]}}
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+
+
+def _gateway_pods() -> list[tuple[str, dict]]:
+    """(name, pod spec) of everything that runs the gateway: the Deployment and the ServingRuntime."""
+    (runtime,) = _docs(K8S / "kserve" / "servingruntime.yaml")
+    return [("Deployment/onnxgate", manifests()["Deployment/onnxgate"]["spec"]["template"]["spec"]),
+            ("ServingRuntime/onnxgate", runtime["spec"])]
+
+
+def _mount_of(pod: dict, container: dict, path: str) -> tuple[dict, dict, str]:
+    """The volume and mount a file path lies in, and the file's name inside the volume."""
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(root):
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            return volume, mount, path[len(root):]
+    raise AssertionError(f"{path} is on no volume of container {container['name']}")
+
+
+def _secret_files() -> dict[str, str]:
+    secret = manifests()["Secret/onnxgate-tokens"]
+    assert "data" not in secret, "digests need no base64: keep them readable in stringData"
+    return secret["stringData"]
+
+
+def test_every_gateway_container_takes_its_tokens_from_the_secret_read_only():
+    configmap = manifests()["ConfigMap/onnxgate-config"]
+    for where, pod in _gateway_pods():
+        for c in pod["containers"]:
+            args = c["args"]
+            assert _flag(args, "--host") == "0.0.0.0", where  # why the tokens are needed
+            volume, mount, key = _mount_of(pod, c, _flag(args, "--config"))
+            assert volume["configMap"]["name"] == "onnxgate-config" and mount["readOnly"] is True, where
+            security = yaml.safe_load(configmap["data"][key])["security"]
+            assert "tokens" not in security, "digests belong in the Secret, not the ConfigMap"
+            volume, mount, key = _mount_of(pod, c, security["tokens_file"])
+            assert volume["secret"]["secretName"] == "onnxgate-tokens", where
+            assert mount["readOnly"] is True and "subPath" not in mount, f"{where}: read-only, and updated in place"
+            assert key in _secret_files(), where
+            assert volume["secret"]["defaultMode"] & 0o222 == 0, f"{where}: nobody may write the tokens file"
+    deployment = dict(_gateway_pods())["Deployment/onnxgate"]
+    (tokens,) = [v for v in deployment["volumes"] if "secret" in v]
+    assert tokens["secret"]["defaultMode"] & 0o007 == 0, "with fsGroup set, the group reads it, others do not"
+
+
+def test_the_config_and_the_tokens_file_parse_as_the_gateway_parses_them(tmp_path):
+    from onnxgate.config import load
+    from onnxgate.core.security.config import read_tokens_file
+
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(_secret_files()["tokens.yaml"])
+    tokens = read_tokens_file(str(tokens_file))  # name, sha256 and scopes only: no room for a token
+    assert tokens and all(t.sha256 != EMPTY_DIGEST for t in tokens), "a placeholder no empty token matches"
+    assert any("admin" in t.scopes for t in tokens), "an operator token"
+    text = manifests()["ConfigMap/onnxgate-config"]["data"]["gateway.yaml"]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text.replace(TOKENS_FILE, str(tokens_file)))
+    security = load(str(config), {}).security
+    assert security.enabled and security.all_tokens() == tokens
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in (str(k), *_strings(v))]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_no_manifest_holds_a_token():
+    docs = [d for f in [*_core_files(), *sorted((K8S / "kserve").glob("*.yaml"))] for d in _docs(f)]
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        for text in _strings(doc):
+            assert not re.search(r"(?i)bearer\s+[A-Za-z0-9]", text), f"{where} holds a bearer token"
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec", spec)
+        for c in pod.get("containers", []) if isinstance(pod, dict) else []:
+            for env in c.get("env", []):
+                assert not ("TOKEN" in env["name"].upper() and "value" in env), f"{where}: {env['name']} inline"
+    secret_text = _secret_files()["tokens.yaml"]
+    digests = re.findall(r"sha256:\s*\"?([0-9a-fA-F]+)", secret_text)
+    assert digests and all(len(d) == 64 for d in digests), "the Secret holds digests"
+
+
+def test_probes_ask_health_paths_only():
+    """Health needs no token: a probe elsewhere would need one in the manifest, or fail."""
+    for where, pod in _gateway_pods():
+        for c in pod["containers"]:
+            probes = {k: c[k] for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in c}
+            assert "readinessProbe" in probes, where
+            for name, probe in probes.items():
+                assert set(probe) & {"exec", "grpc", "tcpSocket"} == set(), f"{where} {name}: HTTP health only"
+                assert probe["httpGet"]["path"] in ("/v2/health/live", "/v2/health/ready"), f"{where} {name}"
+                assert "httpHeaders" not in probe["httpGet"], f"{where} {name} sends headers"
+    check = _healthcheck_command()[2]
+    assert "/v2/health/ready" in check and "uthorization" not in check
 
 
 # -- flags ----------------------------------------------------------------------------------
