@@ -230,12 +230,3 @@ def run_models(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r["name"] == name]
     print(json.dumps(rows, indent=2) if as_json else format_table(rows))
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run one ``onnxgate models`` or ``onnxgate routes`` command; returns the exit code."""
-    if args.command == "routes":
-        from onnxgate import admin_routes
-
-        return admin_routes.run_routes(args)
-    return run_models(args)

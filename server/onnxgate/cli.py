@@ -205,10 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return drift_report.run(args)
     if args.command == "serve":
         return _serve(args, list(argv if argv is not None else sys.argv[1:])[1:])
-    if args.command in ("models", "routes"):
+    if args.command == "models":
         from onnxgate import admin
 
-        return admin.run(args)
+        return admin.run_models(args)
+    if args.command == "routes":
+        from onnxgate import admin_routes
+
+        return admin_routes.run_routes(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
