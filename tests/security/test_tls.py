@@ -225,6 +225,14 @@ def test_mtls_http_verifies_a_presented_certificate_and_allows_none(mtls_gw, pki
     refused_at_tls(mtls_gw.http_port, pki.ca.cert, pki.stranger)
 
 
+@pytest.mark.parametrize("path", ["/v2", "/v2/models/stats", "/v2/routes", "/v2/models/nope/config"])
+def test_mtls_http_refuses_every_endpoint_but_health_without_a_certificate(mtls_gw, pki, path):
+    status, body = https_get(mtls_gw.http_port, path, pki.ca.cert)
+    assert status == 401 and b"client certificate" in body, body
+    assert https_get(mtls_gw.http_port, path, pki.ca.cert, pki.client)[0] in (200, 404)
+    assert https_get(mtls_gw.http_port, "/v2/health/ready", pki.ca.cert)[0] == 200
+
+
 def resumed(port: int, ca: Path, client: Issued | None) -> bool:
     """Whether a second TLS 1.3 connection resumes the first one's session."""
     ctx = client_context(ca, client)
