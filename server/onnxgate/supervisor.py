@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxgate.config import GatewayConfig
+from onnxgate.core.security.access import AccessPolicy
 from onnxgate.errors import ConfigError
 
 log = logging.getLogger("onnxgate")
@@ -104,12 +105,33 @@ def watch_supervisor(on_gone: Callable[[], None]) -> Callable[[], None] | None:
     return lambda: loop.remove_reader(fd)
 
 
-def _serve_metrics(host: str, port: int) -> int:
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+def _serve_metrics(host: str, port: int, access: AccessPolicy) -> int:
+    """All workers' metrics on one port (threads, off any event loop), behind the metrics token."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # a scrape is not news
+            pass
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+
+    def guarded(environ: dict, start_response: Callable) -> list[bytes]:
+        if not access.metrics_allowed(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("Content-Type", "application/json"), ("WWW-Authenticate", "Bearer")])
+            return [b'{"error": "the metrics port needs its token: Authorization: Bearer <token>"}']
+        return app(environ, start_response)
+
+    server = make_server(host.strip("[]"), port, guarded, Server, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="onnxgate-metrics", daemon=True).start()
     return server.server_port
 
 
@@ -202,7 +224,7 @@ class Supervisor:
         holds = [reserve(s.host, s.http_port), reserve(s.host, s.grpc_port)]
         http_port, grpc_port = (h.getsockname()[1] for h in holds)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
-        metrics_port = _serve_metrics(s.host, s.metrics_port)
+        metrics_port = _serve_metrics(s.host, s.metrics_port, AccessPolicy(self.config.security, s.host))
         self._lifeline = os.pipe()
         log.info(
             "listening: http %s:%d, grpc %s:%d, metrics %s:%d; %d workers",

@@ -166,3 +166,14 @@ def test_tritonclient_sends_the_token_on_both_transports(repo, tmp_path):
         with pytest.raises(InferenceServerException) as err:
             grpc_client.infer("scaled", [ginp])
         assert "UNAUTHENTICATED" in str(err.value.status())
+
+
+def test_workers_metrics_port_wants_its_token(repo, tmp_path):
+    scrape = "scrape-token-workers"
+    args = _config(tmp_path, {"tokens": [{"name": "app", "sha256": sha("x"), "scopes": ["infer"]}],
+                              "metrics_token_sha256": sha(scrape)})
+    with GatewayProcess(repo, [*args, "--workers", "2", "--cpu-threads", "1"]) as gw:
+        status, headers, _ = _status(gw.metrics_port, "GET", "/metrics")
+        assert status == 401 and headers.get("www-authenticate") == "Bearer"
+        status, _, body = _status(gw.metrics_port, "GET", "/metrics", scrape)
+        assert status == 200 and b"onnxgate_" in body
