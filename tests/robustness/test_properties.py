@@ -232,7 +232,7 @@ def test_http_request_round_trip(cases, binary, nested):
                                                              max_size=3), st.booleans(), ANY_TEXT.filter(bool) | TEXT)
 @settings_(300)
 def test_http_response_round_trip(cases, per_output, binary_default, request_id):
-    """encode_infer's JSON numbers (NaN/Infinity tokens included) and binary tensors read back equal."""
+    """encode_infer's JSON (strict: NaN and infinities as strings) and binary tensors read back equal."""
     assume(not any(0xD800 <= ord(c) <= 0xDFFF for c in request_id))  # ids come from decode_infer: no surrogates
     outputs = [InferOutput(f"out{i}", v2, list(arr.shape), arr) for i, (v2, arr) in enumerate(cases)]
     wanted = [
@@ -242,7 +242,7 @@ def test_http_response_round_trip(cases, per_output, binary_default, request_id)
     request = InferRequest("m", "", [], wanted)
     response = InferResponse("m", "1", outputs, id=request_id)
     body, json_length = http_codec.encode_infer(response, request, binary_default)
-    header = json.loads(body[:json_length] if json_length is not None else body)
+    header = orjson.loads(body[:json_length] if json_length is not None else body)  # strict JSON
     assert header["model_name"] == "m" and header.get("id", "") == request_id
     offset = json_length or len(body)
     for (v2, arr), entry in zip(cases, header["outputs"], strict=True):

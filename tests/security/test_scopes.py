@@ -83,6 +83,13 @@ HTTP = {
     ("PUT", "/v2/routes/{route}"): ("/v2/routes/r2", json.dumps(ROUTE), 200),
     ("DELETE", "/v2/routes/{route}"): ("/v2/routes/doomed", "", 200),
     ("GET", "/v2/routes/{route}/comparison"): ("/v2/routes/r1/comparison", "", 200),
+    **{("GET", f"/v2/{k}sharedmemory{p}/status"): (f"/v2/{k}sharedmemory{p.replace('{region}', 'r')}/status", "", 501)
+       for k in ("system", "cuda") for p in ("", "/region/{region}")},
+    **{("POST", f"/v2/{k}sharedmemory{p}"): (f"/v2/{k}sharedmemory{p.replace('{region}', 'r')}", "{}", 501)
+       for k in ("system", "cuda")
+       for p in ("/region/{region}/register", "/region/{region}/unregister", "/unregister")},
+    **{(m, p): (p.replace("{model}", "scaled"), "{}" if m == "POST" else "", 501)
+       for m in ("GET", "POST") for p in ("/v2/trace/setting", "/v2/models/{model}/trace/setting", "/v2/logging")},
 }
 
 _INFER = pb.ModelInferRequest(model_name="scaled", inputs=[

@@ -219,7 +219,7 @@ def test_mtls_http_verifies_a_presented_certificate_and_allows_none(mtls_gw, pki
     finally:
         client.close()
     # no certificate: the TLS layer lets it through, so that probes reach health
-    assert https_get(mtls_gw.http_port, "/v2/health/ready", pki.ca.cert) == (200, b"")
+    assert https_get(mtls_gw.http_port, "/v2/health/ready", pki.ca.cert) == (200, b'{"ready":true}')
     assert https_get(mtls_gw.http_port, "/v2/health/live", pki.ca.cert)[0] == 200
     # a certificate the CA did not sign: the handshake fails
     refused_at_tls(mtls_gw.http_port, pki.ca.cert, pki.stranger)
@@ -465,7 +465,7 @@ def test_bad_tls_files_fail_the_start_clearly(repo, pki, tmp_path, case, workers
 def test_workers_serve_tls_and_each_reloads_on_sighup(repo, pki, live):
     args = [*ARGS, "--workers", "2", *_live_args(live)]
     with GatewayProcess(repo, args) as gw:
-        assert https_get(gw.http_port, "/v2/health/ready", pki.ca.cert) == (200, b"")
+        assert https_get(gw.http_port, "/v2/health/ready", pki.ca.cert) == (200, b'{"ready":true}')
         assert grpc_code(grpcs_client(gw, pki.ca.cert, pki.client)) is None
         assert plain_get(gw.metrics_port, "/metrics") == 200
         gw.signal(signal.SIGHUP)  # forwarded: every worker reloads

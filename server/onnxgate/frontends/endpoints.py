@@ -29,7 +29,7 @@ class Endpoint:
     read_only: bool = True  # False: changes state or runs a model
     target: str = ""  # the path parameter naming what it acts on (the audit log's target)
     grpc_target: str = ""  # the request field holding the same
-    implemented: bool = True  # False: answered 501 / UNIMPLEMENTED (declared so it has a scope)
+    implemented: bool = True  # False: answered 501 / UNIMPLEMENTED naming ``summary`` (declared for its scope)
 
     def __post_init__(self) -> None:
         assert self.scope in ENDPOINT_SCOPES, self.scope
@@ -76,16 +76,28 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              target="route"),
     Endpoint("routes.comparison", "read", "A route's shadow comparison", (("GET", "/v2/routes/{route}/comparison"),),
              target="route"),
-    Endpoint("unsupported.shared_memory_status", "read", "Shared memory (not supported)",
-             grpc=("SystemSharedMemoryStatus", "CudaSharedMemoryStatus"), implemented=False),
-    Endpoint("unsupported.shared_memory_register", "admin", "Shared memory (not supported)",
-             grpc=("SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryRegister",
-                   "CudaSharedMemoryUnregister"), read_only=False, implemented=False),
-    Endpoint("unsupported.settings", "admin", "Trace and log settings (not supported)",
-             grpc=("TraceSetting", "LogSettings"), read_only=False, implemented=False),
+    Endpoint("unsupported.shared_memory_status", "read", "the shared memory extension",
+             tuple(("GET", f"/v2/{kind}sharedmemory{path}/status") for kind in ("system", "cuda")
+                   for path in ("", "/region/{region}")),
+             ("SystemSharedMemoryStatus", "CudaSharedMemoryStatus"), implemented=False),
+    Endpoint("unsupported.shared_memory_register", "admin", "the shared memory extension",
+             tuple(("POST", f"/v2/{kind}sharedmemory{path}") for kind in ("system", "cuda")
+                   for path in ("/region/{region}/register", "/region/{region}/unregister", "/unregister")),
+             ("SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryRegister",
+              "CudaSharedMemoryUnregister"), read_only=False, implemented=False),
+    Endpoint("unsupported.trace", "admin", "the trace extension",
+             tuple((m, p) for p in ("/v2/trace/setting", "/v2/models/{model}/trace/setting") for m in ("GET", "POST")),
+             ("TraceSetting",), read_only=False, implemented=False),
+    Endpoint("unsupported.logging", "admin", "the logging extension",
+             (("GET", "/v2/logging"), ("POST", "/v2/logging")), ("LogSettings",), read_only=False, implemented=False),
 )
 
 BY_NAME = {e.name: e for e in ENDPOINTS}
+
+# Tensor parameters of the shared memory extension, which onnxgate does not support: a request
+# that uses them is answered 501 / UNIMPLEMENTED (an ignored output region would leave the
+# client reading stale memory).
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def grpc_endpoints(methods: Iterable[str]) -> dict[str, Endpoint]:

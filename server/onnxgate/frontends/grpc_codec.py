@@ -12,6 +12,7 @@ from onnxgate.core.service import IndexRow, ModelMetadata
 from onnxgate.core.serving import tensors
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, Unsupported
+from onnxgate.frontends.endpoints import SHARED_MEMORY_PARAMETERS
 from onnxgate_client.pb import grpc_service_pb2 as pb
 
 # Typed contents field per datatype (FP16 travels raw only).
@@ -29,9 +30,6 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-
-_SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-
 
 def param_value(p: pb.InferParameter) -> Any:
     """The Python value of one InferParameter."""
@@ -102,7 +100,7 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
     raw = req.raw_input_contents
     if raw:
         for t in req.inputs:
-            if t.HasField("contents"):
+            if t.HasField("contents") and t.contents.ByteSize() > 0:
                 raise InvalidInput(
                     f"input '{t.name}': contents and raw_input_contents cannot be mixed; "
                     "send every input's data in raw_input_contents or every input's in contents"
@@ -122,9 +120,10 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
         tensors.check_rank(name, shape)
-        if t.parameters and any(k in t.parameters for k in _SHM_KEYS):
-            raise Unsupported(f"input '{name}': shared memory is not supported")
-        has_contents = t.HasField("contents")
+        if t.parameters and any(k in t.parameters for k in SHARED_MEMORY_PARAMETERS):
+            raise Unsupported(f"input '{name}': the shared memory extension is not supported")
+        # an empty typed ``contents {}`` beside raw_input_contents is no contents (MLServer sends it)
+        has_contents = t.HasField("contents") and not (raw and t.contents.ByteSize() == 0)
         if raw:
             if has_contents:
                 raise InvalidInput(f"input '{name}': contents and raw_input_contents cannot be mixed")
@@ -134,7 +133,11 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
         else:
             raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")
         inputs.append(InferInput(name, dtype.v2, shape, data))
-    outputs = [RequestedOutput(o.name, params_dict(o.parameters)) for o in req.outputs]
+    outputs = []
+    for o in req.outputs:
+        if o.parameters and any(k in o.parameters for k in SHARED_MEMORY_PARAMETERS):
+            raise Unsupported(f"output '{o.name}': the shared memory extension is not supported")
+        outputs.append(RequestedOutput(o.name, params_dict(o.parameters)))
     return InferRequest(
         model_name=req.model_name,
         model_version=req.model_version,

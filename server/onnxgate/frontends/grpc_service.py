@@ -228,12 +228,6 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         failed.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
         return pb.ModelStreamInferResponse(error_message=message, infer_response=failed), code
 
-    async def _unsupported(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not supported by onnxgate")
-
-    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _unsupported
-    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
-    TraceSetting = LogSettings = _unsupported
 
 
 def _grpc_error_mode(context: grpc.aio.ServicerContext) -> bool:
@@ -290,6 +284,13 @@ def _parser(cls: type) -> Callable[[bytes], object]:
     return parse
 
 
+def _unimplemented(what: str) -> Callable:
+    async def unimplemented(request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by onnxgate")
+
+    return unimplemented
+
+
 def add_to_server(
     server: grpc.aio.Server,
     service: InferenceService,
@@ -308,9 +309,10 @@ def add_to_server(
     endpoints = grpc_endpoints(m.name for m in descriptor.methods)
     handlers = {}
     for method in descriptor.methods:
-        fn = getattr(servicer, method.name)
+        endpoint = endpoints[method.name]
+        fn = getattr(servicer, method.name) if endpoint.implemented else _unimplemented(endpoint.summary)
         if access is not None:
-            fn = access.wrap(fn, endpoints[method.name], method.name in _STREAMING)
+            fn = access.wrap(fn, endpoint, method.name in _STREAMING)
         if wrap is not None:
             fn = wrap(fn, method.name in _STREAMING)
         request_cls = getattr(pb, method.input_type.name)

@@ -81,7 +81,9 @@ class HttpApp:
         self.cut = False  # set by the drain at its deadline: a request it then cancels is answered 503
         self.router = HttpRouter()
         self._handlers: dict[str, Callable[[Params, Scope, Receive], Awaitable[_Reply]]] = {
-            e.name: getattr(self, "_" + e.name.replace(".", "_")) for e in ENDPOINTS if e.http
+            e.name: getattr(self, "_" + e.name.replace(".", "_")) if e.implemented else _unsupported(e)
+            for e in ENDPOINTS
+            if e.http
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,12 +172,17 @@ class HttpApp:
             self.audit.record(token, _peer(scope), endpoint.name, params.get(endpoint.target, ""), result)
 
     # -- handlers: one per endpoint of ``endpoints.ENDPOINTS`` with HTTP routes ------------------
+    # Health answers carry the OIP's bodies ({"live": true}, {"ready": true}); the status says it too.
     async def _health_live(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok() if self.service.live else _error(503, "server is not live")
+        if self.service.live:
+            return _ok(b'{"live":true}')
+        return _Reply(503, b'{"live":false,"error":"server is not live"}')
 
     async def _health_ready(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         svc = self.service
-        return _ok() if svc.ready and not svc.draining else _error(503, "server is not ready")
+        if svc.ready and not svc.draining:
+            return _ok(b'{"ready":true}')
+        return _Reply(503, b'{"ready":false,"error":"server is not ready"}')
 
     async def _server_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         return _ok(orjson.dumps(self.service.server_metadata()))
@@ -187,8 +194,9 @@ class HttpApp:
     async def _model_ready(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         name, version = params["model"], params.get("version", "")
         if self.service.model_ready(name, version):
-            return _ok()
-        return _error(503, f"model '{name}'" + (f" version {version}" if version else "") + " is not ready")
+            return _ok(orjson.dumps({"name": name, "ready": True}))
+        message = f"model '{name}'" + (f" version {version}" if version else "") + " is not ready"
+        return _Reply(503, orjson.dumps({"name": name, "ready": False, "error": message}))
 
     async def _model_config(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         return _ok(http_codec.config_json(self.service.model_config(params["model"], params.get("version", ""))))
@@ -272,7 +280,11 @@ class HttpApp:
                 text = encoding.decode("latin-1")
                 body = await budget.offload(len(body), http_codec.decompress, body, text, limit)
                 hold.grow(len(body))  # the inflated body too
-            if len(body) < INLINE_DECODE_BYTES:  # the common case, without a coroutine
+            if header_length == 0:  # a raw binary request: the body is the only input's data
+                meta = svc.model_metadata(name, version)
+                batched = svc.model_config(name, version).max_batch_size > 0
+                request, binary_default = http_codec.decode_raw_request(body, meta.inputs, batched, name, version)
+            elif len(body) < INLINE_DECODE_BYTES:  # the common case, without a coroutine
                 request, binary_default = http_codec.decode_infer(body, header_length, name, version)
             else:
                 request, binary_default = await budget.offload(
@@ -322,6 +334,13 @@ def _infer_reply(response: InferResponse, request: InferRequest, binary_default:
         if used:
             reply_headers.append((b"content-encoding", used.encode()))
     return _Reply(200, out, reply_headers)
+
+
+def _unsupported(endpoint: Endpoint) -> Callable[[Params, Scope, Receive], Awaitable[_Reply]]:
+    async def handler(params: Params, scope: Scope, receive: Receive) -> _Reply:
+        raise Unsupported(f"{endpoint.summary} is not supported by onnxgate")
+
+    return handler
 
 
 def _peer(scope: Scope) -> str:

@@ -13,10 +13,11 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from onnxgate.core.inference import InferInput, InferRequest, InferResponse, RequestedOutput
-from onnxgate.core.service import IndexRow, ModelMetadata
+from onnxgate.core.service import IndexRow, ModelMetadata, TensorMetadata
 from onnxgate.core.serving import tensors
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, PayloadTooLarge, Unsupported
+from onnxgate.frontends.endpoints import SHARED_MEMORY_PARAMETERS
 from onnxgate_client.pb import model_config_pb2 as mc
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -121,6 +122,46 @@ def _shape(name: str, value: Any) -> list[int]:
     return value
 
 
+def decode_raw_request(
+    body: bytes | memoryview, inputs: list[TensorMetadata], batched: bool, model_name: str, model_version: str
+) -> tuple[InferRequest, bool]:
+    """A raw binary request (``Inference-Header-Content-Length: 0``, Triton's rule): the whole
+    body is the data of the model's only input, its datatype and shape from the model; a
+    batching model gets a batch of one, at most one other dimension may be variable (its size
+    follows from the body's), a BYTES input must have shape [1]. Every output comes back binary."""
+    if len(inputs) != 1:
+        raise InvalidInput(
+            f"a raw binary request (Inference-Header-Content-Length: 0) needs a model with exactly one input; "
+            f"'{model_name}' has {len(inputs)}"
+        )
+    spec = inputs[0]
+    dtype = tensors.BY_V2[spec.datatype]
+    shape = list(spec.shape)
+    if batched:
+        shape[0] = 1
+    variable = [i for i, d in enumerate(shape) if d < 0]
+    if dtype.v2 == "BYTES":
+        if tensors.element_count([d for d in shape if d >= 0]) != 1 or variable:
+            raise InvalidInput(f"a raw binary request for BYTES input '{spec.name}' needs its shape to be [1]")
+    elif len(variable) > 1:
+        raise InvalidInput(
+            f"a raw binary request cannot tell the shape of input '{spec.name}' ({spec.shape}): "
+            "more than one dimension is variable; send the inference header"
+        )
+    elif variable:
+        fixed = tensors.element_count([d for d in shape if d >= 0]) * dtype.itemsize
+        if fixed == 0 or len(body) % fixed:
+            raise InvalidInput(
+                f"a raw binary body of {len(body)} bytes is not a whole number of rows of input "
+                f"'{spec.name}' ({spec.datatype} {spec.shape})"
+            )
+        shape[variable[0]] = len(body) // fixed
+    data = tensors.decode_raw(spec.name, dtype, shape, body)
+    request = InferRequest(model_name, model_version, [InferInput(spec.name, dtype.v2, shape, data)], [],
+                           protocol="http")
+    return request, True
+
+
 def decode_infer(
     body: bytes, header_length: int | None, model_name: str, model_version: str
 ) -> tuple[InferRequest, bool]:
@@ -151,6 +192,8 @@ def decode_infer(
         if dtype is None:
             raise InvalidInput(f"input '{name}': unknown datatype {item.get('datatype')!r}")
         in_params = item.get("parameters") or {}
+        if isinstance(in_params, dict) and any(k in in_params for k in SHARED_MEMORY_PARAMETERS):
+            raise Unsupported(f"input '{name}': the shared memory extension is not supported")
         size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -177,6 +220,8 @@ def decode_infer(
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput("every requested output needs a 'name'")
         out_params = out.get("parameters") or {}
+        if isinstance(out_params, dict) and any(k in out_params for k in SHARED_MEMORY_PARAMETERS):
+            raise Unsupported(f"output '{out['name']}': the shared memory extension is not supported")
         outputs.append(RequestedOutput(out["name"], out_params if isinstance(out_params, dict) else {}))
     request_id = doc.get("id", "")
     request = InferRequest(
@@ -217,7 +262,6 @@ def encode_infer(response: InferResponse, request: InferRequest, binary_default:
     wanted = {o.name: o.parameters for o in request.outputs}
     tail: list[bytes] = []
     outs = []
-    nonfinite = False
     for out in response.outputs:
         binary = wanted.get(out.name, {}).get("binary_data", binary_default)
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
@@ -229,28 +273,27 @@ def encode_infer(response: InferResponse, request: InferRequest, binary_default:
             entry["data"] = tensors.as_text_list(out.data)
         else:
             data = np.ascontiguousarray(out.data).ravel()
-            nonfinite = nonfinite or (data.dtype.kind == "f" and not np.isfinite(data).all())
-            entry["data"] = data
+            entry["data"] = _nonfinite_as_text(data) if data.dtype.kind == "f" and not np.isfinite(data).all() else data
         outs.append(entry)
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         doc["id"] = response.id
     doc["outputs"] = outs
-    header = _dumps_nonfinite(doc) if nonfinite else orjson.dumps(doc, option=_JSON_OPTS)
+    header = orjson.dumps(doc, option=_JSON_OPTS)
     if not tail:
         return header, None
     return header + b"".join(tail), len(header)
 
 
-def _dumps_nonfinite(doc: dict) -> bytes:
-    """JSON with NaN, Infinity and -Infinity tokens, as Triton writes them (orjson writes null)."""
-
-    def default(value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        raise TypeError(f"cannot serialize {type(value).__name__}")
-
-    return json.dumps(doc, default=default, separators=(",", ":"), ensure_ascii=False).encode()
+def _nonfinite_as_text(data: np.ndarray) -> list:
+    """Float data holding NaN or infinities, as JSON can hold it: no JSON number is NaN or
+    infinite (RFC 8259), so those elements are the strings "NaN", "Infinity" and "-Infinity",
+    which strict parsers accept and ``float()`` / numpy read back (README, "Protocol")."""
+    values = data.astype(object)
+    values[np.isnan(data)] = "NaN"
+    values[np.isposinf(data)] = "Infinity"
+    values[np.isneginf(data)] = "-Infinity"
+    return values.tolist()
 
 
 def metadata_json(meta: ModelMetadata) -> bytes:
