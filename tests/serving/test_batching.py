@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
+from queue_helpers import Call
 
 SLOW_LAYERS = 128  # a 256-row request keeps the one instance busy for about a second
 SLOW_CONFIG = """
@@ -38,7 +39,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         modelzoo.write_config(repo / name, SLOW_CONFIG % queue)
     modelzoo.build_mlp(repo, "on_gpu")
     modelzoo.write_config(repo / "on_gpu", "instance_group [{ count: 1, kind: KIND_GPU }]\n")
+    modelzoo.build_scaled(repo, "forming")
+    modelzoo.write_config(repo / "forming", FORMING)
     return repo
+
+
+# A batch that forms for 3 s and a queue of one: the request in the forming batch is the one.
+FORMING = """
+max_batch_size: 8
+instance_group [{ count: 1, kind: KIND_CPU }]
+dynamic_batching { max_queue_delay_microseconds: 3000000 default_queue_policy { max_queue_size: 1 } }
+"""
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +164,15 @@ def test_full_queue_is_refused_at_once_and_the_gateway_recovers(gw):
     metrics.request("GET", "/metrics")
     text = metrics.getresponse().read().decode()
     assert 'onnxgate_rejected_requests_total{model="small_queue",reason="queue_full"}' in text
+
+
+def test_requests_in_a_forming_batch_count_against_max_queue_size(gw):
+    """The first request to arrive is taken into a batch that forms for 3 s; while it forms the
+    request still waits, so the queue of one is full and the other three are refused."""
+    calls = [Call(gw, "forming", np.ones((1, 4), np.float32)) for _ in range(4)]
+    for call in calls:
+        call.start()
+    assert sorted(call.answered() for call in calls) == [200, 429, 429, 429]
 
 
 def test_a_request_whose_timeout_expires_in_the_queue_is_refused(gw):

@@ -12,8 +12,9 @@ Every request of a version goes through its :class:`Batcher`. One worker per mod
   instances are busy and run together (throughput).
 * **Batching off**: each request is one execution.
 
-Requests are counted in rows. Over ``max_queue_size`` queued requests (or ``max_queue_bytes``
-of queued tensors), ``submit`` raises :class:`Overloaded` at once. A request still queued when
+Requests are counted in rows. Over ``max_queue_size`` waiting requests (queued, or held by a
+worker whose batch is still forming: as in Triton, that is still queue), or ``max_queue_bytes``
+of queued tensors, ``submit`` raises :class:`Overloaded` at once. A request still queued when
 its timeout expires is rejected with :class:`Overloaded` too (both are load shedding: HTTP 429 /
 RESOURCE_EXHAUSTED); the timeout covers queueing only, never a running batch. A caller that goes
 away (its task is cancelled) and a request that expired leave the queue at once, freeing their
@@ -92,6 +93,8 @@ class Batcher:
         self._queue: OrderedDict[_Pending, None] = OrderedDict()
         self._queued_bytes = 0
         self._held: list[list[_Pending]] = [[] for _ in range(self.instances)]  # taken by worker i
+        # worker i is filling its batch: what it holds still waits, and counts against max_queue_size
+        self._filling = [False] * self.instances
         self._waiters: list[asyncio.Future] = []  # idle or filling workers waiting for arrivals
         self._idle = asyncio.Event()
         self._idle.set()
@@ -125,11 +128,11 @@ class Batcher:
             raise Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
         p = self.policy
         if shadow and (
-            len(self._queue) >= p.max_queue_size // 2
+            self._waiting(p.max_queue_size // 2) >= p.max_queue_size // 2
             or (p.max_queue_bytes and self._queued_bytes + nbytes > p.max_queue_bytes // 2)
         ):
             raise Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
-        while len(self._queue) >= p.max_queue_size:
+        while self._waiting(p.max_queue_size) >= p.max_queue_size:
             if shadow or not self._evict_shadow():
                 raise Overloaded(
                     f"model '{self.model.name}' version {self.model.version}: queue is full "
@@ -162,6 +165,18 @@ class Batcher:
             self._unqueue(item)  # a caller gone before its request was taken frees its place now
             item.future.cancel()  # a worker holding it skips it
             raise
+
+    def _waiting(self, limit: int) -> int:
+        """Requests waiting to run: queued, or held by a worker still filling its batch (as in
+        Triton, a forming batch is still queue). Exact only up to ``limit``, which is all the
+        bound needs: live held requests are counted only when the cheap upper bound reaches it."""
+        n = len(self._queue)
+        if n >= limit or not any(self._filling):
+            return n
+        held = [self._held[slot] for slot, filling in enumerate(self._filling) if filling]
+        if n + sum(map(len, held)) < limit:
+            return n
+        return n + sum(1 for batch in held for b in batch if not b.future.done())
 
     def _unqueue(self, item: _Pending, gauge: bool = True) -> bool:
         """Take ``item`` off the queue (if still there) and stop its timer; the depth gauge
@@ -271,6 +286,7 @@ class Batcher:
                     continue
                 rows = self._take(batch, 0)
                 if delay_ns and not self._batch_done(rows):
+                    self._filling[slot] = True
                     deadline = batch[0].enqueued_ns + delay_ns
                     while not self._batch_done(rows) and (left := deadline - time.perf_counter_ns()) > 0:
                         if not self._queue:
@@ -281,12 +297,14 @@ class Batcher:
                         rows = self._take(batch, rows)
                         if len(batch) == before and self._queue:
                             break  # what is queued does not fit this batch
+                    self._filling[slot] = False
                 live = [b for b in batch if not b.future.done()]
                 if live:
                     await self._execute(loop, live, slot)
                 batch.clear()
         finally:
             # Cancelled (close): whatever this worker still holds is answered, never dropped.
+            self._filling[slot] = False
             self._fail(batch, self._gone())
             batch.clear()
 
