@@ -46,7 +46,7 @@ from onnxgate.frontends.http_app import HttpApp, guarded_metrics
 from onnxgate.listeners.grpc_server import RpcCutter, drain_grpc, grpc_options
 from onnxgate.listeners.http_server import HttpServer
 from onnxgate.listeners.https_server import HttpsServer
-from onnxgate.listeners.sockets import listen
+from onnxgate.listeners.sockets import bind_grpc, listen
 from onnxgate.listeners.tls import ServerTls
 from onnxgate.supervisor import watch_supervisor, worker_info, worker_stats_dir
 
@@ -143,11 +143,11 @@ class Gateway:
         s = self.config.server
         self._grpc = grpc.aio.server(options=grpc_options(s, self.worker is not None))
         grpc_service.add_to_server(self._grpc, self.service, self._rpcs.wrap, GrpcAccess(self.access, self.audit))
-        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
         if self.tls is None:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            self.grpc_port = bind_grpc(self._grpc.add_insecure_port, s.host, s.grpc_port)
         else:
-            self.grpc_port = self._grpc.add_secure_port(address, self.tls.grpc_credentials())
+            credentials = self.tls.grpc_credentials()
+            self.grpc_port = bind_grpc(lambda a: self._grpc.add_secure_port(a, credentials), s.host, s.grpc_port)
         await self._grpc.start()
         app = HttpApp(self.service, s.http_max_body_bytes, self.access, self.audit)
         self.http_port = await self._serve_http(app, s.http_port, self.tls)

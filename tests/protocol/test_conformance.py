@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import struct
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -182,3 +185,19 @@ def test_an_empty_typed_contents_beside_raw_contents_is_absent(gw):
     with grpc.insecure_channel(gw.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- 8. a busy port at start is one clear line -----------------------------------------------------
+
+@pytest.mark.parametrize("which", ["--grpc-port", "--http-port"])
+def test_a_busy_port_fails_the_start_in_one_line(tmp_path, which):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {"--http-port": "0", "--grpc-port": "0", "--metrics-port": "0", which: str(port)}
+        args = [sys.executable, "-m", "onnxgate", "serve", *(x for kv in ports.items() for x in kv)]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("onnxgate: ") and f"127.0.0.1:{port}" in last and "Traceback" not in out.stderr
