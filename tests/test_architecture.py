@@ -20,7 +20,8 @@ CLIENT = ROOT / "client" / "onnxgate_client"
 # (unit, module prefixes, layer): a module may import its own unit and any unit of a lower layer.
 UNITS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("errors", ("onnxgate.errors",), 0),
-    ("core vocabulary", ("onnxgate.core.inference", "onnxgate.core.metrics", "onnxgate.core.sections"), 1),
+    ("core vocabulary", ("onnxgate.core.inference", "onnxgate.core.metrics", "onnxgate.core.sections",
+                         "onnxgate.core.urls"), 1),
     ("serving", ("onnxgate.core.serving",), 2),
     ("registry", ("onnxgate.core.registry",), 3),
     ("traffic", ("onnxgate.core.traffic",), 3),

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from onnxgate.core.sections import check, parse_fields
+from onnxgate.core.urls import redact_url
 
 INCLUDE = ("inputs", "outputs", "shadow")
 SINK_TYPES = ("jsonl", "parquet", "http", "none")
@@ -58,7 +59,7 @@ class SinkConfig:
         check(not no_arrow, f"{section}.type parquet needs pyarrow: pip install 'onnxgate[drift]'")
         check(
             kind != "http" or c.url.startswith(("http://", "https://")),
-            f"{section}.url must be an http:// or https:// URL, got {c.url!r}",
+            f"{section}.url must be an http:// or https:// URL, got {redact_url(c.url)!r}",
         )
         return c
 

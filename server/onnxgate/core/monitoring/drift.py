@@ -54,6 +54,7 @@ from onnxgate.core.monitoring.http_sink import post
 from onnxgate.core.monitoring.records import rfc3339
 from onnxgate.core.monitoring.sinks import encode_json
 from onnxgate.core.sections import check, parse_fields
+from onnxgate.core.urls import redact_url
 
 log = logging.getLogger("onnxgate.drift")
 
@@ -318,7 +319,7 @@ class LiveDrift:
                 self.metrics.webhook_failures.labels(self.model).inc()
                 log.warning(
                     "drift: webhook %s did not take the %s for %s/%s: %s",
-                    self.webhook,
+                    redact_url(self.webhook),
                     state,
                     self.model,
                     feature,

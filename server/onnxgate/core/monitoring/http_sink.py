@@ -8,15 +8,21 @@ first one. Connection errors, timeouts, 408, 429 and 5xx are retried ``retries``
 exponential backoff; then the batch is dropped (``collector_down``) and, until a later probe
 succeeds, batches are dropped without waiting. Other 4xx drop the batch (``collector_rejected``).
 Event ids are made once per record, so a collector can drop duplicates from retries.
+
+The URL comes from the config file only. User info in it (``https://user:password@host/...``) is
+sent as HTTP Basic credentials; log lines show the URL without user info, query or fragment
+(``onnxgate.core.urls.redact_url``), and errors without any of them.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import math
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from onnxgate.core.monitoring.config import SinkConfig
 
 from onnxgate.core.monitoring.sinks import Sink, SinkStats, encode_json
+from onnxgate.core.urls import redact_text, redact_url, url_secrets
 
 log = logging.getLogger("onnxgate.sample_log")
 
@@ -34,9 +41,18 @@ BATCH_CONTENT_TYPE = "application/cloudevents-batch+json; charset=utf-8"
 
 
 def post(url: str, body: bytes, content_type: str, timeout: float) -> int:
-    """POST ``body``; the HTTP status, or raises OSError when no answer came."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    """POST ``body``; the HTTP status, or raises OSError when no answer came (its text never holds
+    the URL's user info or query). User info in ``url`` goes as HTTP Basic credentials."""
+    headers, secrets = {"Content-Type": content_type}, url_secrets(url)
     try:
+        parts = urllib.parse.urlsplit(url)
+        userinfo, _, host = parts.netloc.rpartition("@")
+        if userinfo:
+            user, _, password = userinfo.partition(":")
+            pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=host))
+        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
             return response.status
@@ -44,7 +60,7 @@ def post(url: str, body: bytes, content_type: str, timeout: float) -> int:
         exc.close()
         return exc.code
     except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, bad replies
-        raise OSError(str(exc)) from exc
+        raise OSError(redact_text(str(exc), secrets)) from None
 
 
 class HttpSink(Sink):
@@ -59,6 +75,7 @@ class HttpSink(Sink):
     ) -> None:
         super().__init__(stats)
         self.config = config
+        self.shown_url = redact_url(config.url)  # what log lines show
         self._clock = clock
         self._sleep = sleep
         self._events: list[dict] = []
@@ -119,17 +136,17 @@ class HttpSink(Sink):
             try:
                 status = post(self.config.url, body, BATCH_CONTENT_TYPE, min(self.config.timeout_s, remaining))
             except OSError as exc:
-                self._warn("down", "sample log: collector %s unreachable: %s", self.config.url, exc)
+                self._warn("down", "sample log: collector %s unreachable: %s", self.shown_url, exc)
                 continue
             if 200 <= status < 300:
                 self._down_until, self._down_wait = -math.inf, self.config.backoff_s
                 self.stats.written(n)
                 return
             if 400 <= status < 500 and status not in _RETRY_STATUS:
-                self._warn("rejected", "sample log: collector %s refused a batch: HTTP %d", self.config.url, status)
+                self._warn("rejected", "sample log: collector %s refused a batch: HTTP %d", self.shown_url, status)
                 self.stats.dropped("collector_rejected", n)
                 return
-            self._warn("status", "sample log: collector %s answered HTTP %d", self.config.url, status)
+            self._warn("status", "sample log: collector %s answered HTTP %d", self.shown_url, status)
         if outcome == "collector_down":
             self._down_until = self._clock() + self._down_wait
             self._down_wait = min(max(self._down_wait * 2, 0.001), max(self.config.backoff_max_s, 0.001))
