@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from onnxgate.core.inference import parse_version
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.serving import model_config
+from onnxgate.core.serving import model_config, model_files
 from onnxgate.core.serving.batcher import Batcher, policy_from_config
 from onnxgate.core.serving.model import LoadOptions, ModelVersion
 from onnxgate.core.serving.source import Fingerprint, ModelSource, ModelStore, fingerprint
@@ -246,6 +246,7 @@ class ModelManager:
             config = source.read_config()
             if override is not None:
                 config = merge_config(config, override)
+            model_config.check_limits(config)  # files and sizes a config may ask for, before any session
         except GatewayError as exc:
             log.error("model %s: %s", name, exc.message)
             return self._failed(name, current, {0: exc.message})
@@ -255,6 +256,11 @@ class ModelManager:
         wanted = model_config.select_versions(config, source.versions)
         if not wanted:
             return self._failed(name, current, {0: "no version matches the version policy"})
+        try:  # every file the config names stays in the model's directory: one refusal for the model
+            model_files.check_paths(config, source.path, wanted)
+        except GatewayError as exc:
+            log.error("model %s: %s", name, exc.message)
+            return self._failed(name, current, {0: exc.message})
         config_print = fingerprint(source.config_path) if source.config_path.exists() else ()
         override_print = override.SerializeToString(deterministic=True) if override is not None else b""
         new: dict[int, VersionEntry] = {}
@@ -267,7 +273,8 @@ class ModelManager:
                 new[version] = old
                 continue
             try:
-                model = ModelVersion.load(name, version, source.model_file(version, config), config, self.options)
+                model = ModelVersion.load(name, version, source.model_file(version, config), config, self.options,
+                                          model_dir=source.path)
             except Exception as exc:  # MemoryError, TypeError from ORT options, PermissionError, ...
                 reason = _reason(exc)
                 log.error("model %s version %d failed to load: %s", name, version, reason)

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxgate.core.inference import InferInput
-from onnxgate.core.serving import model_config, sessions
+from onnxgate.core.serving import model_config, model_files, sessions
 from onnxgate.core.serving.model_config import GraphTensor, TensorSpec
 from onnxgate.errors import InferenceFailed, InvalidInput, ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
@@ -43,6 +43,7 @@ class ModelVersion:
         version: int,
         config: mc.ModelConfig,
         sessions: Sequence[ort.InferenceSession],
+        labels: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -53,16 +54,24 @@ class ModelVersion:
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.input)}
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.output)}
         self.output_names = list(self.outputs)
+        self.labels = {k: list(v) for k, v in (labels or {}).items()}  # output -> class names (label_filename)
         self.max_request_elements = _max_request_elements(self)
         self.providers = self.sessions[0].get_providers() if self.sessions else []
         # Where the version came from (registry parameters such as mlflow_run_id), for records.
         self.provenance = {k: v.string_value for k, v in config.parameters.items() if k.startswith("mlflow_")}
 
     @classmethod
-    def load(cls, name: str, version: int, path: Path, config: mc.ModelConfig, options: LoadOptions) -> ModelVersion:
-        """Create sessions for ``path``, complete ``config`` from its graph, warm up (blocking)."""
+    def load(
+        cls, name: str, version: int, path: Path, config: mc.ModelConfig, options: LoadOptions,
+        model_dir: Path | None = None,
+    ) -> ModelVersion:
+        """Create sessions for ``path``, complete ``config`` from its graph, read its labels, warm
+        up (blocking). ``model_dir`` (the model's directory, where ``warmup/`` and label files are)
+        defaults to the model file's grandparent."""
         if not path.is_file():
             raise ModelLoadError(f"version {version}: missing {path.name}")
+        model_dir = path.parent.parent if model_dir is None else model_dir
+        model_config.check_limits(config)
         plans = sessions.plan_instances(config)
         so = sessions.session_options(config, len(plans), options.cpu_threads, options.cpu_budget)
         first = sessions.create(path, config, plans[0], so)
@@ -72,8 +81,8 @@ class ModelVersion:
         made = [first] + [sessions.create(path, completed, plan, so) for plan in plans[1:]]
         used = sorted({s.get_providers()[0] for s in made})
         completed.parameters["execution_provider"].string_value = ",".join(used)
-        model = cls(name, version, completed, made)
-        model.warmup(path.parent.parent)
+        model = cls(name, version, completed, made, model_files.read_labels(model_dir, completed))
+        model.warmup(model_dir)
         return model
 
     def warmup(self, model_dir: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from google.protobuf import json_format, text_format
 
+from onnxgate.core.serving import model_files
 from onnxgate.core.serving.tensors import BY_CONFIG, BY_ORT, DataType
 from onnxgate.errors import ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
@@ -23,6 +24,15 @@ from onnxgate_client.pb import model_config_pb2 as mc
 log = logging.getLogger(__name__)
 
 ModelConfig = mc.ModelConfig
+
+# What one config (config.pbtxt, or a load API override merged over it) may ask for. A config past
+# a limit fails that model with a reason naming the limit (400 / INVALID_ARGUMENT from the API).
+MAX_INSTANCES = 64  # sessions of one version, over all instance groups
+MAX_WARMUPS = 16  # model_warmup entries
+MAX_WARMUP_COUNT = 100  # runs of one model_warmup entry on each instance
+MAX_PREFERRED_BATCH_SIZES = 64  # dynamic_batching.preferred_batch_size entries
+MAX_QUEUE_SIZE = 65536  # dynamic_batching.default_queue_policy.max_queue_size
+MAX_QUEUE_DELAY_US = 60_000_000  # dynamic_batching.max_queue_delay_microseconds (60 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +73,9 @@ def parse_pbtxt(text: str, origin: str = "config.pbtxt") -> mc.ModelConfig:
 
 
 def read_pbtxt(path: Path) -> mc.ModelConfig:
-    """Read and parse a config.pbtxt file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {path.name}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ModelLoadError(f"{path.name} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
-    return parse_pbtxt(text, path.name)
+    """Read and parse a config.pbtxt file: a regular file inside its model directory, of at most
+    ``model_files.MAX_CONFIG_BYTES``."""
+    return parse_pbtxt(model_files.read_config_file(path.parent, path.name), path.name)
 
 
 def parse_json(text: str) -> mc.ModelConfig:
@@ -81,6 +86,44 @@ def parse_json(text: str) -> mc.ModelConfig:
     except json_format.ParseError as exc:
         raise ModelLoadError(f"config override: {exc}") from None
     return config
+
+
+def check_limits(config: mc.ModelConfig) -> None:
+    """Refuse what would cost unbounded resources: too many instances, warm-ups or warm-up runs,
+    preferred batch sizes, queued requests, or a batch delay past a minute; and any file name
+    that could leave the model directory (``model_files.check_names``). Cheap: no file is read."""
+    groups = list(config.instance_group)
+    if any(g.count < 0 for g in groups):
+        raise ModelLoadError(f"instance_group count must be >= 0, got {min(g.count for g in groups)}")
+    total = sum(max(1, g.count) for g in groups)
+    if total > MAX_INSTANCES:
+        raise ModelLoadError(f"instance_group asks for {total} instances; 1..{MAX_INSTANCES} are allowed")
+    if len(config.model_warmup) > MAX_WARMUPS:
+        raise ModelLoadError(f"model_warmup has {len(config.model_warmup)} entries; at most {MAX_WARMUPS} are allowed")
+    for w in config.model_warmup:
+        if w.count > MAX_WARMUP_COUNT:
+            raise ModelLoadError(
+                f"model_warmup '{w.name}': count {w.count} is over the limit of {MAX_WARMUP_COUNT} runs"
+            )
+    db = config.dynamic_batching
+    if len(db.preferred_batch_size) > MAX_PREFERRED_BATCH_SIZES:
+        raise ModelLoadError(
+            f"dynamic_batching has {len(db.preferred_batch_size)} preferred_batch_size entries; "
+            f"at most {MAX_PREFERRED_BATCH_SIZES} are allowed"
+        )
+    if any(p < 1 for p in db.preferred_batch_size):
+        raise ModelLoadError(f"dynamic_batching preferred_batch_size must be >= 1, got {list(db.preferred_batch_size)}")
+    if db.default_queue_policy.max_queue_size > MAX_QUEUE_SIZE:
+        raise ModelLoadError(
+            f"dynamic_batching max_queue_size {db.default_queue_policy.max_queue_size} is over the limit of "
+            f"{MAX_QUEUE_SIZE} requests"
+        )
+    if db.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
+        raise ModelLoadError(
+            f"dynamic_batching max_queue_delay_microseconds {db.max_queue_delay_microseconds} is over the limit "
+            f"of {MAX_QUEUE_DELAY_US} (60 s)"
+        )
+    model_files.check_names(config)
 
 
 def _first_dim_dynamic(t: GraphTensor) -> bool:
@@ -134,6 +177,11 @@ def complete(
     switch = out.parameters["dynamic_batching"].string_value if "dynamic_batching" in out.parameters else ""
     if batched and out.WhichOneof("scheduling_choice") is None and switch.lower() not in ("off", "false", "0", "no"):
         out.dynamic_batching.SetInParent()
+    too_big = [p for p in out.dynamic_batching.preferred_batch_size if batched and p > out.max_batch_size]
+    if too_big:
+        raise ModelLoadError(
+            f"dynamic_batching preferred_batch_size {too_big} exceeds max_batch_size {out.max_batch_size}"
+        )
     if not out.HasField("version_policy"):
         out.version_policy.latest.num_versions = 1
     if not out.instance_group:

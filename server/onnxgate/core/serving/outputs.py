@@ -33,7 +33,8 @@ def make_output(model: ModelVersion, name: str, arr: np.ndarray, classify: int) 
     if not classify:
         return InferOutput(name, spec.dtype.v2, list(arr.shape), arr)
     # Top-k classes per batch row (or of the whole tensor without a batch dimension), as
-    # "value:index" strings, highest first, like Triton's classification extension.
+    # "value:index" strings ("value:index:label" with a label file), highest first, like
+    # Triton's classification extension.
     rows = arr.reshape(arr.shape[0], -1) if model.batched else arr.reshape(1, -1)
     n = rows.shape[1]
     k = min(classify, n)
@@ -41,8 +42,10 @@ def make_output(model: ModelVersion, name: str, arr: np.ndarray, classify: int) 
     top = (n - 1 - np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1])[:, :k]
     values = np.take_along_axis(rows, top, axis=1)
     fmt = "{:f}:{}" if values.dtype.kind == "f" else "{}:{}"
+    names = model.labels.get(name, ())  # label_filename's lines: "value:index:label", as Triton answers
     labels = np.array(
-        [fmt.format(v, i) for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)], dtype=object
+        [fmt.format(v, i) + (f":{names[i]}" if i < len(names) else "")
+         for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)], dtype=object
     ).reshape(values.shape)
     if not model.batched:
         labels = labels.reshape(k)

@@ -15,7 +15,8 @@ Config knobs (all optional, in ``config.pbtxt``):
 
 Limits (a config past one fails that model with the reason, never the gateway): at most
 :data:`MAX_INSTANCES` instances, :data:`MAX_THREADS` threads per pool, and warm-up inputs of at
-most :data:`WARMUP_MAX_BYTES` per run, with ``batch_size <= max_batch_size``.
+most :data:`WARMUP_MAX_BYTES` over all declared warm-ups, with ``batch_size <= max_batch_size``
+(the others are in ``model_config.check_limits``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxgate.core.serving.model_config import TensorSpec
-from onnxgate.errors import ModelLoadError
+from onnxgate.core.serving import model_files, tensors
+from onnxgate.core.serving.model_config import MAX_INSTANCES, TensorSpec
+from onnxgate.errors import InvalidInput, ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,7 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
 WARMUP_BUDGET_BYTES = 16 * 1024 * 1024  # the default warm-up batch's inputs stay under this
-WARMUP_MAX_BYTES = 256 * 1024 * 1024  # a declared model_warmup run's inputs may not pass this
-MAX_INSTANCES = 64  # sessions of one version, over all instance groups
+WARMUP_MAX_BYTES = 256 * 1024 * 1024  # the inputs of all declared model_warmup runs together
 MAX_THREADS = 256  # intra- or inter-op threads of one session
 
 _OPT_LEVELS = {
@@ -169,7 +170,13 @@ def create(path: Path, config: mc.ModelConfig, plan: InstancePlan, options: ort.
 
 def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_dir: Path) -> list[tuple[dict, int]]:
     """Warm-up feeds and repeat counts: the config's ``model_warmup``, or else one run of zeros
-    at the largest batch size whose inputs fit ``WARMUP_BUDGET_BYTES`` (dynamic dims as 1)."""
+    at the largest batch size whose inputs fit ``WARMUP_BUDGET_BYTES`` (dynamic dims as 1).
+
+    Declared warm-ups are bounded (``model_config.check_limits``): at most ``MAX_WARMUPS`` of
+    them, each repeated at most ``MAX_WARMUP_COUNT`` times, ``batch_size <= max_batch_size``, and
+    the inputs of all of them together at most ``WARMUP_MAX_BYTES``. An ``input_data_file`` is a
+    regular file inside ``<model>/warmup`` holding exactly the bytes one sample of its input needs
+    (``model_files.read_contained``)."""
     batched = config.max_batch_size > 0
     if not config.model_warmup:
         rows = config.max_batch_size if batched else 0
@@ -181,6 +188,7 @@ def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_di
         feeds = {n: _filled(spec.dtype.numpy, _shape(rows, spec.dims), "zero") for n, spec in inputs.items()}
         return [(feeds, 1)]
     runs = []
+    size = 0  # over every declared warm-up: they are all held until the runs are done
     for w in config.model_warmup:
         if batched and w.batch_size > config.max_batch_size:
             raise ModelLoadError(
@@ -188,7 +196,6 @@ def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_di
             )
         rows = max(1, w.batch_size) if batched else 0
         feeds = {}
-        size = 0
         for name, spec in inputs.items():
             item = w.inputs.get(name)
             if item is None:
@@ -201,10 +208,9 @@ def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_di
                 )
             kind = item.WhichOneof("input_data_type") or "zero_data"
             if kind == "input_data_file":
-                raw = _warmup_file(model_dir, w.name, item.input_data_file)
-                arr = np.frombuffer(raw, dtype=spec.dtype.numpy)
-                count = int(np.prod(shape[1:] if batched else shape))
-                arr = arr[:count].reshape(shape[1:] if batched else shape)
+                sample = shape[1:] if batched else shape
+                arr = _warmup_file(model_dir, w.name, name, item.input_data_file, spec, sample,
+                                   WARMUP_MAX_BYTES - size)
                 feeds[name] = np.stack([arr] * rows) if batched else arr
             else:
                 feeds[name] = _filled(spec.dtype.numpy, shape, "random" if kind == "random_data" else "zero")
@@ -212,20 +218,17 @@ def warmup_feeds(config: mc.ModelConfig, inputs: dict[str, TensorSpec], model_di
     return runs
 
 
-def _warmup_file(model_dir: Path, warmup: str, name: str) -> bytes:
-    """A warm-up data file: a regular file inside ``<model>/warmup`` of at most WARMUP_MAX_BYTES.
-    One message for every refusal, so that it tells nothing about the files outside."""
-    base = (model_dir / "warmup").resolve()
-    path = (base / name).resolve()
+def _warmup_file(model_dir: Path, warmup: str, input_name: str, file_name: str, spec: TensorSpec,
+                 sample: list[int], room: int) -> np.ndarray:
+    """One sample of an input from ``<model>/warmup/<file_name>``: exactly the bytes it needs (a
+    BYTES input: its length-prefixed elements, within the warm-up limit's ``room``)."""
+    what = model_files.warmup_what(warmup, input_name)
+    needed = int(np.prod(sample, dtype=object)) * spec.dtype.itemsize if spec.dtype.itemsize else max(0, room)
+    raw = model_files.read_contained(model_dir / "warmup", file_name, what, needed, where=model_files.WARMUP_DIR)
     try:
-        if path.is_relative_to(base) and path.is_file() and path.stat().st_size <= WARMUP_MAX_BYTES:
-            return path.read_bytes()
-    except OSError:
-        pass
-    raise ModelLoadError(
-        f"model_warmup '{warmup}': input_data_file must name a readable file of at most {WARMUP_MAX_BYTES} bytes "
-        "inside the model's warmup directory"
-    )
+        return tensors.decode_raw(input_name, spec.dtype, sample, raw)
+    except InvalidInput as exc:
+        raise ModelLoadError(f"{what}: {file_name}: {exc.message}") from None
 
 
 def _shape(rows: int, dims) -> list[int]:

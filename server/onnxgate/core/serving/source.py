@@ -8,11 +8,12 @@ and mtime of every file) tell the manager and the poller what changed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from onnxgate.core.serving import model_config
+from onnxgate.core.serving import model_config, model_files
 from onnxgate_client.pb import model_config_pb2 as mc
 
 DEFAULT_MODEL_FILENAME = "model.onnx"
@@ -33,12 +34,17 @@ class ModelSource:
 
     def read_config(self) -> mc.ModelConfig:
         """The model's config.pbtxt, or an empty config when there is none (blocking)."""
-        if self.config_path.is_file():
+        if os.path.lexists(self.config_path):
             return model_config.read_pbtxt(self.config_path)
         return mc.ModelConfig()
 
     def model_file(self, version: int, config: mc.ModelConfig) -> Path:
-        return self.path / str(version) / (config.default_model_filename or DEFAULT_MODEL_FILENAME)
+        """The version's model file (``default_model_filename``, else model.onnx), resolved: a
+        regular file inside the version directory (``model_files.contained_file``), or raises
+        ModelLoadError."""
+        name = config.default_model_filename or DEFAULT_MODEL_FILENAME
+        what = "default_model_filename" if config.default_model_filename else "model file"
+        return model_files.contained_file(self.path / str(version), name, what, where=model_files.VERSION_DIR)
 
 
 class ModelStore(Protocol):
