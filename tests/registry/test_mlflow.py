@@ -169,6 +169,91 @@ def test_open_repository_picks_by_scheme(tmp_path, monkeypatch):
         open_repository("mlflow://", RegistryConfig(mlflow_models=(MlflowModelSpec("a", alias="b"),)))
 
 
+# -- the sandbox: an MLmodel's paths stay in the artifacts, the cache deletes only what it made ---------------
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_mlmodel_data_outside_the_artifacts_is_refused_and_nothing_outside_moves(mlflow_uri, tmp_path):
+    """An MLmodel whose ``flavors.onnx.data`` leads out of the downloaded artifacts (an absolute
+    path, ``..``) is not served, and the files it names stay where they are: before, the directory
+    of the named file was moved into the cache (and deleted from it later)."""
+    mlflow = _mlflow()
+    victim = modelzoo.build_scaled(tmp_path / "outside", version=1, scale=7.0) / "1"
+    (victim / "weights.bin").write_bytes(b"neighbour")
+    before = _files(victim)
+    art = tmp_path / "artifact"
+    art.mkdir()
+    (art / "decoy.txt").write_text("no .onnx file here")
+    client().create_registered_model("evil")
+    for data in (str(victim / "model.onnx"), "../../../../outside/scaled/1/model.onnx", "../model.onnx"):
+        (art / "MLmodel").write_text(json.dumps({"flavors": {"onnx": {"data": data}}}))  # JSON is YAML
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(art), artifact_path="model")
+        client().create_model_version("evil", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    repo = MlflowRepository([MlflowModelSpec("evil", versions=(1, 2, 3))], tmp_path / "cache", retain_s=0)
+    try:
+        src = repo.scan()["evil"]
+        assert src.versions == (), "a version whose MLmodel leads out of its artifacts is not served"
+        assert _files(victim) == before, "files outside the artifacts were moved"
+        assert not list((tmp_path / "cache").rglob("*.onnx")), "the outside model was copied into the cache"
+    finally:
+        repo.close()
+
+
+def test_onnx_file_is_resolved_inside_the_artifacts(tmp_path):
+    from onnxgate.core.registry.mlflow_repository import _onnx_file
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.onnx").write_bytes(b"not yours")
+    art = tmp_path / "art"
+    (art / "model").mkdir(parents=True)
+    (art / "model" / "out").symlink_to(outside, target_is_directory=True)
+    for data in ("out/model.onnx", str(outside / "model.onnx"), "../../outside/model.onnx"):
+        (art / "model" / "MLmodel").write_text(json.dumps({"flavors": {"onnx": {"data": data}}}))
+        with pytest.raises(RemoteError, match="inside the model version's artifacts"):
+            _onnx_file(art)
+    (art / "model" / "MLmodel").write_text(json.dumps({"flavors": {"onnx": {"data": "net.onnx"}}}))
+    (art / "model" / "net.onnx").write_bytes(b"mine")
+    assert _onnx_file(art) == (art / "model" / "net.onnx").resolve()
+    (art / "model" / "MLmodel").unlink()
+    (art / "model" / "net.onnx").unlink()
+    (art / "model" / "link.onnx").symlink_to(outside / "model.onnx")
+    with pytest.raises(RemoteError, match=r"no \.onnx files"):  # the only .onnx is a link out: not a candidate
+        _onnx_file(art)
+
+
+def test_the_cache_deletes_only_what_it_made(mlflow_uri, tmp_path):
+    """Entries of the cache directory it did not make (a link to a directory elsewhere, a directory
+    someone put there) survive scans that prune models no longer configured; the cache's own go."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "1").mkdir(parents=True)
+    (elsewhere / "1" / "model.onnx").write_bytes(b"keep me")
+    (elsewhere / "1" / ".onnxgate-remote.json").write_text('{"files": {}}')  # looks cached: still not ours
+    cache = tmp_path / "cache"
+    repo = MlflowRepository([MlflowModelSpec("fraud", alias="champion"), MlflowModelSpec("churn", versions=(1,))],
+                            cache, retain_s=0)
+    try:
+        assert set(repo.scan()) == {"fraud", "churn"}
+    finally:
+        repo.close()
+    (cache / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (cache / "foreign" / "1").mkdir(parents=True)
+    (cache / "foreign" / "1" / "data").write_bytes(b"keep me too")
+    (cache / "fraud" / ".tmp-linked").symlink_to(elsewhere, target_is_directory=True)  # swept at start: unlinked
+    repo = MlflowRepository([MlflowModelSpec("fraud", alias="champion")], cache, retain_s=0)
+    try:
+        assert set(repo.scan()) == {"fraud"}
+        assert repo.scan()["fraud"].versions == (1,)
+    finally:
+        repo.close()
+    assert (elsewhere / "1" / "model.onnx").read_bytes() == b"keep me"
+    assert (cache / "foreign" / "1" / "data").read_bytes() == b"keep me too"
+    assert (cache / "linked").is_symlink() and not (cache / "fraud" / ".tmp-linked").exists()
+    assert not (cache / "churn").exists(), "the cache's own directory of a model no longer configured is removed"
+
+
 # -- the real gateway (needs lifecycle to build MlflowRepository for mlflow://) -------------------------------
 def test_gateway_follows_alias_under_load(mlflow_uri, tmp_path):
     config = rh.write_config(tmp_path / "gateway.yaml", f"registry:\n  cache_dir: {tmp_path / 'cache'}\n  retain_s: 1\n"

@@ -39,17 +39,11 @@ from pathlib import Path
 import yaml
 from google.protobuf import text_format
 
-from onnxgate.core.registry.object_store import (
-    CacheDir,
-    RemoteError,
-    is_current,
-    read_manifest,
-    redact_url,
-    why,
-    write_manifest,
-)
-from onnxgate.core.serving import model_config
+from onnxgate.core.registry.mirror import CacheDir, RemoteError, is_current, read_manifest, why, write_manifest
+from onnxgate.core.serving import model_config, model_files
 from onnxgate.core.serving.source import DEFAULT_MODEL_FILENAME, ModelSource
+from onnxgate.core.urls import redact_url, url_secrets
+from onnxgate.errors import GatewayError
 from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -97,7 +91,7 @@ class MlflowRepository:
         except ImportError:
             raise RemoteError("--model-repository mlflow:// needs MLflow: pip install 'onnxgate[mlflow]'") from None
         mlflow.set_tracking_uri(uri)  # artifact URIs (runs:/, mlflow-artifacts:/) resolve against the global one
-        self.url = redact_url(uri)
+        self.url, self._secrets = redact_url(uri), url_secrets(uri)
         self._uri, self._client, self._download = uri, MlflowClient(tracking_uri=uri), mlflow.artifacts
         self.models = {spec.served_name: spec for spec in models}
         self.cache = CacheDir(cache_dir, retain_s)
@@ -110,7 +104,7 @@ class MlflowRepository:
         """Every configured model, resolved and cached (blocking)."""
         with self._lock:
             sources = {name: self._source(spec) for name, spec in sorted(self.models.items())}
-            for name in {d.name for d in self.cache.path.iterdir() if d.is_dir() and d.name[0] != "."} - set(sources):
+            for name in {d.name for d in self.cache.path.iterdir()} - set(sources):  # prune keeps to its own
                 self.cache.prune(name, set(), gone=True)
             return sources
 
@@ -131,7 +125,8 @@ class MlflowRepository:
         try:
             resolved = self._resolve(spec)
         except Exception as exc:  # MLflow unreachable, alias missing: keep what was resolved before
-            log.error("model %s: cannot resolve %s in MLflow (%s): %s", name, _what(spec), self.url, why(exc))
+            log.error("model %s: cannot resolve %s in MLflow (%s): %s", name, _what(spec), self.url,
+                      why(exc, self._secrets))
             return self._last.get(name) or ModelSource(name, model_dir, ())
         fetched = []
         for version, run_id in resolved:
@@ -140,7 +135,7 @@ class MlflowRepository:
                 fetched.append((version, run_id))
             except Exception as exc:
                 log.error("model %s: MLflow version %d of %s not fetched: %s", name, version, spec.name,
-                          why(exc))
+                          why(exc, self._secrets))
         if not fetched and name in self._last:
             return self._last[name]
         config = model_config.parse_pbtxt(spec.config) if spec.config else mc.ModelConfig()
@@ -151,7 +146,11 @@ class MlflowRepository:
                            ("mlflow_version", ",".join(str(v) for v, _ in fetched)),
                            ("mlflow_run_id", ",".join(r for _, r in fetched))):
             config.parameters[key].string_value = value
-        model_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache.model_dir(name, create=True)
+        except RemoteError as exc:  # an entry the cache will not write through: that model fails
+            log.error("model %s: %s", name, exc.message)
+            return ModelSource(name, model_dir, (), error=exc.message)
         if write_if_changed(model_dir / "config.pbtxt", text_format.MessageToString(config)):
             log.info("model %s: MLflow %s -> version(s) %s", name, _what(spec), [v for v, _ in fetched] or "none")
         self.cache.prune(name, {v for v, _ in fetched})
@@ -169,7 +168,7 @@ class MlflowRepository:
                     found.append(self._client.get_model_version(spec.name, str(v)))
                 except Exception as exc:
                     log.error("model %s: MLflow version %d of %s: %s", spec.served_name, v, spec.name,
-                              why(exc))
+                              why(exc, self._secrets))
         ready = [mv for mv in found if str(getattr(mv, "status", "READY")) == "READY"]
         for mv in found:
             if mv not in ready:
@@ -186,9 +185,11 @@ class MlflowRepository:
         download, staged = self.cache.staging(spec.served_name), self.cache.staging(spec.served_name)
         try:
             uri = self._client.get_model_version_download_uri(spec.name, str(version))
-            got = Path(self._download.download_artifacts(artifact_uri=uri, dst_path=str(download),
-                                                         tracking_uri=self._uri))
-            onnx_file = _onnx_file(got)
+            got = Path(os.path.realpath(self._download.download_artifacts(artifact_uri=uri, dst_path=str(download),
+                                                                          tracking_uri=self._uri)))
+            if got != Path(os.path.realpath(download)) and not model_files.is_inside(got, os.path.realpath(download)):
+                raise RemoteError("the version's artifacts were not downloaded into the cache")
+            onnx_file = _onnx_file(got)  # resolved, inside ``got``: only the download's own files move
             for entry in onnx_file.parent.iterdir() if got.is_dir() else [onnx_file]:
                 os.rename(entry, staged / (DEFAULT_MODEL_FILENAME if entry == onnx_file else entry.name))
             files = [p for p in staged.rglob("*") if p.is_file()]
@@ -206,16 +207,30 @@ def _what(spec: MlflowModelSpec) -> str:
 
 
 def _onnx_file(root: Path) -> Path:
-    """The model file in a downloaded version: the onnx flavor's, else the only (or only model.onnx) .onnx."""
+    """The model file in a downloaded version: the onnx flavor's, else the only (or only model.onnx)
+    .onnx; resolved. Every path an MLmodel gives, and the file chosen, must lie inside the downloaded
+    artifacts ``root`` (``model_files.resolve_inside``: relative, no ``..``, no symlink out), so that
+    the files moved into the cache, and later deleted from it, are only the download's own."""
     if root.is_file():
         return root
+    base = Path(os.path.realpath(root))
     for mlmodel in sorted(root.rglob("MLmodel")):
+        if not model_files.is_inside(os.path.realpath(mlmodel), base):
+            raise RemoteError("an MLmodel of the version's artifacts is a link out of them")
         with open(mlmodel, encoding="utf-8") as f:
             doc = yaml.safe_load(f) or {}
-        data = ((doc.get("flavors") or {}).get("onnx") or {}).get("data")
-        if isinstance(data, str) and (mlmodel.parent / data).is_file():
-            return mlmodel.parent / data
-    found = sorted(root.rglob("*.onnx"))
+        data = ((doc.get("flavors") or {}).get("onnx") or {}).get("data") if isinstance(doc, dict) else None
+        if isinstance(data, str):
+            rel = os.path.join(os.path.relpath(mlmodel.parent, root), data)
+            try:
+                path = model_files.resolve_inside(base, rel, "MLmodel flavors.onnx.data",
+                                                  where="the model version's artifacts")
+            except GatewayError as exc:
+                raise RemoteError(exc.message) from None
+            if path.is_file():
+                return path
+    found = [Path(p) for p in sorted({os.path.realpath(p) for p in root.rglob("*.onnx")})
+             if model_files.is_inside(p, base) and Path(p).is_file()]
     named = [p for p in found if p.name == DEFAULT_MODEL_FILENAME]
     if len(found) == 1 or len(named) == 1:
         return found[0] if len(found) == 1 else named[0]

@@ -30,148 +30,40 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from onnxgate.core.registry.mirror import (
+    CacheDir,
+    RemoteError,
+    intact,
+    is_current,
+    is_safe_rel,
+    is_version,
+    read_manifest,
+    why,
+    write_manifest,
+)
 from onnxgate.core.serving import model_config
 from onnxgate.core.serving.source import DEFAULT_MODEL_FILENAME, ModelSource
-from onnxgate.errors import GatewayError, Unavailable
+from onnxgate.core.urls import redact_url, url_secrets
+from onnxgate.errors import GatewayError
 from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 
-MANIFEST = ".onnxgate-remote.json"
 _CHUNK = 8 * 1024 * 1024
-
-
-class RemoteError(Unavailable):
-    """A remote repository could not be listed or a file could not be fetched or verified: the
-    caller sees 503 / UNAVAILABLE (the store may answer on a retry), never a 500."""
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info, query or fragment (where credentials and SAS tokens live)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if "@" not in parts.netloc and not parts.query and not parts.fragment:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def why(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
-    """``exc`` as text, without the user info or query of any URL in it, nor ``secrets``."""
-    text = functools.reduce(lambda t, s: t.replace(s, "***"), filter(None, secrets), str(getattr(exc, "message", exc)))
-    return f"{type(exc).__name__}: " + re.sub(r"//[^/\s@]+@", "//", re.sub(r"\?[^\s'\"]*", "?...", text))
-
-
-def is_version(name: str) -> bool:  # as in Repository: a plain positive integer
-    return name.isascii() and name.isdigit() and name[0] != "0"
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """``{rel path: {"remote": ..., "local": [size, mtime_ns]}}`` as written with ``directory``, or {}."""
-    try:
-        return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def write_manifest(directory: Path, remote: Mapping[str, Any]) -> None:
-    """Record each file's ``remote`` identity and its local size and mtime as written now."""
-    stats = {rel: (directory / rel).stat() for rel in remote}
-    entries = {rel: {"remote": r, "local": [stats[rel].st_size, stats[rel].st_mtime_ns]} for rel, r in remote.items()}
-    (directory / MANIFEST).write_text(json.dumps({"files": entries}, sort_keys=True), encoding="utf-8")
-
-
-def is_current(directory: Path, manifest: Mapping[str, Any], remote: Mapping[str, Any]) -> bool:
-    """The cached files are exactly ``remote``'s, each intact since it was written."""
-    return set(manifest) == set(remote) and all(
-        manifest[rel].get("remote") == r and _intact(directory / rel, manifest[rel]) for rel, r in remote.items())
-
-
-def _intact(path: Path, entry: Mapping[str, Any]) -> bool:
-    with contextlib.suppress(OSError):
-        return [(st := path.stat()).st_size, st.st_mtime_ns] == entry.get("local")
-    return False
-
-
-class CacheDir:
-    """The cache root of one process: a private temporary directory (removed at close or exit), or a
-    given directory held with an exclusive lock (another process using it gets a private subdirectory).
-    Keeps the clock of cached versions waiting ``retain_s`` to be removed."""
-
-    def __init__(self, path: str | Path | None, retain_s: float) -> None:
-        self.retain_s = retain_s
-        self._unwanted: dict[tuple[str, int], float] = {}
-        self._lock_file, owned = None, True
-        if path:
-            root = Path(path).expanduser().absolute()
-            root.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(root / ".lock", "w")  # noqa: SIM115 - held for the process's life
-            try:
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.path, owned = root, False
-            except OSError:
-                self.path = Path(tempfile.mkdtemp(prefix=".process-", dir=root))
-                log.warning("cache %s is in use by another process; using %s", root, self.path)
-        else:
-            self.path = Path(tempfile.mkdtemp(prefix="onnxgate-cache-"))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True) if owned else None
-        for stale in self.path.glob("*/.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-    def staging(self, model: str) -> Path:
-        """A new empty directory beside the model's versions (same filesystem: renames are atomic)."""
-        (self.path / model).mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.path / model))
-
-    @staticmethod
-    def install(staged: Path, final: Path) -> None:
-        """Put ``staged`` in place of ``final`` by renames."""
-        old = final.with_name(f".tmp-old-{uuid.uuid4().hex}")
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(final, old)
-        os.rename(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def prune(self, model: str, keep: set[int], gone: bool = False) -> None:
-        """Delete cached versions not in ``keep`` once unwanted for ``retain_s`` (and a ``gone`` model's dir)."""
-        now, model_dir = time.monotonic(), self.path / model
-        cached = {int(d.name) for d in model_dir.iterdir() if is_version(d.name)} if model_dir.is_dir() else set()
-        for key in [k for k in self._unwanted if k[0] == model and (k[1] in keep or k[1] not in cached)]:
-            del self._unwanted[key]
-        for v in sorted(cached - keep):
-            if now - self._unwanted.setdefault((model, v), now) >= self.retain_s:
-                shutil.rmtree(model_dir / str(v), ignore_errors=True)
-                del self._unwanted[(model, v)]
-                cached.discard(v)
-                log.info("model %s version %d removed from the cache", model, v)
-        if gone and not cached:
-            shutil.rmtree(model_dir, ignore_errors=True)
-
-    def close(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()  # runs once only
-        if self._lock_file is not None:
-            self._lock_file.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +109,7 @@ class RemoteRepository:
         self, url: str, cache_dir: str | Path | None = None, storage_options: Mapping[str, Any] | None = None, *,
         settle_s: float = 2.0, retain_s: float = 60.0, marker: str = "", verify_checksums: bool = True,
     ) -> None:
-        self.url, parts = redact_url(url), urlsplit(url)
-        self._secrets = (parts.netloc.rpartition("@")[0], parts.query)  # to cut out of error messages
+        self.url, self._secrets = redact_url(url), url_secrets(url)  # the secrets: to cut out of messages
         try:
             import fsspec
             self._fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
@@ -240,7 +131,7 @@ class RemoteRepository:
         with self._lock:
             listing, unsettled = self._settled_listing(None)
             sources: dict[str, ModelSource] = {n: self._sync(n, listing[n], unsettled) for n in sorted(listing)}
-            for name in {d.name for d in self.cache.path.iterdir() if d.is_dir() and d.name[0] != "."} - set(listing):
+            for name in {d.name for d in self.cache.path.iterdir()} - set(listing):  # prune keeps to its own
                 self.cache.prune(name, set(), gone=True)
             return sources
 
@@ -301,7 +192,12 @@ class RemoteRepository:
 
     def _sync(self, name: str, versions: dict[int, dict[str, RemoteFile]], unsettled: set) -> LazyModelSource:
         model_dir = self.cache.path / name
-        model_dir.mkdir(parents=True, exist_ok=True)
+        fetch = functools.partial(self._fetch, opened=True)
+        try:
+            self.cache.model_dir(name, create=True)
+        except RemoteError as exc:  # a name or an entry the cache will not use: that model fails, the others load
+            log.error("model %s: %s", name, exc.message)
+            return LazyModelSource(name, model_dir, (), error=exc.message, fetch=fetch)
         if (name, 0) not in unsettled:
             try:
                 self._mirror(name, model_dir, versions.get(0, {}), staged=False)
@@ -339,7 +235,7 @@ class RemoteRepository:
             except (OSError, RemoteError) as exc:
                 log.error("model %s version %d: %s", name, v, why(exc, self._secrets))
         self.cache.prune(name, keep)
-        return LazyModelSource(name, model_dir, tuple(usable), fetch=lambda n, v: self._fetch(n, v, opened=True))
+        return LazyModelSource(name, model_dir, tuple(usable), fetch=fetch)
 
     def _fetch(self, name: str, version: int, opened: bool = False) -> None:
         """Cache a complete version unless the cached copy is intact and current. A version ``opened`` by the
@@ -363,9 +259,10 @@ class RemoteRepository:
         target = self.cache.staging(name) if staged else final
         try:
             for rel in set(old) - set(files) if not staged else ():
-                (final / rel).unlink(missing_ok=True)
+                if is_safe_rel(rel):  # a manifest is a file in the cache: never followed out of it
+                    (final / rel).unlink(missing_ok=True)
             for rel, f in sorted(files.items()):
-                same = rel in old and old[rel].get("remote") == [f.size, f.tag] and _intact(final / rel, old[rel])
+                same = rel in old and old[rel].get("remote") == [f.size, f.tag] and intact(final / rel, old[rel])
                 (target / rel).parent.mkdir(parents=True, exist_ok=True)
                 if same and staged:
                     os.link(final / rel, target / rel)
