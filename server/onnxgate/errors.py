@@ -48,6 +48,13 @@ class PayloadTooLarge(InvalidInput):
 class ModelNotFound(GatewayError):
     """The model or version does not exist."""
 
+    @classmethod
+    def unknown(cls, name: str, version: str = "", why: str = "") -> ModelNotFound:
+        """Triton's wording, which clients match on (KServe ModelMesh, Triton's QA tests):
+        ``Request for unknown model: 'm' is not found`` / ``... 'm' version 3 is not found``."""
+        what = f"'{name}'" + (f" version {version}" if version else "")
+        return cls(f"Request for unknown model: {what} is not found" + (f" ({why})" if why else ""))
+
 
 class Unauthenticated(GatewayError):
     """The request carries no token (or client certificate) the gateway accepts."""

@@ -147,7 +147,7 @@ def test_unload_then_load(gw):
         (["rollback", "scaled"], "400: model 'scaled' has no previous version to roll back to"),
         (["load", "scaled", "--version", "9"], "no version matches the version policy"),
         (["load", "scaled", "--version", "0"], "'version' must be a positive integer"),
-        (["unload", "nosuch"], "404: unknown model 'nosuch'"),
+        (["unload", "nosuch"], "404: Request for unknown model: 'nosuch' is not found"),
     ],
 )
 def test_refused_exit_1_with_the_gateways_message(shared, args, needle):

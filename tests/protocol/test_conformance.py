@@ -201,3 +201,34 @@ def test_a_busy_port_fails_the_start_in_one_line(tmp_path, which):
     assert out.returncode == 1, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("onnxgate: ") and f"127.0.0.1:{port}" in last and "Traceback" not in out.stderr
+
+
+# -- 4. duplicate requested outputs, 8. Triton's wording for unknown models -------------------------
+
+def test_a_duplicate_requested_output_is_refused_on_both_transports(gw):
+    doc = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
+           "outputs": [{"name": "y"}, {"name": "y"}]}
+    status, _, data = post(gw, "/v2/models/scaled/infer", json.dumps(doc).encode())
+    assert status == 400 and b"'y' is requested twice" in data, data
+    request = pb.ModelInferRequest(model_name="scaled", outputs=[{"name": "y"}, {"name": "y"}])
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.zeros(4, np.float32).tobytes())
+    with grpc.insecure_channel(gw.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "twice" in err.value.details()
+
+
+@pytest.mark.parametrize(("path", "message"), [
+    ("/v2/models/nope", "Request for unknown model: 'nope' is not found"),
+    ("/v2/models/scaled/versions/7", "Request for unknown model: 'scaled' version 7 is not found"),
+    ("/v2/models/nope/ready", "Request for unknown model: 'nope' is not found"),
+])
+def test_unknown_models_in_tritons_words(gw, path, message):
+    status, _, data = get(gw, path)
+    assert status == 404 and json.loads(data)["error"] == message
+    with grpc.insecure_channel(gw.grpc_url) as channel:
+        parts = path.split("/")
+        request = pb.ModelMetadataRequest(name=parts[3], version=parts[5] if len(parts) > 5 else "")
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and err.value.details() == message

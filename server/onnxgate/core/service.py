@@ -165,7 +165,7 @@ class InferenceService:
             return self.manager.all_stats()
         entry = self.manager.models.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound.unknown(name)
         if version:
             return [s for s in [self.manager.get(name, version).stats] if s is not None]
         return [v.stats for _, v in sorted(entry.versions.items()) if v.stats is not None and v.state == "READY"]

@@ -132,9 +132,7 @@ class HttpApp:
             allowed = ", ".join(methods)
             return _error(405, f"method {method} not allowed; use {allowed}", [(b"allow", allowed.encode())])
         if "version" in params and parse_version(params["version"]) is None:
-            raise ModelNotFound(
-                f"unknown version '{params['version']}' of model '{params['model']}': versions are integers"
-            )
+            raise ModelNotFound.unknown(params["model"], repr(params["version"]), "versions are integers")
         handler = self._handlers[endpoint.name]
         if endpoint.scope != "admin" and not self.access.guards(endpoint.scope):
             return await handler(params, scope, receive)

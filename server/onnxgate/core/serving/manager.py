@@ -129,14 +129,14 @@ class ModelManager:
         """The ready version serving ``name`` (the highest when ``version`` is empty)."""
         entry = self.models.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound.unknown(name)
         if version:
             number = parse_version(version)
             if number is None:
-                raise ModelNotFound(f"unknown version '{version}' of model '{name}': versions are integers")
+                raise ModelNotFound.unknown(name, repr(version), "versions are integers")
             ver = entry.versions.get(number)
             if ver is None:
-                raise ModelNotFound(f"unknown version {version} of model '{name}'")
+                raise ModelNotFound.unknown(name, version)
             if ver.state != READY:
                 raise Unavailable(f"model '{name}' version {version} is not ready: {ver.reason or ver.state}")
             return ver
@@ -334,11 +334,11 @@ class ModelManager:
     async def unload(self, name: str, reason: str = "unloaded") -> None:
         """Stop serving a model; queued and running requests finish first."""
         if name not in self.models:  # no lock (a dict entry) for names clients make up
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound.unknown(name)
         async with self.lock(name):
             entry = self.models.get(name)
             if entry is None:
-                raise ModelNotFound(f"unknown model '{name}'")
+                raise ModelNotFound.unknown(name)
             old = entry.versions
             entry.versions = {}
             entry.reason = reason
@@ -360,7 +360,7 @@ class ModelManager:
         """Pin the version that served before the current one."""
         entry = self.models.get(name)
         if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise ModelNotFound.unknown(name)
         ready = entry.ready_versions()
         current = ready[0].version if ready else None
         previous = [v for v in entry.history if v != current]

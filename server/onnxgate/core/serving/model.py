@@ -134,13 +134,19 @@ class ModelVersion:
         return feeds, rows or 1
 
     def check_outputs(self, names: Sequence[str]) -> list[str]:
-        """The output names to compute: all when none are asked for; unknown ones rejected."""
+        """The output names to compute: all when none are asked for; unknown and repeated ones
+        rejected (as repeated inputs are)."""
         if not names:
             return self.output_names
         for n in names:
             if n not in self.outputs:
                 raise InvalidInput(f"unknown output '{n}' for model '{self.name}'; outputs are {self.output_names}")
-        return list(dict.fromkeys(names))
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise InvalidInput(f"output '{n}' is requested twice")
+            seen.add(n)
+        return list(names)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], instance: int = 0) -> list[np.ndarray]:
         """Run one session (blocking; ONNX Runtime releases the GIL)."""
