@@ -232,3 +232,54 @@ def test_unknown_models_in_tritons_words(gw, path, message):
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and err.value.details() == message
+
+
+
+# -- 6. reshape, 10. schedulers that cannot be served --------------------------------------------
+
+RESHAPED = """
+max_batch_size: 8
+input [{ name: "x", data_type: TYPE_FP32, dims: [4], reshape: { shape: [2, 2] } }]
+output [{ name: "y", data_type: TYPE_FP32, dims: [4], reshape: { shape: [2, 2] } }]
+"""
+
+
+@pytest.fixture(scope="module")
+def configs_gw(tmp_path_factory: pytest.TempPathFactory):
+    repo = tmp_path_factory.mktemp("configs") / "repo"
+    modelzoo.write_config(modelzoo.build_doubler(repo, "reshaped"), RESHAPED)
+    modelzoo.write_config(modelzoo.build_doubler(repo, "bad_reshape"), RESHAPED.replace("[2, 2]", "[4, 1]", 1))
+    modelzoo.write_config(modelzoo.build_scaled(repo, "stateful"), "sequence_batching { }\n")
+    modelzoo.write_config(modelzoo.build_scaled(repo, "ensemble"), "ensemble_scheduling { }\n")
+    with GatewayProcess(repo) as g:
+        yield g
+
+
+def test_reshape_clients_see_dims_onnx_runtime_sees_the_reshape(configs_gw):
+    meta = orjson.loads(get(configs_gw, "/v2/models/reshaped")[2])
+    assert meta["inputs"][0]["shape"] == [-1, 4] and meta["outputs"][0]["shape"] == [-1, 4]
+    client = httpclient.InferenceServerClient(configs_gw.http_url)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    inp = httpclient.InferInput("x", [3, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    y = client.infer("reshaped", [inp]).as_numpy("y")
+    np.testing.assert_array_equal(y, x * 2)  # shape [3, 4] back, as the config's dims say
+    with grpc.insecure_channel(configs_gw.grpc_url) as channel:
+        request = pb.ModelInferRequest(model_name="reshaped")
+        request.inputs.add(name="x", datatype="FP32", shape=[3, 4])
+        request.raw_input_contents.append(x.tobytes())
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert list(reply.outputs[0].shape) == [3, 4]
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(3, 4), x * 2)
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    ("bad_reshape", "reshape [4, 1], the model has [2, 2]"),
+    ("stateful", "sequence_batching is not supported"),
+    ("ensemble", "ensemble_scheduling is not supported"),
+])
+def test_models_that_cannot_be_served_as_configured_are_refused(configs_gw, model, reason):
+    index = orjson.loads(post(configs_gw, "/v2/repository/index", b"{}")[2])
+    row = next(r for r in index if r["name"] == model)
+    assert row["state"] == "UNAVAILABLE" and reason in row["reason"], row
+    assert get(configs_gw, f"/v2/models/{model}/ready")[0] != 200

@@ -374,3 +374,16 @@ def build_rowwise(repo: Path, name: str = "rowwise", version: int = 1) -> Path:
         [_vi("y", TensorProto.FLOAT, [BATCH, "width"]), _vi("s", TensorProto.FLOAT, [BATCH, 1])],
         [_init("axes", np.array([1], dtype=np.int64))],
     )
+
+
+def build_doubler(repo: Path, name: str = "doubler", dims: Sequence[int] = (2, 2), version: int = 1) -> Path:
+    """``x`` float32 [batch, *dims] -> ``y`` = x + x, same shape: for configs that reshape."""
+    shape = ["batch", *dims]
+    return _save(
+        repo,
+        name,
+        version,
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )

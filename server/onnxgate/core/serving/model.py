@@ -54,6 +54,10 @@ class ModelVersion:
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.input)}
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in model_config.tensor_specs(config.output)}
         self.output_names = list(self.outputs)
+        # ``reshape``: what ONNX Runtime sees differs from what clients send and get
+        lead = 1 if self.batched else 0
+        self._reshape_in = {n: (lead, s.reshape) for n, s in self.inputs.items() if s.reshape is not None}
+        self._reshape_out = {n: (lead, s.dims) for n, s in self.outputs.items() if s.reshape is not None}
         self.labels = {k: list(v) for k, v in (labels or {}).items()}  # output -> class names (label_filename)
         self.max_request_elements = _max_request_elements(self)
         self.providers = self.sessions[0].get_providers() if self.sessions else []
@@ -92,7 +96,7 @@ class ModelVersion:
             for slot in range(len(self.sessions)):
                 for _ in range(count):
                     try:
-                        self.sessions[slot].run(self.output_names, feeds)
+                        self.sessions[slot].run(self.output_names, _reshaped(feeds, self._reshape_in))
                     except Exception as exc:
                         if declared:
                             raise ModelLoadError(f"version {self.version}: warm-up run failed: {exc}") from None
@@ -151,7 +155,11 @@ class ModelVersion:
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], instance: int = 0) -> list[np.ndarray]:
         """Run one session (blocking; ONNX Runtime releases the GIL)."""
         try:
-            return self.sessions[instance].run(list(outputs), dict(feeds))
+            if not (self._reshape_in or self._reshape_out):
+                return self.sessions[instance].run(list(outputs), dict(feeds))
+            results = self.sessions[instance].run(list(outputs), _reshaped(feeds, self._reshape_in))
+            return [_reshape(r, self._reshape_out[n]) if n in self._reshape_out else r
+                    for n, r in zip(outputs, results, strict=True)]
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise InferenceFailed(f"model '{self.name}' version {self.version}: {exc}") from None
 
@@ -171,3 +179,13 @@ def _max_request_elements(model: ModelVersion) -> int | None:
             return None
         total += rows * math.prod(dims)
     return total
+
+
+def _reshape(arr: np.ndarray, how: tuple[int, tuple[int, ...]]) -> np.ndarray:
+    """``arr`` with its dims after the first ``lead`` (the batch) replaced (a view)."""
+    lead, dims = how
+    return arr.reshape(arr.shape[:lead] + tuple(dims))
+
+
+def _reshaped(feeds: Mapping[str, np.ndarray], how: Mapping[str, tuple[int, tuple[int, ...]]]) -> dict:
+    return {n: _reshape(a, how[n]) if n in how else a for n, a in feeds.items()}

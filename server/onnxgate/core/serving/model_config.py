@@ -56,6 +56,7 @@ class TensorSpec:
     name: str
     dtype: DataType
     dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None = None  # the config's ``reshape``: the dims ONNX Runtime sees
 
     def shape(self, batched: bool) -> list[int]:
         """The shape clients see in metadata: batch dimension first as -1 when batching."""
@@ -147,6 +148,11 @@ def complete(
     if out.platform != "onnxruntime_onnx":
         raise ModelLoadError(f"platform '{out.platform}' is not served; onnxgate serves onnxruntime_onnx")
     out.backend = out.backend or "onnxruntime"
+    scheduler = out.WhichOneof("scheduling_choice")
+    if scheduler in ("sequence_batching", "ensemble_scheduling"):
+        # Served as stateless it would answer wrongly: sequence_id/start/end would be ignored,
+        # requests of one sequence batched with others'.
+        raise ModelLoadError(f"{scheduler} is not supported: onnxgate serves stateless models only")
 
     served_outputs = [t for t in graph_outputs if t.ort_type in BY_ORT]
     for t in graph_outputs:
@@ -210,6 +216,9 @@ def _complete_tensors(listed, graph: Sequence[GraphTensor], batched: bool, what:
                 f"the model has {graph_type.config}"
             )
         graph_dims = t.dims[1:] if batched else t.dims
+        if entry.HasField("reshape"):
+            _check_reshape(entry, graph_dims, what)
+            continue
         if not entry.dims:
             entry.dims.extend(graph_dims)
             continue
@@ -235,6 +244,38 @@ def _complete_tensors(listed, graph: Sequence[GraphTensor], batched: bool, what:
             entry.dims.extend(t.dims[1:] if batched else t.dims)
 
 
+def _check_reshape(entry, graph_dims: Sequence[int], what: str) -> None:
+    """``reshape`` (as Triton): clients send and get ``dims``; ONNX Runtime sees ``reshape.shape``,
+    which must agree with the graph, and both must hold as many elements (one variable dim each
+    at most, so that one reshape of the batch fits every request)."""
+    dims, shape = list(entry.dims), list(entry.reshape.shape)
+    if not dims:
+        raise ModelLoadError(f"config {what} '{entry.name}' has a reshape but no dims")
+    agree = len(shape) == len(graph_dims) and all(
+        r == -1 or g == -1 or r == g for r, g in zip(shape, graph_dims, strict=True)
+    )
+    if not agree:
+        raise ModelLoadError(f"config {what} '{entry.name}' has reshape {shape}, the model has {list(graph_dims)}")
+    if sum(d == -1 for d in dims) > 1 or sum(d == -1 for d in shape) > 1 or (-1 in dims) != (-1 in shape):
+        raise ModelLoadError(
+            f"config {what} '{entry.name}': dims {dims} and reshape {shape} may have one variable dimension "
+            "each, and only together"
+        )
+    fixed = [d for d in dims if d != -1]
+    fixed_shape = [d for d in shape if d != -1]
+    if -1 not in dims and _product(fixed) != _product(fixed_shape):
+        raise ModelLoadError(
+            f"config {what} '{entry.name}': dims {dims} and reshape {shape} hold different element counts"
+        )
+
+
+def _product(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
 def tensor_specs(entries) -> list[TensorSpec]:
     """Served tensor specs from a completed config's input or output list."""
     specs = []
@@ -242,7 +283,8 @@ def tensor_specs(entries) -> list[TensorSpec]:
         dtype = BY_CONFIG.get(mc.DataType.Name(e.data_type))
         if dtype is None:
             raise ModelLoadError(f"'{e.name}' has data_type {mc.DataType.Name(e.data_type)}, which is not served")
-        specs.append(TensorSpec(e.name, dtype, tuple(int(d) for d in e.dims)))
+        reshape = tuple(int(d) for d in e.reshape.shape) if e.HasField("reshape") else None
+        specs.append(TensorSpec(e.name, dtype, tuple(int(d) for d in e.dims), reshape))
     return specs
 
 
