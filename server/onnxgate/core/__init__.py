@@ -8,9 +8,11 @@ Capabilities, one package each (ARCHITECTURE.md has the map and the import rule,
   (lifecycle and swap), the poller, statistics;
 - ``registry``: where models come from (a local directory, an object store, MLflow);
 - ``traffic``: routes, shadow traffic and the comparison of answers;
-- ``monitoring``: the sample log (records, sinks) and drift.
+- ``monitoring``: the sample log (records, sinks) and drift;
+- ``security``: tokens, scopes, the failure limit and the audit log.
 
 At the top: ``service`` (the one entry point for front ends) and ``admission`` (the request
 memory budget) above the capabilities; ``inference`` (the request and response), ``metrics``
-(the Prometheus families) and ``sections`` (config-section parsing) below them, imported by all.
+(the Prometheus families), ``sections`` (config-section parsing) and ``urls`` (redacting URLs for
+the log) below them, imported by all.
 """
