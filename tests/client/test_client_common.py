@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from client_helpers import url
 
 import modelzoo
+from client_helpers import url
 from gateway import GatewayProcess
 from onnxgate_client import (
     AsyncClient,

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
-from client_helpers import url
 
 import modelzoo
+from client_helpers import url
 from gateway import GatewayProcess
 from onnxgate_client import AsyncClient, Client, RequestFailed
 
