@@ -105,6 +105,10 @@ def watch_supervisor(on_gone: Callable[[], None]) -> Callable[[], None] | None:
     return lambda: loop.remove_reader(fd)
 
 
+_METRICS_CONNECTIONS = 32  # scrapes served at once by the supervisor's metrics port
+_METRICS_TIMEOUT_S = 10.0  # the longest a scrape's request may stall
+
+
 def _serve_metrics(host: str, port: int, access: AccessPolicy) -> int:
     """All workers' metrics on one port (threads, off any event loop), behind the metrics token."""
     from socketserver import ThreadingMixIn
@@ -112,11 +116,29 @@ def _serve_metrics(host: str, port: int, access: AccessPolicy) -> int:
 
     from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
+    slots = threading.BoundedSemaphore(_METRICS_CONNECTIONS)
+
     class Server(ThreadingMixIn, WSGIServer):
+        """A thread per scrape, at most ``_METRICS_CONNECTIONS`` at once (more are closed)."""
+
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        def process_request(self, request: socket.socket, client_address: object) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
     class Quiet(WSGIRequestHandler):
+        timeout = _METRICS_TIMEOUT_S  # a connection that stalls is closed, its thread freed
+
         def log_message(self, format: str, *args: object) -> None:  # a scrape is not news
             pass
 

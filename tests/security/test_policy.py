@@ -46,10 +46,36 @@ def test_limiter_memory_is_bounded():
 
 @pytest.mark.parametrize(("peer", "address"), [
     ("ipv4:10.1.2.3:5000", "10.1.2.3"), ("ipv6:[::1]:5000", "::1"), ("ipv6:[fe80::1%eth0]:1", "fe80::1%eth0"),
+    ("ipv6:%5B::1%5D:48072", "::1"),  # grpcio percent-encodes the brackets
+    ("ipv6:[::ffff:1.2.3.4]:1", "1.2.3.4"), ("::ffff:1.2.3.4", "1.2.3.4"),  # one host, one form
     ("10.1.2.3", "10.1.2.3"), ("unix:/tmp/s", "unix:/tmp/s"), ("", ""),
 ])
 def test_peer_address(peer, address):
     assert peer_address(peer) == address
+
+
+def test_one_ipv6_64_shares_an_allowance():
+    policy = _policy(auth_failures_per_minute=1)
+    with pytest.raises(Unauthenticated):
+        policy.check("infer", False, None, "2001:db8::1")
+    with pytest.raises(Overloaded):
+        policy.check("infer", False, "Bearer secret", "2001:db8::ffff")  # the same /64
+    assert policy.check("infer", False, "Bearer secret", "2001:db8:0:1::1").name == "app"
+
+
+@pytest.mark.parametrize("header", ["Bearer ", "Bearer \t", "Bearer \xa0", "bearer", ""])
+def test_an_empty_token_never_matches(header):
+    policy = _policy()
+    with pytest.raises(Unauthenticated):
+        policy.check("infer", False, header, "1.1.1.1")
+
+
+def test_the_digest_of_an_empty_token_is_refused():
+    from onnxgate.errors import ConfigError
+
+    empty = hashlib.sha256(b"").hexdigest()
+    with pytest.raises(ConfigError, match="empty token"):
+        SecurityConfig.from_dict({"tokens": [{"name": "a", "sha256": empty, "scopes": ["admin"]}]})
 
 
 @pytest.mark.parametrize(("host", "loopback"), [

@@ -19,8 +19,20 @@ _QUERY = re.compile(r"\?[^\s'\"]*")
 REDACTED = "***"
 
 
+def _without_userinfo(url: str) -> tuple[str, str]:
+    """``url`` with everything from ``://`` to its last ``@`` cut, and what was cut: user info
+    is taken to reach that far, so a secret with an unencoded ``/``, ``?`` or ``#`` in it (an
+    object-store key) is cut whole, not parsed as a path, query or fragment."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url, ""
+    userinfo, _, host = rest.rpartition("@")
+    return f"{head}://{host}", userinfo
+
+
 def redact_url(url: str) -> str:
     """``url`` without user info, query or fragment (where credentials and tokens live)."""
+    url, _ = _without_userinfo(url)
     try:
         parts = urlsplit(url)
         netloc = parts.netloc.rpartition("@")[2]
@@ -44,9 +56,9 @@ def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
 def url_secrets(url: str) -> tuple[str, ...]:
     """The parts of ``url`` that :func:`redact_url` drops, to cut out of messages that quote them
     in pieces (the password alone, the query alone)."""
+    rest, userinfo = _without_userinfo(url)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(rest)
     except ValueError:
         return (url,)
-    userinfo = parts.netloc.rpartition("@")[0]
     return tuple(s for s in (userinfo, userinfo.partition(":")[2], parts.query, parts.fragment) if len(s) >= 3)

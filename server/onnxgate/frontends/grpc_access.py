@@ -13,7 +13,8 @@ import grpc
 
 from onnxgate.core.security.access import AccessPolicy, Principal
 from onnxgate.core.security.audit import AuditLog
-from onnxgate.errors import GatewayError
+from onnxgate.core.security.ratelimit import peer_address
+from onnxgate.errors import GatewayError, Overloaded
 from onnxgate.frontends.endpoints import Endpoint
 from onnxgate.frontends.status import grpc_code
 
@@ -47,15 +48,16 @@ class GrpcAccess:
             # gRPC verifies client certificates at the TLS layer: a call that got here has one
             return self.access.check(endpoint.scope, endpoint.read_only, _authorization(context), context.peer())
         except GatewayError as exc:
-            token = getattr(exc, "token_name", "")
-            self._audit(token, endpoint, request, context, f"{grpc_code(exc).name}: {exc.message}")
+            if not isinstance(exc, Overloaded):  # the failure limit's refusals are not recorded one by one
+                token = getattr(exc, "token_name", "")
+                self._audit(token, endpoint, request, context, f"{grpc_code(exc).name}: {exc.message}")
             await context.abort(grpc_code(exc), exc.message)
             raise AssertionError("unreachable") from None  # pragma: no cover
 
     def _audit(self, token: str, endpoint: Endpoint, request: Any, context: Any, result: str) -> None:
         if self.audit is not None and endpoint.scope == "admin":
             target = getattr(request, endpoint.grpc_target, "") if endpoint.grpc_target else ""
-            self.audit.record(token, context.peer(), endpoint.name, str(target), result)
+            self.audit.record(token, peer_address(context.peer()), endpoint.name, str(target), result)
 
     def _unary(self, behaviour: Behaviour, endpoint: Endpoint) -> Behaviour:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -144,6 +144,9 @@ class HttpApp:
         except GatewayError as exc:
             self._audit(principal.name, endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
             raise
+        except BaseException as exc:  # cut by the drain, or a bug: answered 503 / 500, recorded too
+            self._audit(principal.name, endpoint, params, scope, f"not completed: {type(exc).__name__}")
+            raise
         self._audit(principal.name, endpoint, params, scope, "ok" if reply.status < 400 else str(reply.status))
         return reply
 
@@ -160,7 +163,7 @@ class HttpApp:
                 endpoint.scope, endpoint.read_only, authorization, _peer(scope), bool(tls.get("client_cert_chain"))
             )
         except GatewayError as exc:
-            if endpoint.scope == "admin":
+            if endpoint.scope == "admin" and not isinstance(exc, Overloaded):  # 429s are not recorded one by one
                 token = getattr(exc, "token_name", "")
                 self._audit(token, endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
             raise

@@ -40,6 +40,17 @@ _RETRY_STATUS = frozenset({408, 429})
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json; charset=utf-8"
 
 
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the status it is: following it would send the credentials to
+    another host, and turn the POST into a GET whose 200 would count as delivered."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
+
+
 def post(url: str, body: bytes, content_type: str, timeout: float) -> int:
     """POST ``body``; the HTTP status, or raises OSError when no answer came (its text never holds
     the URL's user info or query). User info in ``url`` goes as HTTP Basic credentials."""
@@ -53,7 +64,7 @@ def post(url: str, body: bytes, content_type: str, timeout: float) -> int:
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
             url = urllib.parse.urlunsplit(parts._replace(netloc=host))
         request = urllib.request.Request(url, data=body, method="POST", headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _NO_REDIRECTS.open(request, timeout=timeout) as response:
             response.read()
             return response.status
     except urllib.error.HTTPError as exc:

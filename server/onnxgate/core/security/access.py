@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from onnxgate.core.security.config import SCOPES, SecurityConfig, TokenSpec
-from onnxgate.core.security.ratelimit import FailureLimiter, peer_address
+from onnxgate.core.security.ratelimit import FailureLimiter, limit_key, peer_address
 from onnxgate.errors import Overloaded, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("onnxgate.security")
@@ -61,6 +61,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of ``Authorization: Bearer <token>`` ("" when there is none: never a match).
+    Only spaces and tabs around it are dropped (HTTP's whitespace), no other characters."""
+    if not authorization or authorization[:7].lower() != _BEARER:
+        return ""
+    return authorization[7:].strip(" \t")
 
 
 def allows(scopes: frozenset[str], scope: str, read_only: bool) -> bool:
@@ -124,7 +132,7 @@ class AccessPolicy:
             if scope == "admin" and not self.open_admin:
                 raise PermissionDenied(_CLOSED_ADMIN.format(host=self.host))
             return OPEN
-        address = peer_address(peer)
+        address = limit_key(peer_address(peer))
         if wait := self.failures.blocked(address):
             raise Overloaded(
                 "too many failed authentications from this address; retry later", retry_after_s=wait, reason="auth"
@@ -142,17 +150,17 @@ class AccessPolicy:
         return principal
 
     def _authenticate(self, authorization: str | None) -> Principal | None:
-        if not authorization or authorization[:7].lower() != _BEARER:
-            return None
-        return self.tokens.lookup(authorization[7:].strip())
+        token = bearer_token(authorization)
+        return self.tokens.lookup(token) if token else None
 
     def metrics_allowed(self, authorization: str | None) -> bool:
         """Whether a scrape of the metrics port may proceed."""
         if not self.metrics_digest:
             return True
-        if not authorization or authorization[:7].lower() != _BEARER:
+        token = bearer_token(authorization)
+        if not token:
             return False
-        digest = hashlib.sha256(authorization[7:].strip().encode("utf-8", "surrogateescape")).digest()
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         return hmac.compare_digest(digest, self.metrics_digest)
 
     def reload_tokens(self) -> None:

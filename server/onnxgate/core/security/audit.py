@@ -3,9 +3,12 @@ event loop.
 
 A record: ``{"time", "token", "peer", "action", "target", "result"}``; ``token`` is the token's
 name (never the token), ``"-"`` without one; ``result`` is ``"ok"`` or what the caller was
-answered (``"403 PermissionDenied: ..."``). With ``security.audit_log`` set, records are appended
-to that file by a writer thread (a bounded queue: past ``MAX_QUEUED`` waiting records new ones are
-dropped and counted); without it they go to the ``onnxgate.audit`` logger.
+answered (``"403 PermissionDenied: ..."``). Calls the failure limit refuses (429) are not
+recorded one by one, so a guesser cannot fill the log; the failures that led to the limit are.
+
+With ``security.audit_log`` set, records are appended to that file by a writer thread (a bounded
+queue: past ``MAX_QUEUED`` waiting records new ones are dropped, counted and logged as errors);
+without it they go to the ``onnxgate.audit`` logger, at INFO whatever ``--log-level`` says.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import orjson
 
 log = logging.getLogger("onnxgate.audit")
+log.setLevel(logging.INFO)  # admin actions are recorded whatever --log-level says
 
 MAX_QUEUED = 10_000
 _STOP = object()
@@ -56,6 +60,8 @@ class AuditLog:
             self._queue.put_nowait(entry)
         except queue.Full:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.error("audit log %s is not keeping up: %d record(s) dropped so far", self.path, self.dropped)
 
     def _write(self) -> None:
         while (entry := self._queue.get()) is not _STOP:

@@ -130,7 +130,12 @@ def parse_tokens(docs: Any, where: str) -> tuple[TokenSpec, ...]:
     return tuple(out)
 
 
+_EMPTY_DIGEST = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # SHA-256 of ""
+
+
 def _digest(value: Any, where: str) -> str:
     if not isinstance(value, str) or len(value) != 64 or not set(value.lower()) <= set(string.hexdigits.lower()):
         raise ConfigError(f"{where} must be the 64 hex digits of a SHA-256 digest (printf %s TOKEN | sha256sum)")
+    if value.lower() == _EMPTY_DIGEST:
+        raise ConfigError(f"{where} is the digest of an empty token (was the token variable empty?)")
     return value.lower()

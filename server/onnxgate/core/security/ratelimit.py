@@ -9,8 +9,10 @@ addresses costs bounded memory.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
+from urllib.parse import unquote
 
 
 class FailureLimiter:
@@ -51,11 +53,32 @@ class FailureLimiter:
 
 
 def peer_address(peer: str) -> str:
-    """The address of a peer without its port: ``ipv4:1.2.3.4:5`` / ``ipv6:[::1]:5`` (gRPC's
-    form) and ``1.2.3.4`` (HTTP's) all become the bare address, so one host has one bucket."""
+    """The address of a peer without its port, one form per host: gRPC's ``ipv4:1.2.3.4:5`` and
+    ``ipv6:%5B::1%5D:5`` and HTTP's ``1.2.3.4`` / ``::1`` all become the bare address; an
+    IPv4-mapped IPv6 address becomes its IPv4 one. Anything else is kept as it is."""
+    peer = unquote(peer)
     if peer.startswith(("ipv4:", "ipv6:")):
         peer = peer[5:]
         if peer.startswith("["):
-            return peer[1 : peer.find("]")] if "]" in peer else peer
-        return peer.rsplit(":", 1)[0]
+            peer = peer[1 : peer.find("]")] if "]" in peer else peer
+        elif peer.count(":") == 1:
+            peer = peer.rsplit(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
     return peer
+
+
+def limit_key(address: str) -> str:
+    """Whose allowance a failure uses: an IPv4 address, or an IPv6 /64 (one host can hold a
+    whole /64, and would otherwise get a fresh allowance per address)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return address

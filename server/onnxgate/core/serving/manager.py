@@ -207,20 +207,18 @@ class ModelManager:
             if (hider := self.shadowed_by(name)) is not None:
                 log.warning("model %s is hidden by route %s: requests for '%s' go to the route", name, hider, name)
             entry = self.models.setdefault(name, ModelEntry(name))
-            previous = entry.override
-            if override is not None:
-                entry.override = override
-            elif not keep_override:
-                entry.override = None
+            # The override is remembered only once the load took effect: a load cancelled while
+            # it runs (a client gone, a deadline) or refused changes nothing, not even that.
+            planned = override if override is not None else (entry.override if keep_override else None)
             current = {v: ver for v, ver in entry.versions.items() if ver.state == READY}
-            new = await asyncio.to_thread(self._plan_and_load, source, entry.override, current)
+            new = await asyncio.to_thread(self._plan_and_load, source, planned, current)
             for ver in new.values():
                 if ver.model is not None and ver.scheduler is None:
                     policy = policy_from_config(ver.model.config, max_queue_bytes=self.options.max_queue_bytes)
                     ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics)
             self._swap(entry, new)
-            if entry.last_failures:  # a refused load changes nothing, not even the remembered override
-                entry.override = previous
+            if not entry.last_failures:
+                entry.override = planned
             return entry
 
     def _plan_and_load(

@@ -115,6 +115,8 @@ def parse_route(doc: Any) -> Route:
         if not weight > 0 or weight != weight or weight == float("inf"):
             raise InvalidInput(f"{where}: weight must be a positive number, got {item.get('weight')!r}")
         split.append((Target.parse(item.get("target"), where), weight))
+    if sum(w for _, w in split) == float("inf"):  # each finite, their sum not: every bound would be 0
+        raise InvalidInput(f"route '{name}': the split's weights add up past the largest number; use smaller ones")
     if len({t for t, _ in split}) != len(split):
         raise InvalidInput(f"route '{name}': a target appears twice in split")
     sticky = doc.get("sticky") or ""
