@@ -40,8 +40,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from onnxgate.config import GatewayConfig
-from onnxgate.core.security.access import AccessPolicy
+from onnxgate.core.security.access import METRICS_REFUSAL, AccessPolicy
 from onnxgate.errors import ConfigError
 
 log = logging.getLogger("onnxgate")
@@ -149,7 +151,7 @@ def _serve_metrics(host: str, port: int, access: AccessPolicy) -> int:
     def guarded(environ: dict, start_response: Callable) -> list[bytes]:
         if not access.metrics_allowed(environ.get("HTTP_AUTHORIZATION")):
             start_response("401 Unauthorized", [("Content-Type", "application/json"), ("WWW-Authenticate", "Bearer")])
-            return [b'{"error": "the metrics port needs its token: Authorization: Bearer <token>"}']
+            return [orjson.dumps({"error": METRICS_REFUSAL})]
         return app(environ, start_response)
 
     server = make_server(host.strip("[]"), port, guarded, Server, handler_class=Quiet)

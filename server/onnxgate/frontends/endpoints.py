@@ -100,6 +100,11 @@ BY_NAME = {e.name: e for e in ENDPOINTS}
 SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
+def uses_shared_memory(parameters: object) -> bool:
+    """Whether a tensor's parameters (a dict, or a protobuf map) ask for shared memory."""
+    return bool(parameters) and any(k in parameters for k in SHARED_MEMORY_PARAMETERS)  # type: ignore[operator]
+
+
 def grpc_endpoints(methods: Iterable[str]) -> dict[str, Endpoint]:
     """The endpoint of each gRPC method; a method without one is an error (it would have no scope)."""
     by_method = {m: e for e in ENDPOINTS for m in e.grpc}

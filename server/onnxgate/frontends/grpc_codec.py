@@ -12,7 +12,7 @@ from onnxgate.core.service import IndexRow, ModelMetadata
 from onnxgate.core.serving import tensors
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, Unsupported
-from onnxgate.frontends.endpoints import SHARED_MEMORY_PARAMETERS
+from onnxgate.frontends.endpoints import uses_shared_memory
 from onnxgate_client.pb import grpc_service_pb2 as pb
 
 # Typed contents field per datatype (FP16 travels raw only).
@@ -120,7 +120,7 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
         tensors.check_rank(name, shape)
-        if t.parameters and any(k in t.parameters for k in SHARED_MEMORY_PARAMETERS):
+        if uses_shared_memory(t.parameters):
             raise Unsupported(f"input '{name}': the shared memory extension is not supported")
         # an empty typed ``contents {}`` beside raw_input_contents is no contents (MLServer sends it)
         has_contents = t.HasField("contents") and not (raw and t.contents.ByteSize() == 0)
@@ -135,7 +135,7 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
         inputs.append(InferInput(name, dtype.v2, shape, data))
     outputs = []
     for o in req.outputs:
-        if o.parameters and any(k in o.parameters for k in SHARED_MEMORY_PARAMETERS):
+        if uses_shared_memory(o.parameters):
             raise Unsupported(f"output '{o.name}': the shared memory extension is not supported")
         outputs.append(RequestedOutput(o.name, params_dict(o.parameters)))
     return InferRequest(

@@ -17,7 +17,7 @@ import orjson
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
 from onnxgate.core.inference import InferRequest, InferResponse, parse_version
-from onnxgate.core.security.access import AccessPolicy, Principal
+from onnxgate.core.security.access import METRICS_REFUSAL, AccessPolicy, Principal
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.security.config import SecurityConfig
 from onnxgate.core.service import InferenceService
@@ -142,7 +142,7 @@ class HttpApp:
         try:
             reply = await handler(params, scope, receive)
         except GatewayError as exc:
-            self._audit(principal.name, endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
+            self._audit(principal.name, endpoint, params, scope, _refusal(exc))
             raise
         except BaseException as exc:  # cut by the drain, or a bug: answered 503 / 500, recorded too
             self._audit(principal.name, endpoint, params, scope, f"not completed: {type(exc).__name__}")
@@ -152,11 +152,7 @@ class HttpApp:
 
     def _check(self, endpoint: Endpoint, params: dict[str, str], scope: Scope) -> Principal:
         """The caller, or the refusal (audited for admin endpoints)."""
-        authorization = None
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                authorization = value.decode("latin-1")
-                break
+        authorization = _header(scope, b"authorization")
         tls = (scope.get("extensions") or {}).get("tls") or {}
         try:
             return self.access.check(
@@ -165,7 +161,7 @@ class HttpApp:
         except GatewayError as exc:
             if endpoint.scope == "admin" and not isinstance(exc, Overloaded):  # 429s are not recorded one by one
                 token = getattr(exc, "token_name", "")
-                self._audit(token, endpoint, params, scope, f"{http_status(exc)} {type(exc).__name__}: {exc}")
+                self._audit(token, endpoint, params, scope, _refusal(exc))
             raise
 
     def _audit(self, token: str, endpoint: Endpoint, params: dict[str, str], scope: Scope, result: str) -> None:
@@ -344,6 +340,19 @@ def _unsupported(endpoint: Endpoint) -> Callable[[Params, Scope, Receive], Await
     return handler
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lowercase, as ASGI gives names), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _refusal(exc: GatewayError) -> str:
+    """How the audit log records an error answer: ``403 PermissionDenied: <message>``."""
+    return f"{http_status(exc)} {type(exc).__name__}: {exc}"
+
+
 def _peer(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else ""
@@ -398,18 +407,16 @@ async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
 
 def guarded_metrics(app: Callable[[Scope, Receive, Send], Awaitable[None]], access: AccessPolicy):
     """The metrics app behind ``security.metrics_token_sha256`` (itself when none is set)."""
-    if not access.metrics_digest:
+    if not access.metrics_tokens:
         return app
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            if not access.metrics_allowed(authorization):
-                body = orjson.dumps({"error": "the metrics port needs its token: Authorization: Bearer <token>"})
-                headers = [*_JSON, (b"content-length", str(len(body)).encode()), (b"www-authenticate", b"Bearer")]
-                await send({"type": "http.response.start", "status": 401, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http" and not access.metrics_allowed(_header(scope, b"authorization")):
+            body = orjson.dumps({"error": METRICS_REFUSAL})
+            headers = [*_JSON, (b"content-length", str(len(body)).encode()), (b"www-authenticate", b"Bearer")]
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         await app(scope, receive, send)
 
     return guarded

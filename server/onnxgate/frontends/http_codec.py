@@ -17,7 +17,7 @@ from onnxgate.core.service import IndexRow, ModelMetadata, TensorMetadata
 from onnxgate.core.serving import tensors
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS, Duration, VersionStats
 from onnxgate.errors import InvalidInput, PayloadTooLarge, Unsupported
-from onnxgate.frontends.endpoints import SHARED_MEMORY_PARAMETERS
+from onnxgate.frontends.endpoints import uses_shared_memory
 from onnxgate_client.pb import model_config_pb2 as mc
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -192,7 +192,7 @@ def decode_infer(
         if dtype is None:
             raise InvalidInput(f"input '{name}': unknown datatype {item.get('datatype')!r}")
         in_params = item.get("parameters") or {}
-        if isinstance(in_params, dict) and any(k in in_params for k in SHARED_MEMORY_PARAMETERS):
+        if isinstance(in_params, dict) and uses_shared_memory(in_params):
             raise Unsupported(f"input '{name}': the shared memory extension is not supported")
         size = in_params.get("binary_data_size") if isinstance(in_params, dict) else None
         if size is not None:
@@ -220,7 +220,7 @@ def decode_infer(
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput("every requested output needs a 'name'")
         out_params = out.get("parameters") or {}
-        if isinstance(out_params, dict) and any(k in out_params for k in SHARED_MEMORY_PARAMETERS):
+        if isinstance(out_params, dict) and uses_shared_memory(out_params):
             raise Unsupported(f"output '{out['name']}': the shared memory extension is not supported")
         outputs.append(RequestedOutput(out["name"], out_params if isinstance(out_params, dict) else {}))
     request_id = doc.get("id", "")

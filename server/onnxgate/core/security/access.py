@@ -42,6 +42,10 @@ _CLOSED_ADMIN = (
 )
 
 
+# What a scrape of the metrics port without its token is answered (401), on either metrics server.
+METRICS_REFUSAL = "the metrics port needs its token: Authorization: Bearer <token>"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: a token's name and scopes ("" and every scope when security is off)."""
@@ -106,7 +110,8 @@ class AccessPolicy:
         self.require_client_cert = require_client_cert
         self.tokens = TokenTable(config.all_tokens() if self.enabled else ())
         self.failures = FailureLimiter(config.auth_failures_per_minute)
-        self.metrics_digest = bytes.fromhex(config.metrics_token_sha256) if config.metrics_token_sha256 else b""
+        metrics = config.metrics_token_sha256
+        self.metrics_tokens = TokenTable([TokenSpec("metrics", metrics, frozenset())] if metrics else [])
 
     def startup_warning(self) -> str | None:
         """What to warn about at start, if anything."""
@@ -155,13 +160,10 @@ class AccessPolicy:
 
     def metrics_allowed(self, authorization: str | None) -> bool:
         """Whether a scrape of the metrics port may proceed."""
-        if not self.metrics_digest:
+        if not self.metrics_tokens:
             return True
         token = bearer_token(authorization)
-        if not token:
-            return False
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        return hmac.compare_digest(digest, self.metrics_digest)
+        return bool(token) and self.metrics_tokens.lookup(token) is not None
 
     def reload_tokens(self) -> None:
         """Re-read the tokens file (blocking; SIGHUP). On error the old tokens stay, and it raises."""

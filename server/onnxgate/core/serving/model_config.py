@@ -17,7 +17,7 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 
 from onnxgate.core.serving import model_files
-from onnxgate.core.serving.tensors import BY_CONFIG, BY_ORT, DataType
+from onnxgate.core.serving.tensors import BY_CONFIG, BY_ORT, DataType, element_count
 from onnxgate.errors import ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
 
@@ -263,17 +263,10 @@ def _check_reshape(entry, graph_dims: Sequence[int], what: str) -> None:
         )
     fixed = [d for d in dims if d != -1]
     fixed_shape = [d for d in shape if d != -1]
-    if -1 not in dims and _product(fixed) != _product(fixed_shape):
+    if -1 not in dims and element_count(fixed) != element_count(fixed_shape):
         raise ModelLoadError(
             f"config {what} '{entry.name}': dims {dims} and reshape {shape} hold different element counts"
         )
-
-
-def _product(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def tensor_specs(entries) -> list[TensorSpec]:
