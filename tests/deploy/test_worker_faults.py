@@ -40,11 +40,21 @@ def repo(tmp_path_factory) -> Path:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie nobody reaped yet has exited)."""
+    """Whether any thread of process ``pid`` still runs. The leader shows as a zombie as soon as
+    it has exited, while other threads (ONNX Runtime's, in a run) may still be dying and hold
+    the process's files, its listening sockets included; only when every thread has exited are
+    those closed."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
+    for task in tasks:
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        except OSError:  # that thread is gone
+            continue
+    return False
 
 
 class Supervised:
