@@ -48,6 +48,22 @@ async def _time_async(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     return statistics.median(rounds)
 
 
+async def _cpu_concurrent(fn: Callable[[], Awaitable[Any]], n: int, concurrency: int = 64) -> float:
+    """Process CPU microseconds (every thread: the loop and the instance threads) per call,
+    median of 5 rounds of ``n`` calls made ``concurrency`` at a time: what a request costs when
+    the batcher forms batches, as under load, without the transport."""
+    async def client(calls: int) -> None:
+        for _ in range(calls):
+            await fn()
+
+    rounds = []
+    for _ in range(5):
+        t0 = time.process_time()
+        await asyncio.gather(*(client(n // concurrency) for _ in range(concurrency)))
+        rounds.append((time.process_time() - t0) / (n // concurrency * concurrency) * 1e6)
+    return statistics.median(rounds)
+
+
 async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None]]:
     """Median microseconds per call of each step, one request at a time."""
     from prometheus_client import CollectorRegistry
@@ -94,20 +110,35 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
         out.append((label, us))
         print(f"{us:9.1f} us  {label}" if us is not None else f"      n/a     {label}: {why}", file=sys.stderr)
 
-    async def step(label: str, make: Callable[[], Any], is_async: bool = False) -> None:
+    async def step(label: str, make: Callable[[], Any], is_async: bool | str = False) -> None:
         """Time one step; the server code moves, so a step that no longer applies is reported, not fatal."""
         try:
             fn = make()
-            add(label, await _time_async(fn, n) if is_async else _time_sync(fn, n))
+            if is_async == "cpu":
+                add(label, await _cpu_concurrent(fn, max(n, 640)))
+            else:
+                add(label, await _time_async(fn, n) if is_async else _time_sync(fn, n))
         except Exception as exc:
             add(label, None, f"{type(exc).__name__}: {exc}")
 
+    import queue
+    import threading
+
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def echo_thread() -> None:
+        while (job := jobs.get()) is not None:
+            loop.call_soon_threadsafe(job.set_result, None)
+
+    threading.Thread(target=echo_thread, daemon=True).start()
+
     def hop() -> Callable[[], Awaitable[Any]]:
-        if hasattr(batcher, "_threads"):  # one thread per instance, fed through a queue
-            thread = batcher._threads[0]
-            return lambda: thread.run(loop, int)
-        executor = batcher._executor  # ThreadPoolExecutor + run_in_executor
-        return lambda: loop.run_in_executor(executor, int)
+        def go() -> asyncio.Future:
+            future = loop.create_future()
+            jobs.put(future)
+            return future
+
+        return go
 
     def metrics_service() -> Callable[[], Any]:
         def fn() -> None:
@@ -178,11 +209,18 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
         True,
     )
     await step("grpc: the above + SerializeToString", lambda: grpc_full, True)
+    for label, fn in (
+        ("batcher.submit", lambda: batcher.submit(feeds, rows, ["y"])),
+        ("InferenceService.infer", lambda: service.infer(request)),
+        ("servicer.ModelInfer + SerializeToString", grpc_full),
+    ):
+        await step(f"CPU per request, 64 in flight: {label}", lambda fn=fn: fn, "cpu")
     await step("http: http_codec.decode_infer", lambda: lambda: http_codec.decode_infer(body, header_len, name, ""))
     await step("http: http_codec.encode_infer", lambda: lambda: http_codec.encode_infer(hresp, hreq, binary))
     await step(
         "http: HttpApp ASGI call (route + decode + infer + encode)", lambda: lambda: app(scope, receive, send), True
     )
+    jobs.put(None)
     await manager.close(5)
     return out
 

@@ -59,6 +59,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
+        self.instance_busy = Counter(
+            "onnxgate_instance_busy_seconds",
+            "Time a version's instances spent executing batches (input, ONNX Runtime, output), "
+            "summed over its instances: its rate over the instance count is their busy share.",
+            ["model", "version"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "onnxgate_queue_wait_seconds",
             "Time a request waited in its version's queue before its batch started.",

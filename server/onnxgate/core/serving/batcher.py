@@ -1,9 +1,13 @@
 """Per-version request queue and dynamic batch formation, running ONNX Runtime off the loop.
 
-Every request of a version goes through its :class:`Batcher`. One worker per model instance
-(ONNX Runtime session) takes work from a bounded queue:
+Every request of a version goes through its :class:`Batcher`. One thread per model instance
+(ONNX Runtime session) takes work from a bounded queue by itself, so that its next batch is
+formed the moment its previous one ends, without waiting for the event loop: it concatenates
+the inputs, runs the session, cuts each request's rows out of the outputs (views, no copy) and
+hands the whole batch back to the loop with one callback, which answers every request in it.
+The event loop only queues (under a lock shared with the threads) and answers:
 
-* **Batching on** (``max_batch_size > 0`` and dynamic batching enabled): a free worker takes
+* **Batching on** (``max_batch_size > 0`` and dynamic batching enabled): a free instance takes
   whatever is queued, oldest first, up to ``max_batch_size`` rows, joining only requests whose
   non-batch dims, datatypes and requested outputs agree. With ``max_queue_delay_microseconds``
   > 0 it then waits, up to that delay counted from the oldest request, for the batch to fill to
@@ -18,7 +22,8 @@ of queued tensors, ``submit`` raises :class:`Overloaded` at once. A request stil
 its timeout expires is rejected with :class:`Overloaded` too (both are load shedding: HTTP 429 /
 RESOURCE_EXHAUSTED); the timeout covers queueing only, never a running batch. A caller that goes
 away (its task is cancelled) and a request that expired leave the queue at once, freeing their
-place.
+place; one cancelled after its batch was formed is left out of the execution when it has not
+started yet.
 
 **Nothing accepted is lost.** A request is queued, held by a worker that is filling a batch, or
 running; :meth:`drain` flushes batches being filled (they run at once instead of waiting out
@@ -29,6 +34,8 @@ queued, held or running with :class:`Unavailable`, and ``submit`` refuses once c
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -37,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.serving.instances import InstanceThread, set_exception, set_result
+from onnxgate.core.serving.instances import hand_back, set_exception, set_result, start_instance_thread
 from onnxgate.core.serving.model import ModelVersion
 from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
 from onnxgate.errors import InferenceFailed, Overloaded, Unavailable
@@ -69,10 +76,19 @@ class _Pending:
     nbytes: int = 0
     timer: asyncio.TimerHandle | None = field(default=None)
     shadow: bool = False
+    dropped: bool = False  # its caller went away after its batch was formed: not computed
+
+
+#: What an instance thread hands back for one batch: each request's own output rows, the
+#: batch's timing and its start (perf_counter_ns), or the exception it failed with.
+_Outcome = tuple[list[list[np.ndarray]], ExecutionTiming, int] | BaseException
 
 
 class Batcher:
-    """The queue and workers of one model version."""
+    """The queue and instance threads of one model version.
+
+    The queue, the batches taken from it and the flags below are shared between the event loop
+    and the instance threads, under ``_lock``; futures are only ever touched on the loop."""
 
     def __init__(
         self, model: ModelVersion, stats: VersionStats, policy: BatchPolicy, metrics: Metrics | None = None
@@ -84,23 +100,34 @@ class Batcher:
         self._m_queue_wait = self.metrics.queue_wait.labels(*labels)
         self._m_compute = self.metrics.compute_latency.labels(*labels)
         self._m_depth = self.metrics.queue_depth.labels(*labels)
+        self._m_busy = self.metrics.instance_busy.labels(*labels)
         self.stats = stats
         self.policy = policy
         self.instances = max(1, len(model.sessions))
-        self._threads = [InstanceThread(f"ort-{model.name}-{model.version}-{i}") for i in range(self.instances)]
+        self._lock = threading.Lock()
+        # Instance threads waiting for arrivals (idle, or filling a batch), each parked on a lock
+        # of its own that the loop releases to wake it: cheaper than a Condition's bookkeeping.
+        self._parked: list[threading.Lock] = []
+        self._kick_pending = False
         # Live queued requests, oldest first; an entry leaves the moment it is taken, expires or
         # is cancelled, so the size bound counts only requests that can still run.
         self._queue: OrderedDict[_Pending, None] = OrderedDict()
         self._queued_bytes = 0
-        self._held: list[list[_Pending]] = [[] for _ in range(self.instances)]  # taken by worker i
-        # worker i is filling its batch: what it holds still waits, and counts against max_queue_size
-        self._filling = [False] * self.instances
-        self._waiters: list[asyncio.Future] = []  # idle or filling workers waiting for arrivals
+        # Batches taken from the queue and not yet answered on the loop (being filled, running,
+        # or handed back): what drain waits for and close answers.
+        self._taken: dict[int, list[_Pending]] = {}
+        self._batch_ids = itertools.count()
+        # instance i is filling this batch: what it holds still waits, and counts against max_queue_size
+        self._filling: list[list[_Pending] | None] = [None] * self.instances
         self._idle = asyncio.Event()
         self._idle.set()
         self._flush = False  # draining: batches being filled run at once
         self._closed = False
-        self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in range(self.instances)]
+        loop = asyncio.get_running_loop()
+        self._threads = [
+            start_instance_thread(f"ort-{model.name}-{model.version}-{i}", self._serve, i, loop)
+            for i in range(self.instances)
+        ]
 
     @property
     def queued(self) -> int:
@@ -125,8 +152,43 @@ class Batcher:
         first shed: refused once the queue is half full, and evicted (newest first) to make room
         for a primary request when it is full."""
         if self._closed:
-            raise Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
+            raise self._gone()
+        loop = asyncio.get_running_loop()
+        item = _Pending(
+            feeds, rows, tuple(outputs), self._key(feeds, outputs), loop.create_future(), time.perf_counter_ns(),
+            nbytes, shadow=shadow,
+        )
+        with self._lock:
+            self._admit(item)
+            self._queue[item] = None
+            self._queued_bytes += nbytes
+            self._m_depth.set(len(self._queue))
+            if self._parked and not self._kick_pending:
+                # Wake a waiting instance once per loop iteration, not per request: what arrives
+                # in the same iteration (one read of the sockets) forms one batch.
+                self._kick_pending = True
+                loop.call_soon(self._kick)
+        self._idle.clear()
         p = self.policy
+        timeout_ns = p.default_timeout_ns
+        if timeout_us and (not timeout_ns or p.allow_timeout_override):
+            timeout_ns = timeout_us * 1000 if not timeout_ns else min(timeout_ns, timeout_us * 1000)
+        if timeout_ns > 0:
+            item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # A caller gone before its request was taken frees its place now; one whose batch
+            # is formed is left out of it unless it already runs.
+            if not self._unqueue(item):
+                item.dropped = True
+            item.future.cancel()
+            raise
+
+    def _admit(self, item: _Pending) -> None:
+        """Under the lock: refuse ``item`` (Overloaded) unless the queue has room for it, making
+        room by shedding queued shadow requests when ``item`` is a primary one."""
+        p, shadow, nbytes = self.policy, item.shadow, item.nbytes
         if shadow and (
             self._waiting(p.max_queue_size // 2) >= p.max_queue_size // 2
             or (p.max_queue_bytes and self._queued_bytes + nbytes > p.max_queue_bytes // 2)
@@ -145,57 +207,48 @@ class Batcher:
                     f"{p.max_queue_bytes} bytes",
                     reason="queue_bytes",
                 )
-        loop = asyncio.get_running_loop()
-        now = time.perf_counter_ns()
-        key = self._key(feeds, outputs)
-        item = _Pending(feeds, rows, tuple(outputs), key, loop.create_future(), now, nbytes, shadow=shadow)
-        timeout_ns = p.default_timeout_ns
-        if timeout_us and (not timeout_ns or p.allow_timeout_override):
-            timeout_ns = timeout_us * 1000 if not timeout_ns else min(timeout_ns, timeout_us * 1000)
-        if timeout_ns > 0:
-            item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
-        self._queue[item] = None
-        self._queued_bytes += nbytes
-        self._m_depth.set(len(self._queue))
-        self._idle.clear()
-        self._wake()
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            self._unqueue(item)  # a caller gone before its request was taken frees its place now
-            item.future.cancel()  # a worker holding it skips it
-            raise
 
     def _waiting(self, limit: int) -> int:
-        """Requests waiting to run: queued, or held by a worker still filling its batch (as in
-        Triton, a forming batch is still queue). Exact only up to ``limit``, which is all the
-        bound needs: live held requests are counted only when the cheap upper bound reaches it."""
+        """Under the lock: requests waiting to run, queued or held by an instance still filling
+        its batch (as in Triton, a forming batch is still queue). Exact only up to ``limit``,
+        which is all the bound needs: held requests are counted only when the cheap upper bound
+        reaches it."""
         n = len(self._queue)
-        if n >= limit or not any(self._filling):
+        if n >= limit:
             return n
-        held = [self._held[slot] for slot, filling in enumerate(self._filling) if filling]
-        if n + sum(map(len, held)) < limit:
+        held = [batch for batch in self._filling if batch]
+        if not held or n + sum(map(len, held)) < limit:
             return n
-        return n + sum(1 for batch in held for b in batch if not b.future.done())
+        return n + sum(1 for batch in held for b in batch if not b.dropped and not b.future.done())
 
-    def _unqueue(self, item: _Pending, gauge: bool = True) -> bool:
-        """Take ``item`` off the queue (if still there) and stop its timer; the depth gauge
-        follows unless the caller sets it once for many."""
-        if item.timer is not None:
-            item.timer.cancel()
-            item.timer = None
+    def _unqueue_locked(self, item: _Pending) -> bool:
+        """Under the lock: take ``item`` off the queue, if it is still there."""
         if self._queue.pop(item, False) is None:
             self._queued_bytes -= item.nbytes
-            if gauge:
-                self._m_depth.set(len(self._queue))
+            self._m_depth.set(len(self._queue))
             return True
         return False
 
+    def _unqueue(self, item: _Pending) -> bool:
+        """On the loop: take ``item`` off the queue (if still there) and stop its timer."""
+        if item.timer is not None:
+            item.timer.cancel()
+            item.timer = None
+        with self._lock:
+            removed = self._unqueue_locked(item)
+        if removed:
+            self._check_idle()
+        return removed
+
     def _evict_shadow(self) -> bool:
-        """Fail the newest queued shadow request to free its place; False when there is none."""
+        """Under the lock: fail the newest queued shadow request to free its place; False when
+        there is none."""
         for item in reversed(self._queue):
             if item.shadow:
-                self._unqueue(item)
+                self._unqueue_locked(item)
+                if item.timer is not None:
+                    item.timer.cancel()
+                    item.timer = None
                 set_exception(
                     item.future,
                     Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed"),
@@ -209,7 +262,7 @@ class Batcher:
         return (tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()), tuple(outputs))
 
     def _expire(self, item: _Pending) -> None:
-        """A queued request's timeout: it leaves the queue (timers stop when it is taken)."""
+        """A queued request's timeout: it leaves the queue (once taken, it is no longer queued)."""
         item.timer = None
         if self._unqueue(item):
             set_exception(
@@ -221,9 +274,41 @@ class Batcher:
                 ),
             )
 
-    # -- workers -----------------------------------------------------------------------------
+    def _kick(self) -> None:
+        with self._lock:
+            self._kick_pending = False
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Under the lock: wake one parked instance thread, if any."""
+        if self._parked:
+            self._parked.pop().release()
+
+    def _wake_all(self) -> None:
+        while self._parked:
+            self._parked.pop().release()
+
+    def _wait(self, wake: threading.Lock, timeout: float = -1) -> None:
+        """Under the lock, in an instance thread: park until woken (or the timeout); the lock
+        is released meanwhile and held again on return. Wake-ups may be spurious: callers look
+        at the queue again."""
+        wake.acquire(blocking=False)  # a stale release (woken just as a timeout ended) is spent
+        self._parked.append(wake)
+        self._lock.release()
+        try:
+            wake.acquire(timeout=timeout)
+        finally:
+            self._lock.acquire()
+            if wake in self._parked:
+                self._parked.remove(wake)
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._taken:
+            self._idle.set()
+
+    # -- instance threads --------------------------------------------------------------------
     def _take(self, batch: list[_Pending], rows: int) -> int:
-        """Move compatible queued requests into ``batch``; returns the batch's rows."""
+        """Under the lock: move compatible queued requests into ``batch``; returns its rows."""
         limit = self.policy.max_batch_size if self.policy.enabled else 1
         key = batch[0].key if batch else None
         taken: list[_Pending] = []
@@ -242,9 +327,11 @@ class Batcher:
             rows += item.rows
             if rows >= limit:
                 break
+        queue = self._queue
         for item in taken:
-            self._unqueue(item, gauge=False)
-        self._m_depth.set(len(self._queue))
+            del queue[item]
+            self._queued_bytes -= item.nbytes
+        self._m_depth.set(len(queue))
         batch.extend(taken)
         return rows
 
@@ -252,98 +339,55 @@ class Batcher:
         p = self.policy
         return self._flush or rows >= p.max_batch_size or rows in p.preferred_batch_sizes
 
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def _arrival(self, timeout_s: float | None = None) -> None:
-        """Wait for the next submit (or the timeout); no task is created."""
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._waiters.append(waiter)
-        timer = loop.call_later(timeout_s, _resolve, waiter) if timeout_s is not None else None
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _check_idle(self) -> None:
-        if not self._queue and not any(self._held):
-            self._idle.set()
-
-    async def _worker(self, slot: int) -> None:
-        loop = asyncio.get_running_loop()
+    def _next_batch(self, slot: int, wake: threading.Lock) -> tuple[int, list[_Pending]] | None:
+        """Block until there is work; take the next batch, filling it up to the queue delay.
+        None once the version closes."""
         delay_ns = self.policy.max_queue_delay_ns if self.policy.enabled else 0
-        batch = self._held[slot]  # what this worker holds is visible to drain and close
-        try:
-            while True:
-                if not self._queue:
-                    self._check_idle()
-                    await self._arrival()
-                    continue
-                rows = self._take(batch, 0)
-                if delay_ns and not self._batch_done(rows):
-                    self._filling[slot] = True
-                    deadline = batch[0].enqueued_ns + delay_ns
-                    while not self._batch_done(rows) and (left := deadline - time.perf_counter_ns()) > 0:
-                        if not self._queue:
-                            await self._arrival(left / 1e9)
-                            if not self._queue:
-                                break  # the delay is over (or a flush)
-                        before = len(batch)
-                        rows = self._take(batch, rows)
-                        if len(batch) == before and self._queue:
-                            break  # what is queued does not fit this batch
-                    self._filling[slot] = False
-                live = [b for b in batch if not b.future.done()]
-                if live:
-                    await self._execute(loop, live, slot)
-                batch.clear()
-        finally:
-            # Cancelled (close): whatever this worker still holds is answered, never dropped.
-            self._filling[slot] = False
-            self._fail(batch, self._gone())
-            batch.clear()
+        with self._lock:
+            while not self._queue and not self._closed:
+                self._wait(wake)
+            if self._closed:
+                return None
+            batch: list[_Pending] = []
+            rows = self._take(batch, 0)
+            batch_id = next(self._batch_ids)
+            self._taken[batch_id] = batch
+            if delay_ns and not self._batch_done(rows):
+                self._filling[slot] = batch
+                deadline = batch[0].enqueued_ns + delay_ns
+                while not self._closed and not self._batch_done(rows):
+                    if (left := deadline - time.perf_counter_ns()) <= 0:
+                        break
+                    if not self._queue:
+                        self._wait(wake, left / 1e9)
+                        continue
+                    before = len(batch)
+                    rows = self._take(batch, rows)
+                    if len(batch) == before:
+                        break  # what is queued does not fit this batch
+                self._filling[slot] = None
+            if self._queue:
+                self._wake_one()  # what this batch left behind is another instance's
+            return batch_id, batch
 
-    def _gone(self) -> Unavailable:
-        return Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
+    def _serve(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
+        """One instance thread: take a batch, run it, hand it back; again, until closed."""
+        wake = threading.Lock()
+        while (taken := self._next_batch(slot, wake)) is not None:
+            batch_id, batch = taken
+            live = [b for b in batch if not b.dropped]
+            outcome: _Outcome | None = None
+            if live:
+                try:
+                    outcome = self._execute(live, slot)
+                except InferenceFailed as exc:
+                    outcome = exc
+                except Exception as exc:  # never leave a caller waiting
+                    outcome = InferenceFailed(f"model '{self.model.name}': {exc}")
+            hand_back(loop, self._answer, batch_id, live, outcome)
 
-    @staticmethod
-    def _fail(items, exc: BaseException) -> None:
-        for b in items:
-            set_exception(b.future, exc)
-
-    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], slot: int) -> None:
-        started = time.perf_counter_ns()
-        rows = sum(b.rows for b in batch)
-        try:
-            results, timing = await self._threads[slot].run(loop, self._run, batch, slot)
-        except InferenceFailed as exc:
-            self._fail(batch, exc)
-            return
-        except Exception as exc:  # never leave a caller waiting
-            self._fail(batch, InferenceFailed(f"model '{self.model.name}': {exc}"))
-            return
-        self.stats.record_execution(rows, timing)
-        self._m_batch.observe(rows)
-        self._m_compute.observe(timing.infer_ns / 1e9)
-        for b in batch:
-            self._m_queue_wait.observe((started - b.enqueued_ns) / 1e9)
-        if len(batch) == 1:
-            b = batch[0]
-            set_result(b.future, (results, _with_queue(timing, started - b.enqueued_ns)))
-            return
-        offset = 0
-        for b in batch:
-            if not b.future.done():
-                own = [r[offset : offset + b.rows] for r in results]
-                b.future.set_result((own, _with_queue(timing, started - b.enqueued_ns)))
-            offset += b.rows
-
-    def _run(self, batch: list[_Pending], slot: int) -> tuple[list[np.ndarray], ExecutionTiming]:
+    def _execute(self, batch: list[_Pending], slot: int) -> _Outcome:
+        """In the instance thread: one execution, and each request's own rows of it."""
         t0 = time.perf_counter_ns()
         outputs = batch[0].outputs
         if len(batch) == 1:
@@ -353,7 +397,9 @@ class Batcher:
         t1 = time.perf_counter_ns()
         results = self.model.run(feeds, outputs, slot)
         t2 = time.perf_counter_ns()
-        if len(batch) > 1:
+        if len(batch) == 1:
+            own = [results]
+        else:
             rows = sum(b.rows for b in batch)
             for name, r in zip(outputs, results, strict=True):
                 if r.ndim == 0 or r.shape[0] != rows:
@@ -361,14 +407,53 @@ class Batcher:
                         f"model '{self.model.name}': output '{name}' has shape {list(r.shape)}, "
                         f"not {rows} rows; it cannot be batched"
                     )
-        return results, ExecutionTiming(0, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+            own, offset = [], 0
+            for b in batch:
+                own.append([r[offset : offset + b.rows] for r in results])
+                offset += b.rows
+        return own, ExecutionTiming(0, t1 - t0, t2 - t1, time.perf_counter_ns() - t2), t0
+
+    def _answer(self, batch_id: int, batch: list[_Pending], outcome: _Outcome | None) -> None:
+        """On the loop, once per batch: answer every request in it, record the execution."""
+        with self._lock:
+            self._taken.pop(batch_id, None)
+        try:
+            if isinstance(outcome, BaseException):
+                self._fail(batch, outcome)
+            elif outcome is not None:
+                own, timing, started = outcome
+                rows = sum(b.rows for b in batch)
+                self.stats.record_execution(rows, timing)
+                self._m_batch.observe(rows)
+                self._m_compute.observe(timing.infer_ns / 1e9)
+                self._m_busy.inc((timing.input_ns + timing.infer_ns + timing.output_ns) / 1e9)
+                observe = self._m_queue_wait.observe
+                for b, results in zip(batch, own, strict=True):
+                    queue_ns = started - b.enqueued_ns
+                    observe(queue_ns / 1e9)
+                    set_result(b.future, (results, _with_queue(timing, queue_ns)))
+        finally:
+            for b in batch:
+                if b.timer is not None:
+                    b.timer.cancel()
+                    b.timer = None
+            self._check_idle()
+
+    def _gone(self) -> Unavailable:
+        return Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
+
+    @staticmethod
+    def _fail(items, exc: BaseException) -> None:
+        for b in items:
+            set_exception(b.future, exc)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def drain(self, timeout: float | None = None) -> bool:
         """Run what is queued or being batched now (no more waiting for batches to fill) and wait
         until nothing is queued, held or running; False when the timeout came first."""
-        self._flush = True
-        self._wake()
+        with self._lock:
+            self._flush = True
+            self._wake_all()
         self._check_idle()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -377,24 +462,24 @@ class Batcher:
             return False
 
     async def close(self) -> None:
-        """Refuse new work, stop the workers, answer everything still queued, held or running
-        with :class:`Unavailable`, release the sessions."""
-        self._closed = True
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        left = list(self._queue)
+        """Refuse new work, stop the instance threads, answer everything still queued, held or
+        running with :class:`Unavailable`, release the sessions."""
+        with self._lock:
+            self._closed = True
+            self._wake_all()
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._m_depth.set(0)
+            held = [b for batch in self._taken.values() for b in batch]
         for item in left:
-            self._unqueue(item)
-        self._fail(left, self._gone())
-        for t in self._threads:  # each ends after the run it may be in (ONNX Runtime cannot be interrupted)
-            t.close()
+            if item.timer is not None:
+                item.timer.cancel()
+                item.timer = None
+        self._fail(left + held, self._gone())
+        # Each thread ends after the run it may be in (ONNX Runtime cannot be interrupted); its
+        # hand-back then finds every caller answered.
         self.model.close()
-
-
-def _resolve(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _with_queue(timing: ExecutionTiming, queue_ns: int) -> ExecutionTiming:

@@ -1,18 +1,19 @@
-"""One thread per model instance (ONNX Runtime session), and what outlives a closed version.
+"""The threads that run model instances (ONNX Runtime sessions), and what outlives a closed version.
 
-Each session always runs on its own thread, handed work through a queue: cheaper than an executor
-hop (no concurrent.futures.Future, no chaining). A run inside ONNX Runtime cannot be interrupted:
-closing a thread lets it end after its current run, and :func:`runs_in_progress` tells the
-process, at exit, whether any is still inside one.
+Each session runs on a thread of its own that takes its next batch from the version's queue by
+itself (see ``batcher``) and hands results back to the event loop with one callback per batch.
+A run inside ONNX Runtime cannot be interrupted: a closed version's threads end after their
+current run, and :func:`runs_in_progress` tells the process, at exit, whether any is still
+inside one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
 import weakref
+from collections.abc import Callable
 
 
 def set_result(future: asyncio.Future, value: object) -> None:
@@ -35,36 +36,16 @@ def runs_in_progress() -> int:
     return sum(t.is_alive() for t in list(_THREADS))
 
 
-class InstanceThread:
-    """One thread per instance, handed work through a queue: cheaper than an executor hop
-    (no concurrent.futures.Future, no chaining), and each session always runs on its thread."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-        _THREADS.add(self._thread)
-
-    def run(self, loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:
-        future = loop.create_future()
-        self._jobs.put((loop, future, fn, args))
-        return future
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the waiting coroutine
-                _hand_back(loop, set_exception, future, exc)
-            else:
-                _hand_back(loop, set_result, future, result)
-
-    def close(self) -> None:
-        """End the thread once its current job (if any) is done; returns at once."""
-        self._jobs.put(None)
+def start_instance_thread(name: str, target: Callable[..., None], *args: object) -> threading.Thread:
+    """Start a daemon thread for one instance, counted by :func:`runs_in_progress` while alive."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    _THREADS.add(thread)
+    return thread
 
 
-def _hand_back(loop: asyncio.AbstractEventLoop, setter, future: asyncio.Future, value: object) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop closed while the run went on (the process is exiting)
-        loop.call_soon_threadsafe(setter, future, value)
+def hand_back(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> None:
+    """Run ``callback(*args)`` on ``loop`` (from an instance thread); nothing when the loop has
+    closed meanwhile (the process is exiting)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
