@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -126,6 +128,35 @@ def test_expired_and_cancelled_requests_free_their_queue_places_at_once(slow_gw)
     assert expired.answered() == 429
     assert _executions(slow_gw) == before, "the large request finished; the queue was emptied anyway"
     # Both places are free again: two more requests are accepted while the large one still runs.
+    late = [Call(slow_gw, "slow", x) for _ in range(2)]
+    for c in late:
+        c.start()
+    assert big.answered() == 200
+    assert [c.answered() for c in late] == [200, 200]
+
+
+def test_an_http_client_gone_frees_its_queue_place(slow_gw):
+    """An HTTP client that closes its connection while its request waits takes the request out
+    of the queue (the connection is watched once the answer takes longer than a moment)."""
+    x = np.ones((1, 1024), np.float32)
+    big = _occupy(slow_gw)
+    before = _executions(slow_gw)
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1024], "data": x.ravel().tolist()}]}
+    )
+    gone = []
+    for _ in range(2):  # both queue places (max_queue_size 2)
+        sock = socket.create_connection(("127.0.0.1", slow_gw.http_port))
+        sock.sendall(
+            b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        gone.append(sock)
+    time.sleep(0.1)  # both queued behind the large request
+    for sock in gone:
+        sock.close()
+    time.sleep(0.1)
+    assert _executions(slow_gw) == before, "the large request finished; the queue was emptied anyway"
     late = [Call(slow_gw, "slow", x) for _ in range(2)]
     for c in late:
         c.start()

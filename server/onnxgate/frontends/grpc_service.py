@@ -326,4 +326,20 @@ def add_to_server(
             fn, request_deserializer=parse, response_serializer=response_cls.SerializeToString
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)
+    server.add_generic_rpc_handlers((_health_handler(HealthServicer(service)),))
+
+
+def _health_handler(health: HealthServicer) -> grpc.GenericRpcHandler:
+    """grpc.health.v1 as a generic handler too: the generated ``add_HealthServicer_to_server``
+    also registers its two methods with the core, and grpc.aio then waits on one more future per
+    registered method for every call the server takes."""
+    req, resp = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            health.Check, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            health.Watch, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        ),
+    }
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers)
