@@ -165,8 +165,7 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
     ctx = _Ctx()
 
     async def grpc_full() -> bytes:
-        reply = await servicer.ModelInfer(raw_req, ctx)  # the servicer takes the message's bytes
-        return reply.SerializeToString()
+        return await servicer.ModelInfer(raw_req, ctx)  # bytes in, bytes out
 
     app = HttpApp(service)
     path = f"/v2/models/{name}/infer"
@@ -191,9 +190,7 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
     await step("grpc: grpc_codec.decode_infer", lambda: lambda: grpc_codec.decode_infer(req_msg))
     await step("core: manager.get (version lookup)", lambda: lambda: manager.get(name, ""))
     await step("core: model.validate", lambda: lambda: model.validate(request.inputs))
-    await step("grpc: grpc_codec.encode_infer", lambda: lambda: grpc_codec.encode_infer(response))
-    enc = grpc_codec.encode_infer(response)
-    await step("grpc: ModelInferResponse.SerializeToString", lambda: enc.SerializeToString)
+    await step("grpc: grpc_codec.serialize_infer (the reply)", lambda: lambda: grpc_codec.serialize_infer(response))
     await step("metrics: service (requests.labels().inc, latency.labels().observe)", metrics_service)
     await step("metrics: batcher (3 histogram observes, 2 gauge sets)", metrics_batcher)
     await step("thread hop: loop -> instance thread (no-op) -> loop", hop, True)
@@ -204,15 +201,14 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
     )
     await step("core: InferenceService.infer (everything in the core)", lambda: lambda: service.infer(request), True)
     await step(
-        "grpc: servicer.ModelInfer (parse + decode + infer + encode)",
+        "grpc: servicer.ModelInfer (parse + decode + infer + serialize)",
         lambda: lambda: servicer.ModelInfer(raw_req, ctx),
         True,
     )
-    await step("grpc: the above + SerializeToString", lambda: grpc_full, True)
     for label, fn in (
         ("batcher.submit", lambda: batcher.submit(feeds, rows, ["y"])),
         ("InferenceService.infer", lambda: service.infer(request)),
-        ("servicer.ModelInfer + SerializeToString", grpc_full),
+        ("servicer.ModelInfer", grpc_full),
     ):
         await step(f"CPU per request, 64 in flight: {label}", lambda fn=fn: fn, "cpu")
     await step("http: http_codec.decode_infer", lambda: lambda: http_codec.decode_infer(body, header_len, name, ""))

@@ -433,6 +433,19 @@ def test_grpc_response_round_trip(cases):
         assert raw == tensors.encode_raw(dtype, arr)
 
 
+@given(st.lists(arrays(), min_size=1, max_size=3), st.text(max_size=8), st.text(max_size=8))
+@settings_(200)
+def test_grpc_reply_bytes_are_the_message_protobuf_writes(cases, version, request_id):
+    """The reply the gateway writes itself (unary and stream) is byte for byte what protobuf
+    serializes from the same message."""
+    outputs = [InferOutput(f"out{i}" if i else "", v2, list(arr.shape), arr) for i, (v2, arr) in enumerate(cases)]
+    response = InferResponse("m", version, outputs, id=request_id)
+    msg = grpc_codec.encode_infer(response)
+    assert grpc_codec.serialize_infer(response) == msg.SerializeToString()
+    stream = pb.ModelStreamInferResponse(infer_response=msg).SerializeToString()
+    assert grpc_codec.serialize_infer(response, stream=True) == stream
+
+
 @given(grpc_requests())
 @settings_(100)
 def test_grpc_decode_never_allocates_for_a_claimed_shape(req):

@@ -127,11 +127,12 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded.headers = _metadata(context)
         return await self._encode(await self.service.infer(decoded))
 
-    async def _encode(self, response: InferResponse) -> pb.ModelInferResponse:
-        """A large reply is encoded off the loop, like a large request is decoded."""
+    async def _encode(self, response: InferResponse, stream: bool = False) -> bytes:
+        """The serialized reply, written straight from the outputs (see ``serialize_infer``); a
+        large one off the loop, like a large request is decoded."""
         if (size := response.nbytes()) < INLINE_DECODE_BYTES:
-            return grpc_codec.encode_infer(response)
-        return await self.service.decode_budget.offload(size, grpc_codec.encode_infer, response)
+            return grpc_codec.serialize_infer(response, stream)
+        return await self.service.decode_budget.offload(size, grpc_codec.serialize_infer, response, stream)
 
     async def _decode(self, raw: bytes) -> InferRequest:
         """An infer message arrives unparsed: its model is looked up from the leading fields,
@@ -161,7 +162,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes]:
         """Requests run concurrently (up to ``stream_window``); replies come as they finish,
         matched to requests by ``id``.
 
@@ -176,7 +177,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         cancelled and replies not yet sent are dropped."""
         headers = _metadata(context) if self.service.wants_headers else {}
         close_on_error = _grpc_error_mode(context)
-        replies: asyncio.Queue[tuple[pb.ModelStreamInferResponse, grpc.StatusCode | None] | None] = asyncio.Queue()
+        replies: asyncio.Queue[tuple[bytes, str, grpc.StatusCode | None] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
@@ -198,9 +199,9 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (item := await replies.get()) is not None:
-                reply, code = item
+                reply, error, code = item
                 if code is not None and close_on_error:
-                    await context.abort(code, reply.error_message)
+                    await context.abort(code, error)
                 yield reply
                 window.release()
             await reader
@@ -211,13 +212,14 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(
         self, req: bytes, headers: dict[str, str]
-    ) -> tuple[pb.ModelStreamInferResponse, grpc.StatusCode | None]:
-        """The reply to one streamed request, and the status it failed with (None: it did not)."""
+    ) -> tuple[bytes, str, grpc.StatusCode | None]:
+        """The serialized reply to one streamed request, and the error message and status it
+        failed with (None: it did not)."""
         try:
             decoded = await self._decode(req)
             decoded.headers = headers
             response = await self.service.infer(decoded)
-            return pb.ModelStreamInferResponse(infer_response=await self._encode(response)), None
+            return await self._encode(response, stream=True), "", None
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
         except Exception:
@@ -226,7 +228,8 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name, version, request_id = grpc_codec.peek_target(req) or ("", "", "")
         failed = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
         failed.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=failed), code
+        reply = pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+        return reply.SerializeToString(), message, code
 
 
 
@@ -320,10 +323,13 @@ def add_to_server(
         factory = (
             grpc.stream_stream_rpc_method_handler if method.name in _STREAMING else grpc.unary_unary_rpc_method_handler
         )
-        # Infer messages reach the servicer as bytes, parsed only once their model is known.
-        parse = None if method.name in _RAW else _parser(request_cls)
+        # Infer messages reach the servicer as bytes, parsed only once their model is known; their
+        # replies leave it serialized.
+        raw = method.name in _RAW
         handlers[method.name] = factory(
-            fn, request_deserializer=parse, response_serializer=response_cls.SerializeToString
+            fn,
+            request_deserializer=None if raw else _parser(request_cls),
+            response_serializer=None if raw else response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     server.add_generic_rpc_handlers((_health_handler(HealthServicer(service)),))
