@@ -446,6 +446,33 @@ def test_grpc_reply_bytes_are_the_message_protobuf_writes(cases, version, reques
     assert grpc_codec.serialize_infer(response, stream=True) == stream
 
 
+def _outcome(parse, data: bytes):
+    try:
+        r = parse(data)
+    except GatewayError as exc:
+        return type(exc).__name__, exc.message
+    inputs = [(i.name, i.datatype, i.shape, tensors.encode_raw(tensors.BY_V2[i.datatype], i.data)) for i in r.inputs]
+    return r.model_name, r.model_version, r.id, r.parameters, inputs, [(o.name, o.parameters) for o in r.outputs]
+
+
+@given(grpc_requests(), st.binary(max_size=3))
+@settings_(200)
+def test_grpc_requests_read_in_place_decode_as_protobuf_parses_them(monkeypatch_module, req, junk):
+    """A large request's tensors are read in place, without protobuf: the outcome (the request,
+    or the error) is the same as protobuf's, for any message and any trailing bytes."""
+    data = req.SerializeToString() + junk
+    monkeypatch_module.setattr(grpc_codec, "ZERO_COPY_BYTES", 1 << 40)
+    expected = _outcome(grpc_codec.parse_infer, data)
+    monkeypatch_module.setattr(grpc_codec, "ZERO_COPY_BYTES", 0)
+    assert _outcome(grpc_codec.parse_infer, data) == expected
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 @given(grpc_requests())
 @settings_(100)
 def test_grpc_decode_never_allocates_for_a_claimed_shape(req):

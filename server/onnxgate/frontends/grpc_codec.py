@@ -86,18 +86,69 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
     return 1 << 62, len(data)  # cut or overlong: a field number no loop goes past
 
 
+#: From this size on, a request's raw_input_contents are not parsed by protobuf (which copies
+#: them into the message, and again on every access) but read in place (see ``_split_raw``).
+ZERO_COPY_BYTES = 64 * 1024
+_RAW_INPUT_TAG = 0x3A  # raw_input_contents: field 7, length-delimited
+
+
 def parse_infer(data: bytes) -> InferRequest:
-    """Parse and decode a serialized ModelInferRequest."""
+    """Parse and decode a serialized ModelInferRequest. A large one's tensors are views of
+    ``data`` itself: the only copy of a request's bytes is grpc's, into ``data``."""
+    raw = None
+    split = _split_raw(data) if len(data) >= ZERO_COPY_BYTES else None
     try:
-        req = pb.ModelInferRequest.FromString(data)
+        if split is not None:
+            req = pb.ModelInferRequest.FromString(split[0])
+            if not req.raw_input_contents:  # else some were written unusually: protobuf reads them all
+                raw = split[1]
+        if raw is None:
+            req = pb.ModelInferRequest.FromString(data)
     except DecodeError:
         raise InvalidInput("the request is not a valid inference.ModelInferRequest message") from None
-    return decode_infer(req)
+    return decode_infer(req, raw)
 
 
-def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
-    """Decode a ModelInferRequest; every error names the input at fault."""
-    raw = req.raw_input_contents
+def _split_raw(data: bytes) -> tuple[bytes, list[memoryview]] | None:
+    """The message without its raw_input_contents (the rest, for protobuf to parse: names,
+    shapes, parameters) and those contents as views of ``data``; None when the top level does
+    not read as plain protobuf (protobuf's own parse then decides)."""
+    view = memoryview(data)
+    rest: list[memoryview] = []
+    raw: list[memoryview] = []
+    pos, end, kept = 0, len(data), 0
+    while pos < end:
+        start = pos
+        tag, pos = _varint(data, pos)
+        wire_type = tag & 7
+        if wire_type == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > end:
+                return None
+            if tag == _RAW_INPUT_TAG:
+                raw.append(view[pos : pos + length])
+                if start > kept:
+                    rest.append(view[kept:start])
+                kept = pos + length
+            pos += length
+        elif wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            return None
+        if pos > end:
+            return None
+    rest.append(view[kept:end])
+    return b"".join(rest), raw
+
+
+def decode_infer(req: pb.ModelInferRequest, raw_contents: list[memoryview] | None = None) -> InferRequest:
+    """Decode a ModelInferRequest; every error names the input at fault. ``raw_contents``, when
+    given, stands for its raw_input_contents (read in place by ``parse_infer``)."""
+    raw = req.raw_input_contents if raw_contents is None else raw_contents
     if raw:
         for t in req.inputs:
             if t.HasField("contents") and t.contents.ByteSize() > 0:
