@@ -236,12 +236,11 @@ def serialize_infer(response: InferResponse, stream: bool = False) -> bytes:
             tensor += (b"\x1a", _uvarint(len(dims)), dims)
         body = b"".join(tensor)
         parts += (b"\x2a", _uvarint(len(body)), body)
-        dtype = tensors.BY_V2[out.datatype]
-        raw = tensors.serialize_bytes(out.data) if dtype.v2 == "BYTES" else np.ascontiguousarray(out.data, dtype.numpy)
-        raws += (b"\x32", _uvarint(raw.nbytes if isinstance(raw, np.ndarray) else len(raw)), raw)
+        raw = tensors.raw_buffer(tensors.BY_V2[out.datatype], out.data)
+        raws += (b"\x32", _uvarint(tensors.buffer_size(raw)), raw)
     parts += raws
     if stream:  # ModelStreamInferResponse.infer_response (field 2)
-        size = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
+        size = sum(map(tensors.buffer_size, parts))
         parts[:0] = (b"\x12", _uvarint(size))
     return b"".join(parts)
 

@@ -160,9 +160,21 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
 
 def encode_raw(dtype: DataType, arr: np.ndarray) -> bytes:
     """Raw little-endian bytes of ``arr`` in the wire form of ``dtype``."""
+    buf = raw_buffer(dtype, arr)
+    return buf.tobytes() if isinstance(buf, np.ndarray) else buf
+
+
+def raw_buffer(dtype: DataType, arr: np.ndarray) -> bytes | np.ndarray:
+    """What :func:`encode_raw` returns, without copying numeric data that is already contiguous
+    in its wire form: a buffer for ``b"".join`` to copy once into a reply. Its length in bytes
+    is :func:`buffer_size`."""
     if dtype.v2 == "BYTES":
         return serialize_bytes(arr)
-    return np.ascontiguousarray(arr, dtype=dtype.numpy).tobytes()
+    return np.ascontiguousarray(arr, dtype=dtype.numpy)
+
+
+def buffer_size(buf: bytes | np.ndarray) -> int:
+    return buf.nbytes if isinstance(buf, np.ndarray) else len(buf)
 
 
 def as_text_list(arr: np.ndarray) -> list[str]:
