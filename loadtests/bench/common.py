@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 TRANSPORTS: tuple[tuple[str, str], ...] = (("grpc", "unary"), ("grpc", "stream"), ("http", "raw"))
-OVERHEAD_MODEL, COMPUTE_MODEL = "gemm16", "big"
+LABELS: tuple[str, ...] = ("grpc-unary", "grpc-stream", "http")
+OVERHEAD_MODEL, PAYLOAD_MODEL, COMPUTE_MODEL = "gemm16", "mlp", "huge"
 DISTURBED_CORES = 0.35  # other load in a run's window above which it is measured again, then flagged
+OPEN_LOOP_FRACTION = 0.70  # open-loop runs offer this share of the closed-loop peak (gateway, overhead-bound)
+
+
+@dataclass
+class Plan:
+    """How one model is measured when it differs from the run's defaults (``Settings.plan``)."""
+
+    levels: list[int]
+    labels: list[str]  # transports, as ``_label`` names them
+    warmup_s: float
+    duration_s: float
+    repeats: int  # runs of the top concurrency level (the spread shows run-to-run stability)
+    ort_batch_sizes: list[int]
+    ort_seconds: float  # per batch size
+    ort_min_runs: int  # per batch size and round
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -27,6 +46,27 @@ class Settings:
     profile_seconds: float
     retries: int
     retry_budget_s: float  # total time re-measurements may add
+    plans: dict[str, Plan] = field(default_factory=dict)  # models measured differently (COMPUTE_MODEL)
+
+    def plan(self, model: str) -> Plan:
+        """``model``'s plan: its own, or every transport at ``levels`` with the run's durations."""
+        if model in self.plans:
+            return self.plans[model]
+        return Plan(
+            levels=list(self.levels),
+            labels=list(LABELS),
+            warmup_s=self.warmup_s,
+            duration_s=self.duration_s,
+            repeats=1,
+            ort_batch_sizes=list(self.batch_sizes),
+            ort_seconds=self.ort_seconds,
+            ort_min_runs=5,
+        )
+
+    @property
+    def top(self) -> int:
+        """The highest concurrency level: the "64 clients" of the targets by default."""
+        return max(self.levels)
 
 
 def _log(msg: str) -> None:
@@ -35,6 +75,12 @@ def _log(msg: str) -> None:
 
 def _label(transport: str, mode: str) -> str:
     return f"grpc-{mode}" if transport == "grpc" else "http"
+
+
+def cpu_us_per_request(run: dict) -> float | None:
+    """Server CPU-microseconds per answered request over the measured window (watched CPU / requests)."""
+    cores, rps = run.get("server_cpu_cores"), run.get("throughput_rps")
+    return cores / rps * 1e6 if cores is not None and rps else None
 
 
 def _ms(v: float | None) -> str:

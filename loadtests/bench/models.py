@@ -5,19 +5,30 @@ dynamic batch dim and ``max_batch_size: 256`` with dynamic batching (no queue de
 
 * ``gemm16`` -- one 16x16 Gemm: overhead-bound (ONNX Runtime takes microseconds).
 * ``mlp`` -- 256 -> 1024 -> 1024 -> 10 with ReLUs.
-* ``big`` -- compute-bound: (1024 -> 4096 -> ReLU -> 1024 -> ReLU) twice, about 33.6 MFLOP per row.
+* ``big`` -- (1024 -> 4096 -> ReLU -> 1024 -> ReLU) twice, about 33.6 MFLOP per row (only with ``--models``).
+* ``huge`` -- compute-bound: 4096 -> 8192 -> 4096 -> 8192 -> 4096 with ReLUs, about 268 MFLOP per row
+  and 512 MiB of FP32 weights; one row costs tens of milliseconds on one core, a batch of 64 a few
+  tenths of a second, so the gateway's own cost per request is a few percent of it at most.
+
+Weights are uniform FP32 with the variance of N(0, 1/fan_in), drawn with numpy's default generator
+directly in float32 (``huge`` builds in a few seconds); the values do not matter, only the shapes.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from loadtests.loadgen.grpc_client import varint
+
 MAX_BATCH_SIZE = 256
 OPSET = 17
 IR_VERSION = 8
+CHECKED_BYTES = 64 << 20  # models with at most this much weight are read back through the ONNX checker
 
 
 @dataclass(frozen=True)
@@ -40,28 +51,41 @@ class BenchModel:
     def flops_per_row(self) -> int:
         return sum(2 * a * b for a, b in zip(self.widths, self.widths[1:], strict=False))
 
+    @property
+    def weight_bytes(self) -> int:
+        return sum(4 * (a + 1) * b for a, b in zip(self.widths, self.widths[1:], strict=False))
+
 
 MODELS: tuple[BenchModel, ...] = (
     BenchModel("gemm16", (16, 16), "overhead"),
     BenchModel("mlp", (256, 1024, 1024, 10), "mixed"),
     BenchModel("big", (1024, 4096, 1024, 4096, 1024), "compute"),
+    BenchModel("huge", (4096, 8192, 4096, 8192, 4096), "compute"),
 )
 BY_NAME = {m.name: m for m in MODELS}
+DEFAULT_MODELS: tuple[str, ...] = ("gemm16", "mlp", "huge")  # what a run measures without ``--models``
 
 
-def _onnx_model(model: BenchModel, seed: int = 0):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+def _weights(model: BenchModel, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """Each layer's weight [IN, OUT] and bias [OUT], one layer at a time (``huge``: 128 MiB each)."""
     rng = np.random.default_rng(seed)
-    nodes, inits = [], []
+    for i, (a, b) in enumerate(zip(model.widths, model.widths[1:], strict=False)):
+        w = rng.random((a, b), dtype=np.float32)  # U(0, 1), a few ns a value; scaled in place
+        w -= np.float32(0.5)
+        w *= np.float32(np.sqrt(12.0 / a))  # U(-sqrt(3/a), sqrt(3/a)): variance 1/a
+        yield f"w{i}", w
+        yield f"b{i}", rng.random(b, dtype=np.float32) * np.float32(0.02) - np.float32(0.01)
+
+
+def _skeleton(model: BenchModel):
+    """The ModelProto without its initializers: Gemm (+ Relu) per layer, x [batch, IN] -> y [batch, OUT]."""
+    from onnx import TensorProto, helper
+
+    nodes = []
     current = "x"
-    layers = list(zip(model.widths, model.widths[1:], strict=False))
-    for i, (a, b) in enumerate(layers):
-        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
-        bias = (rng.standard_normal(b) * 0.01).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
-        last = i == len(layers) - 1
+    layers = len(model.widths) - 1
+    for i in range(layers):
+        last = i == layers - 1
         out = "y" if last else f"h{i}"
         nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [out]))
         current = out
@@ -73,12 +97,41 @@ def _onnx_model(model: BenchModel, seed: int = 0):
         model.name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", model.in_dim])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", model.out_dim])],
-        initializer=inits,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxgate-loadtests")
     proto.ir_version = IR_VERSION
-    onnx.checker.check_model(proto)
     return proto
+
+
+def _len_field(number: int, length: int) -> bytes:
+    """A length-delimited protobuf field's tag and length."""
+    return varint(number << 3 | 2) + varint(length)
+
+
+def write_onnx(model: BenchModel, path: Path, seed: int = 0) -> None:
+    """Write ``model`` as one ordinary ``.onnx`` file, streaming the weights straight from numpy.
+
+    Serializing a 512 MiB ModelProto in memory takes seconds (and a few copies of it), so the file
+    is the serialized skeleton followed, for each initializer, by one more ``ModelProto.graph``
+    field (7) holding just that ``GraphProto.initializer`` (5): protobuf merges repeated
+    occurrences of a message field, so every reader (ONNX Runtime, ``onnx.load``) sees one graph
+    with all the initializers, each a ``TensorProto`` with ``raw_data`` (9) in little-endian FP32.
+    """
+    from onnx import TensorProto
+
+    if sys.byteorder != "little":
+        raise RuntimeError("raw_data is little-endian: build the models on a little-endian machine")
+    with open(path, "wb") as f:
+        f.write(_skeleton(model).SerializeToString())
+        for name, array in _weights(model, seed):
+            head = TensorProto(name=name, dims=array.shape, data_type=TensorProto.FLOAT).SerializeToString()
+            raw = memoryview(np.ascontiguousarray(array)).cast("B")
+            raw_field = _len_field(9, raw.nbytes)
+            tensor_len = len(head) + len(raw_field) + raw.nbytes
+            initializer = _len_field(5, tensor_len)
+            f.write(_len_field(7, len(initializer) + tensor_len))
+            f.write(initializer + head + raw_field)
+            f.write(raw)
 
 
 def config_text(model: BenchModel) -> str:
@@ -99,6 +152,8 @@ def build_repository(repo: Path, models: tuple[BenchModel, ...] = MODELS) -> Pat
     for model in models:
         version_dir = Path(repo) / model.name / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
-        onnx.save(_onnx_model(model), str(version_dir / "model.onnx"))
+        write_onnx(model, version_dir / "model.onnx")
+        if model.weight_bytes <= CHECKED_BYTES:  # the small ones read back and pass the ONNX checker
+            onnx.checker.check_model(onnx.load(str(version_dir / "model.onnx")))
         (Path(repo) / model.name / "config.pbtxt").write_text(config_text(model), encoding="utf-8")
     return Path(repo)

@@ -5,7 +5,10 @@ gateway uses -- with one instance and ``cpu_threads=0``, so ``intra_op_num_threa
 of CPUs this process may use. Run it pinned like the gateway (``taskset -c 0``) to get the same
 setting::
 
-    taskset -c 0 python -m loadtests.bench.ort --repo DIR --models gemm16,mlp,big --json out.json
+    taskset -c 0 python -m loadtests.bench.ort --repo DIR --models gemm16,mlp --json out.json
+    taskset -c 0 python -m loadtests.bench.ort --repo DIR --models huge --batch-sizes 1,8,32,64 --min-runs 2
+
+(``huge`` runs a batch of 64 in a few tenths of a second: give it few batch sizes and few runs.)
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def bench_model(path: Path, batch_sizes: Sequence[int], seconds: float, min_runs
 
     ``rows_per_s`` is batch / median latency (robust to preemption by other processes);
     ``rows_per_s_mean`` is rows over total time. ``seconds`` per batch size is split over
-    ``rounds`` interleaved rounds; the round with the lowest median is reported. The first batch
+    ``rounds`` interleaved rounds (each at least ``min_runs`` runs); the round with the lowest median
+    is reported. Every batch size is first run ``min(3, min_runs)`` times unmeasured. The first batch
     size also gets ``idle_gap_p50_ms``: the median with 1 ms of idleness before each run."""
     session, settings = _session(path)
     inp = session.get_inputs()[0]
@@ -66,7 +70,7 @@ def bench_model(path: Path, batch_sizes: Sequence[int], seconds: float, min_runs
     data = {b: rng.standard_normal((b, width)).astype(np.float32) for b in batch_sizes}
     samples: dict[int, list[list[float]]] = {b: [] for b in batch_sizes}
     for feeds_b in data.values():
-        for _ in range(3):
+        for _ in range(min(3, min_runs)):
             session.run(outputs, {inp.name: feeds_b})
     # Three interleaved rounds: a burst of load from elsewhere on the machine spoils one round of
     # one batch size, not the whole measurement; the round with the best median is kept.
@@ -129,13 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", required=True, help="comma list of model names")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     p.add_argument("--seconds", type=float, default=1.0, help="time per batch size (default 1)")
+    p.add_argument("--min-runs", type=int, default=5, help="at least this many runs per batch size and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--json", dest="json_path", help="write the results here (default: stdout)")
     args = p.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     result = {
         "cpus": sorted(os.sched_getaffinity(0)),
         "models": {
-            name: bench_model(Path(args.repo) / name / "1" / "model.onnx", batch_sizes, args.seconds)
+            name: bench_model(
+                Path(args.repo) / name / "1" / "model.onnx", batch_sizes, args.seconds, args.min_runs, args.rounds
+            )
             for name in args.models.split(",")
         },
     }

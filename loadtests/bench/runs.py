@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.bench import models, procs
-from loadtests.bench.common import DISTURBED_CORES, TRANSPORTS, Settings, _f, _label, _log, _ms
+from loadtests.bench.common import DISTURBED_CORES, TRANSPORTS, Settings, _f, _label, _log, _ms, cpu_us_per_request
 from loadtests.loadgen.payload import Target, TensorSpec
-from loadtests.loadgen.runner import LoadGenerator, Phase, machine_busy_s
+from loadtests.loadgen.runner import _START_LEAD_S, LoadGenerator, Phase, machine_busy_s
+
+OPEN_LOOP_LAG_MS = 1.0  # an open-loop client whose mean send lag exceeds this fell behind: bound=client
 
 
 def environment(settings: Settings) -> dict[str, Any]:
@@ -70,16 +72,27 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 
 def run_ort(repo: Path, settings: Settings, names: Sequence[str]) -> dict[str, Any]:
-    """Raw ONNX Runtime in a subprocess pinned like the gateway."""
-    out = repo / "ort.json"
-    cmd = [*procs.taskset_prefix(settings.server_cpus), sys.executable, "-m", "loadtests.bench.ort"]
-    cmd += ["--repo", str(repo), "--models", ",".join(names), "--seconds", str(settings.ort_seconds)]
-    cmd += ["--batch-sizes", ",".join(map(str, settings.batch_sizes)), "--json", str(out)]
+    """Raw ONNX Runtime in subprocesses pinned like the gateway: one per group of models with the same plan."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        plan = settings.plan(name)
+        groups.setdefault((tuple(plan.ort_batch_sizes), plan.ort_seconds, plan.ort_min_runs), []).append(name)
+    result: dict[str, Any] = {"models": {}}
     env = {**os.environ, "PYTHONPATH": procs._pythonpath()}
-    subprocess.run(cmd, check=True, env=env)
-    return json.loads(out.read_text())
+    for (batch_sizes, seconds, min_runs), group in groups.items():
+        out = repo / "ort.json"
+        cmd = [*procs.taskset_prefix(settings.server_cpus), sys.executable, "-m", "loadtests.bench.ort"]
+        cmd += ["--repo", str(repo), "--models", ",".join(group), "--seconds", str(seconds)]
+        cmd += ["--batch-sizes", ",".join(map(str, batch_sizes)), "--min-runs", str(min_runs), "--json", str(out)]
+        subprocess.run(cmd, check=True, env=env)
+        part = json.loads(out.read_text())
+        result["cpus"] = part["cpus"]
+        result["models"].update(part["models"])
+    result["models"] = {name: result["models"][name] for name in names}
+    return result
 
 
+BUSY_COUNTER = "onnxgate_instance_busy_seconds_total"
 _SCRAPED = (
     "onnxgate_batch_rows",
     "onnxgate_queue_wait_seconds",
@@ -89,28 +102,62 @@ _SCRAPED = (
 
 
 def scrape(metrics_port: int, model: str) -> dict[str, float]:
-    """Sums and counts of the gateway's batcher histograms for ``model`` (all versions/protocols)."""
+    """Sums and counts of the gateway's batcher histograms and its instance busy counter for ``model``
+    (all versions/protocols; with several workers, their sum)."""
     if not metrics_port:
         return {}
+    t = time.monotonic()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
             text = reply.read().decode()
     except OSError:
         return {}
-    out: dict[str, float] = {"t": time.monotonic()}
+    out: dict[str, float] = {"t": t}
     needle = f'model="{model}"'
     for line in text.splitlines():
         if needle not in line or line.startswith("#"):
             continue
         name = line.split("{", 1)[0]
-        for base in _SCRAPED:
-            if name in (base + "_sum", base + "_count"):
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if name == BUSY_COUNTER or any(name in (base + "_sum", base + "_count") for base in _SCRAPED):
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
-def batcher_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None] | None:
-    """What the gateway's batcher did between two scrapes (warm-up and drain included)."""
+class _WindowScrape(threading.Thread):
+    """Scrapes the gateway's metrics when a phase's measured window starts and when it ends."""
+
+    def __init__(self, metrics_port: int, model: str, phase: Phase) -> None:
+        super().__init__(daemon=True)
+        self.port, self.model = metrics_port, model
+        # LoadGenerator.run starts the phase _START_LEAD_S after it is called, then warms up.
+        self.start_at = time.monotonic() + _START_LEAD_S + phase.warmup_s
+        self.end_at = self.start_at + (phase.duration_s or 0.0)
+        self.cancel = threading.Event()
+        self.before: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+
+    def run(self) -> None:
+        if self.cancel.wait(max(0.0, self.start_at - time.monotonic())):
+            return
+        self.before = scrape(self.port, self.model)
+        if self.cancel.wait(max(0.0, self.end_at - time.monotonic())):
+            return
+        self.after = scrape(self.port, self.model)
+
+    def result(self, instances: int) -> dict[str, float | None] | None:
+        self.join(10)
+        self.cancel.set()
+        return batcher_stats(self.before, self.after, instances)
+
+
+def batcher_stats(
+    before: dict[str, float], after: dict[str, float], instances: int = 1
+) -> dict[str, float | None] | None:
+    """What the gateway's batcher did between two scrapes (the measured window).
+
+    ``busy_share``: the rate of ``onnxgate_instance_busy_seconds_total`` over ``instances`` (every
+    instance of the model, over all workers); ``ort_busy_fraction``: ONNX Runtime's own time
+    (``onnxgate_compute_duration_seconds``) over the wall time."""
     if not before or not after:
         return None
 
@@ -128,11 +175,34 @@ def batcher_stats(before: dict[str, float], after: dict[str, float]) -> dict[str
         "mean_compute_ms": 1e3 * d("onnxgate_compute_duration_seconds_sum") / batches if batches else None,
         "mean_service_ms": 1e3 * d("onnxgate_request_duration_seconds_sum") / requests if requests else None,
         "ort_busy_fraction": d("onnxgate_compute_duration_seconds_sum") / wall if wall > 0 else None,
+        "busy_share": d(BUSY_COUNTER) / wall / instances if wall > 0 and BUSY_COUNTER in after else None,
+        "instances": instances,
+        "window_s": wall,
     }
 
 
-def _enrich(run: dict, server: str, label: str, server_pid: int, settings: Settings) -> dict:
-    srv = run["watched_cpu_cores"].get(str(server_pid))
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a gateway with ``--workers N`` serves from child processes)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += parents.get(p, [])
+    return tree
+
+
+def _enrich(run: dict, server: str, label: str, watched: Sequence[int], settings: Settings) -> dict:
+    cores = [run["watched_cpu_cores"].get(str(pid)) for pid in watched]
+    srv = sum(c for c in cores if c is not None) if any(c is not None for c in cores) else None
     cli = run["client_cpu_cores"]
     busy = run["machine_busy_cores"]
     other = busy - (srv or 0) - (cli or 0) if busy is not None else None
@@ -141,16 +211,68 @@ def _enrich(run: dict, server: str, label: str, server_pid: int, settings: Setti
     bound = []
     if srv is not None and srv >= 0.9 * server_cores:
         bound.append("server")
-    if cli is not None and cli >= 0.9 * client_cores:
+    if run.get("mode") == "open":
+        # The open loop spins through the last ~1 ms before each send, so its CPU reads high even
+        # when it keeps up: it is the bottleneck when it falls behind its schedule.
+        if ((run.get("send_lag_ms") or {}).get("mean") or 0.0) > OPEN_LOOP_LAG_MS:
+            bound.append("client")
+    elif cli is not None and cli >= 0.9 * client_cores:
         bound.append("client")
     run.update(
         {
             "server": server,
             "label": label,
             "server_cpu_cores": srv,
+            "server_pids": list(watched),
             "other_cpu_cores": max(0.0, other) if other is not None else None,
             "bound": "+".join(bound) or "-",
         }
+    )
+    run["server_cpu_us_per_request"] = cpu_us_per_request(run)
+    return run
+
+
+def _measure(
+    gen: LoadGenerator,
+    phase: Phase,
+    server: str,
+    proc: procs.ServerProcess,
+    model: str,
+    label: str,
+    settings: Settings,
+    instances: int,
+) -> dict:
+    """One run, measured again (within the retry budget) while other load disturbed it."""
+    attempts = []
+    for _ in range(1 + settings.retries):
+        watched = process_tree(proc.pid)
+        window = _WindowScrape(proc.metrics_port, model, phase)
+        window.start()
+        try:
+            run = _enrich(gen.run(phase, watched), server, label, watched, settings)
+        finally:
+            run_batcher = window.result(instances)
+        run["batcher"] = run_batcher
+        if proc.proc is not None and proc.proc.poll() is not None:
+            raise RuntimeError(f"{server} exited ({proc.proc.returncode}) during a run:\n{proc.log[-2000:]}")
+        attempts.append(run)
+        if (run["other_cpu_cores"] or 0.0) <= DISTURBED_CORES:
+            break
+        cost = phase.warmup_s + (phase.duration_s or 0.0) + 0.3
+        if settings.retry_budget_s < cost:
+            break
+        settings.retry_budget_s -= cost
+        _log(f"  (disturbed: {run['other_cpu_cores']:.2f} cores of other load; measuring again)")
+    run = min(attempts, key=lambda r: r["other_cpu_cores"] or 0.0)
+    run["attempts"] = len(attempts)
+    run["disturbed"] = (run["other_cpu_cores"] or 0.0) > DISTURBED_CORES
+    lat = run["latency_ms"]
+    load = f"C={phase.concurrency:<3}" if phase.concurrency else f"R={phase.rate:<5.0f}"
+    _log(
+        f"  {server:7} {model:6} {label:11} {load} {run['throughput_rps']:9.1f} req/s  "
+        f"p50 {_ms(lat['p50'])}  p99 {_ms(lat['p99'])}  err {run['errors']}  "
+        f"srv {_f(run['server_cpu_cores'])} cli {_f(run['client_cpu_cores'])} "
+        f"other {_f(run['other_cpu_cores'])} cpu/req {_f(run['server_cpu_us_per_request'], 0)}us"
     )
     return run
 
@@ -160,12 +282,22 @@ def sweep(
     proc: procs.ServerProcess,
     model: models.BenchModel,
     settings: Settings,
+    open_loop: float = 0.0,
+    instances: int = 1,
 ) -> list[dict]:
-    """Closed-loop sweep over every transport and concurrency level against one server."""
+    """Closed-loop sweep over the model's transports and concurrency levels against one server.
+
+    The plan's top level runs ``repeats`` times (``repeat`` 0, 1, ...). With ``open_loop`` > 0, each
+    transport then gets one open-loop run (``mode`` "open") offering that share of the highest
+    closed-loop throughput it just measured. ``instances``: the model's instances in the server
+    (every worker's), for the batcher's busy share."""
+    plan = settings.plan(model.name)
     runs = []
     for transport, mode in TRANSPORTS:
+        label = _label(transport, mode)
+        if label not in plan.labels:
+            continue
         url_grpc, url_http = f"grpc://127.0.0.1:{proc.grpc_port}", f"http://127.0.0.1:{proc.http_port}"
-        server_pid = proc.pid
         target = Target(
             url=url_grpc if transport == "grpc" else url_http,
             model=model.name,
@@ -175,38 +307,21 @@ def sweep(
             grpc_mode=mode,
             timeout_s=60.0,
         )
-        label = _label(transport, mode)
+        closed: list[dict] = []
         with LoadGenerator(target, settings.processes, settings.loadgen_cpus) as gen:
-            for level in settings.levels:
-                phase = Phase(concurrency=level, duration_s=settings.duration_s, warmup_s=settings.warmup_s)
-                attempts = []
-                for _ in range(1 + settings.retries):
-                    before = scrape(proc.metrics_port, model.name)
-                    run = _enrich(gen.run(phase, [server_pid]), server, label, server_pid, settings)
-                    run["batcher"] = batcher_stats(before, scrape(proc.metrics_port, model.name))
-                    if proc.proc is not None and proc.proc.poll() is not None:
-                        raise RuntimeError(
-                            f"{server} exited ({proc.proc.returncode}) during a run:\n{proc.log[-2000:]}"
-                        )
-                    attempts.append(run)
-                    if (run["other_cpu_cores"] or 0.0) <= DISTURBED_CORES:
-                        break
-                    cost = settings.warmup_s + settings.duration_s + 0.3
-                    if settings.retry_budget_s < cost:
-                        break
-                    settings.retry_budget_s -= cost
-                    _log(f"  (disturbed: {run['other_cpu_cores']:.2f} cores of other load; measuring again)")
-                run = min(attempts, key=lambda r: r["other_cpu_cores"] or 0.0)
-                run["attempts"] = len(attempts)
-                run["disturbed"] = (run["other_cpu_cores"] or 0.0) > DISTURBED_CORES
+            for level in plan.levels:
+                for repeat in range(plan.repeats if level == max(plan.levels) else 1):
+                    phase = Phase(concurrency=level, duration_s=plan.duration_s, warmup_s=plan.warmup_s)
+                    run = _measure(gen, phase, server, proc, model.name, label, settings, instances)
+                    run["repeat"] = repeat
+                    closed.append(run)
+            runs += closed
+            peak = max((r["throughput_rps"] for r in closed), default=0.0)
+            if open_loop > 0 and peak > 0:
+                phase = Phase(rate=open_loop * peak, duration_s=plan.duration_s, warmup_s=plan.warmup_s)
+                run = _measure(gen, phase, server, proc, model.name, label, settings, instances)
+                run.update({"repeat": 0, "open_loop_fraction": open_loop, "closed_peak_rps": peak})
                 runs.append(run)
-                lat = run["latency_ms"]
-                _log(
-                    f"  {server:7} {model.name:6} {label:11} C={level:<3} {run['throughput_rps']:9.1f} req/s  "
-                    f"p50 {_ms(lat['p50'])}  p99 {_ms(lat['p99'])}  err {run['errors']}  "
-                    f"srv {_f(run['server_cpu_cores'])} cli {_f(run['client_cpu_cores'])} "
-                    f"other {_f(run['other_cpu_cores'])}"
-                )
     return runs
 
 
