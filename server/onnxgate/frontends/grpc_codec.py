@@ -149,37 +149,35 @@ def decode_infer(req: pb.ModelInferRequest, raw_contents: list[memoryview] | Non
     """Decode a ModelInferRequest; every error names the input at fault. ``raw_contents``, when
     given, stands for its raw_input_contents (read in place by ``parse_infer``)."""
     raw = req.raw_input_contents if raw_contents is None else raw_contents
+    items = list(req.inputs)
     if raw:
-        for t in req.inputs:
+        for t in items:
             if t.HasField("contents") and t.contents.ByteSize() > 0:
                 raise InvalidInput(
                     f"input '{t.name}': contents and raw_input_contents cannot be mixed; "
                     "send every input's data in raw_input_contents or every input's in contents"
                 )
-        if len(raw) != len(req.inputs):
+        if len(raw) != len(items):
             raise InvalidInput(
-                f"{len(req.inputs)} inputs need {len(req.inputs)} raw_input_contents entries "
+                f"{len(items)} inputs need {len(items)} raw_input_contents entries "
                 f"(one per input, in order), got {len(raw)}"
             )
     inputs: list[InferInput] = []
-    for i, t in enumerate(req.inputs):
+    by_v2 = tensors.BY_V2
+    for i, t in enumerate(items):
         name = t.name
-        dtype = tensors.BY_V2.get(t.datatype)
+        dtype = by_v2.get(t.datatype)
         if dtype is None:
             raise InvalidInput(f"input '{name}': unknown datatype '{t.datatype}'")
         shape = list(t.shape)
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
         tensors.check_rank(name, shape)
         if uses_shared_memory(t.parameters):
             raise Unsupported(f"input '{name}': the shared memory extension is not supported")
-        # an empty typed ``contents {}`` beside raw_input_contents is no contents (MLServer sends it)
-        has_contents = t.HasField("contents") and not (raw and t.contents.ByteSize() == 0)
-        if raw:
-            if has_contents:
-                raise InvalidInput(f"input '{name}': contents and raw_input_contents cannot be mixed")
-            data = tensors.decode_raw(name, dtype, shape, raw[i])
-        elif has_contents:
+        if raw:  # no input has contents (an empty typed ``contents {}``, as MLServer sends, is none)
+            data = tensors.decode_raw(name, dtype, shape, raw[i], rank_checked=True)
+        elif t.HasField("contents"):
             data = _from_contents(name, dtype, shape, t.contents)
         else:
             raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")

@@ -85,9 +85,13 @@ def check_rank(name: str, shape: Sequence[int]) -> None:
             raise InvalidInput(f"input '{name}': shape {list(shape)[:MAX_RANK]} is too large")
 
 
-def decode_raw(name: str, dtype: DataType, shape: Sequence[int], buf: bytes | memoryview) -> np.ndarray:
-    """Turn raw little-endian bytes into an array of ``shape``; checks the byte length."""
-    check_rank(name, shape)
+def decode_raw(
+    name: str, dtype: DataType, shape: Sequence[int], buf: bytes | memoryview, rank_checked: bool = False
+) -> np.ndarray:
+    """Turn raw little-endian bytes into an array of ``shape``; checks the byte length (and the
+    shape with :func:`check_rank`, unless the caller did)."""
+    if not rank_checked:
+        check_rank(name, shape)
     count = element_count(shape)
     if dtype.v2 == "BYTES":
         arr = deserialize_bytes(name, buf, count)
