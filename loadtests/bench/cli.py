@@ -105,7 +105,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     # The compute-bound model: a batch of 64 rows takes a few tenths of a second on one core, so it
     # gets few batch sizes and levels, a longer window (and warm-up) and repeated top-level runs.
     if args.quick:
-        compute = Plan([top], ["grpc-unary", "http"], 1.0, 2.5, 2, [1, 8, 32, 64], 1.0, 2)
+        compute = Plan([top], ["grpc-unary", "http"], 1.0, 2.5, 2, [1, 8, 32, 64], 2.0, 2)
     else:
         low = [x for x in levels if x in (1, 8) and x < top]
         compute = Plan([*low, top], list(LABELS), 2.0, 5.0, 3, [1, 8, 16, 32, 64], 3.0, 3)

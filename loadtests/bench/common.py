@@ -49,9 +49,11 @@ class Settings:
     plans: dict[str, Plan] = field(default_factory=dict)  # models measured differently (COMPUTE_MODEL)
 
     def plan(self, model: str) -> Plan:
-        """``model``'s plan: its own, or every transport at ``levels`` with the run's durations."""
-        if model in self.plans:
-            return self.plans[model]
+        """``model``'s plan: its own, or else ``default_plan``."""
+        return self.plans.get(model) or self.default_plan()
+
+    def default_plan(self) -> Plan:
+        """Every transport at ``levels`` with the run's durations and batch sizes."""
         return Plan(
             levels=list(self.levels),
             labels=list(LABELS),

@@ -71,8 +71,8 @@ def format_report(doc: dict) -> str:
         )
     lines.append(f"runs: closed loop, 1 row per request, warm-up {s.warmup_s:g} s, measured {s.duration_s:g} s each")
     for name in doc["ort"]["models"]:
-        if name in s.plans:
-            p = s.plans[name]
+        p = s.plan(name)
+        if p != s.default_plan():
             lines.append(
                 f"  {name}: C={','.join(map(str, p.levels))}, {', '.join(p.labels)}; warm-up {p.warmup_s:g} s, "
                 f"measured {p.duration_s:g} s, top level run {p.repeats}x; raw ORT at batch "
