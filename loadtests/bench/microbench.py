@@ -209,6 +209,7 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
         ("batcher.submit", lambda: batcher.submit(feeds, rows, ["y"])),
         ("InferenceService.infer", lambda: service.infer(request)),
         ("servicer.ModelInfer", grpc_full),
+        ("HttpApp ASGI call", lambda: app(scope, receive, send)),
     ):
         await step(f"CPU per request, 64 in flight: {label}", lambda fn=fn: fn, "cpu")
     await step("http: http_codec.decode_infer", lambda: lambda: http_codec.decode_infer(body, header_len, name, ""))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def set_result(future: asyncio.Future, value: object) -> None:
@@ -26,21 +25,33 @@ def set_exception(future: asyncio.Future, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_RUNS = [0]  # instance threads inside an ONNX Runtime run now
+_RUNS_LOCK = threading.Lock()
 
 
 def runs_in_progress() -> int:
-    """Instance threads still alive: each is inside an ONNX Runtime run that cannot be
-    interrupted (or about to end). A process must not run its exit handlers under them:
-    ONNX Runtime's static destructors abort a process whose session is still running."""
-    return sum(t.is_alive() for t in list(_THREADS))
+    """Instance threads inside an ONNX Runtime run, which cannot be interrupted. A process must
+    not run its exit handlers under them: ONNX Runtime's static destructors abort a process
+    whose session is still running. (A thread waiting for work does not count.)"""
+    return _RUNS[0]
+
+
+@contextlib.contextmanager
+def one_run() -> Iterator[None]:
+    """Around each ONNX Runtime run of an instance thread: counted by :func:`runs_in_progress`."""
+    with _RUNS_LOCK:
+        _RUNS[0] += 1
+    try:
+        yield
+    finally:
+        with _RUNS_LOCK:
+            _RUNS[0] -= 1
 
 
 def start_instance_thread(name: str, target: Callable[..., None], *args: object) -> threading.Thread:
-    """Start a daemon thread for one instance, counted by :func:`runs_in_progress` while alive."""
+    """Start a daemon thread for one instance."""
     thread = threading.Thread(target=target, args=args, name=name, daemon=True)
     thread.start()
-    _THREADS.add(thread)
     return thread
 
 
