@@ -58,3 +58,35 @@ def test_batches_run_back_to_back_while_the_loop_is_blocked(tmp_path: Path):
         await manager.close(5)
 
     asyncio.run(scenario())
+
+
+def test_a_request_is_always_queued_or_taken(tmp_path: Path):
+    """Drain's idle test (nothing queued, nothing taken and unanswered) never passes while an
+    instance is moving requests out of the queue: the batch is registered as taken before the
+    queue empties. Checked at the moment the queue has just been emptied."""
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "m", scale=2.0)
+
+    async def scenario() -> None:
+        manager = ModelManager(Repository(repo), LoadOptions(), Metrics(CollectorRegistry()))
+        await manager.load_all()
+        batcher = manager.get("m").scheduler
+        assert batcher is not None
+        take = batcher._take
+        seen: list[bool] = []
+
+        def watched_take(batch, rows):
+            rows = take(batch, rows)
+            seen.append(bool(batcher._queue) or any(b is batch for b in batcher._taken.values()))
+            return rows
+
+        batcher._take = watched_take
+        x = np.ones((1, 4), np.float32)
+        answers = await asyncio.gather(*(batcher.submit({"x": x * i}, 1, ["y"]) for i in range(5)))
+        for i, (outputs, _) in enumerate(answers):
+            np.testing.assert_allclose(outputs[0], 2.0 * x * i)
+        assert seen and all(seen), seen
+        assert await batcher.drain(5) is True
+        await manager.close(5)
+
+    asyncio.run(scenario())

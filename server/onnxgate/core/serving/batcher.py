@@ -11,9 +11,12 @@ The event loop only queues (under a lock shared with the threads) and answers:
   whatever is queued, oldest first, up to ``max_batch_size`` rows, joining only requests whose
   non-batch dims, datatypes and requested outputs agree. With ``max_queue_delay_microseconds``
   > 0 it then waits, up to that delay counted from the oldest request, for the batch to fill to
-  a preferred size or to ``max_batch_size``. With the default delay of 0 nothing waits: at low
-  load a request runs alone at once (latency), at high load requests pile up while the
-  instances are busy and run together (throughput).
+  a preferred size or to ``max_batch_size``. With the default delay of 0 no batch waits to fill:
+  at low load a request runs alone at once (latency), at high load requests pile up while the
+  instances are busy and run together (throughput). An idle (parked) instance is woken
+  ``KICK_ITERATIONS`` loop iterations (at most ``KICK_WAIT_NS``) after the arrival that finds it
+  idle, so that a burst forms one batch; an idle loop runs those iterations in microseconds. An
+  instance filling a batch is woken by each arrival at once.
 * **Batching off**: each request is one execution.
 
 Requests are counted in rows. Over ``max_queue_size`` waiting requests (queued, or held by a
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -49,6 +53,8 @@ from onnxgate.core.serving.model import ModelVersion
 from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
 from onnxgate.errors import InferenceFailed, Overloaded, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
 
 #: A parked instance is woken this many event-loop iterations after the arrival that finds it
 #: idle, or once the oldest queued request has waited KICK_WAIT_NS, whichever comes first: what
@@ -115,7 +121,8 @@ class Batcher:
         self._lock = threading.Lock()
         # Instance threads waiting for arrivals (idle, or filling a batch), each parked on a lock
         # of its own that the loop releases to wake it: cheaper than a Condition's bookkeeping.
-        self._parked: list[threading.Lock] = []
+        self._parked: list[threading.Lock] = []  # fillers last: woken first
+        self._filling_parked = 0
         self._kick_pending = False
         # Live queued requests, oldest first; an entry leaves the moment it is taken, expires or
         # is cancelled, so the size bound counts only requests that can still run.
@@ -171,7 +178,9 @@ class Batcher:
             self._queue[item] = None
             self._queued_bytes += nbytes
             self._m_depth.set(len(self._queue))
-            if self._parked and not self._kick_pending:
+            if self._filling_parked:
+                self._wake_one()  # a forming batch waits for arrivals: it gets this one now
+            elif self._parked and not self._kick_pending:
                 self._kick_pending = True
                 loop.call_soon(self._kick_later, loop, KICK_ITERATIONS)
         self._idle.clear()
@@ -286,8 +295,11 @@ class Batcher:
             with self._lock:
                 oldest = next(iter(self._queue), None)
             if oldest is not None and time.perf_counter_ns() - oldest.enqueued_ns < KICK_WAIT_NS:
-                loop.call_soon(self._kick_later, loop, iterations - 1)
-                return
+                try:
+                    loop.call_soon(self._kick_later, loop, iterations - 1)
+                    return
+                except RuntimeError:  # the loop is closing: wake now rather than never
+                    pass
         self._kick()
 
     def _kick(self) -> None:
@@ -296,7 +308,7 @@ class Batcher:
             self._wake_one()
 
     def _wake_one(self) -> None:
-        """Under the lock: wake one parked instance thread, if any."""
+        """Under the lock: wake one parked instance thread, if any: one filling a batch first."""
         if self._parked:
             self._parked.pop().release()
 
@@ -304,12 +316,16 @@ class Batcher:
         while self._parked:
             self._parked.pop().release()
 
-    def _wait(self, wake: threading.Lock, timeout: float = -1) -> None:
+    def _wait(self, wake: threading.Lock, timeout: float = -1, filling: bool = False) -> None:
         """Under the lock, in an instance thread: park until woken (or the timeout); the lock
         is released meanwhile and held again on return. Wake-ups may be spurious: callers look
-        at the queue again."""
+        at the queue again. A thread filling a batch is woken before idle ones."""
         wake.acquire(blocking=False)  # a stale release (woken just as a timeout ended) is spent
-        self._parked.append(wake)
+        if filling:
+            self._parked.append(wake)
+            self._filling_parked += 1
+        else:
+            self._parked.insert(0, wake)
         self._lock.release()
         try:
             wake.acquire(timeout=timeout)
@@ -317,9 +333,13 @@ class Batcher:
             self._lock.acquire()
             if wake in self._parked:
                 self._parked.remove(wake)
+            if filling:
+                self._filling_parked -= 1
 
     def _check_idle(self) -> None:
-        if not self._queue and not self._taken:
+        with self._lock:
+            idle = not self._queue and not self._taken
+        if idle:
             self._idle.set()
 
     # -- instance threads --------------------------------------------------------------------
@@ -355,9 +375,12 @@ class Batcher:
         p = self.policy
         return self._flush or rows >= p.max_batch_size or rows in p.preferred_batch_sizes
 
-    def _next_batch(self, slot: int, wake: threading.Lock) -> tuple[int, list[_Pending]] | None:
+    def _next_batch(
+        self, slot: int, wake: threading.Lock
+    ) -> tuple[int, list[_Pending], InferenceFailed | None] | None:
         """Block until there is work; take the next batch, filling it up to the queue delay.
-        None once the version closes."""
+        None once the version closes; with an error when taking it failed (a bug: what was
+        taken is then answered with it, and the instance goes on)."""
         delay_ns = self.policy.max_queue_delay_ns if self.policy.enabled else 0
         with self._lock:
             while not self._queue and not self._closed:
@@ -365,41 +388,54 @@ class Batcher:
             if self._closed:
                 return None
             batch: list[_Pending] = []
-            rows = self._take(batch, 0)
             batch_id = next(self._batch_ids)
-            self._taken[batch_id] = batch
-            if delay_ns and not self._batch_done(rows):
-                self._filling[slot] = batch
-                deadline = batch[0].enqueued_ns + delay_ns
-                while not self._closed and not self._batch_done(rows):
-                    if (left := deadline - time.perf_counter_ns()) <= 0:
-                        break
-                    if not self._queue:
-                        self._wait(wake, left / 1e9)
-                        continue
-                    before = len(batch)
-                    rows = self._take(batch, rows)
-                    if len(batch) == before:
-                        break  # what is queued does not fit this batch
+            self._taken[batch_id] = batch  # before the queue empties: drain sees it all along
+            try:
+                self._fill(slot, wake, batch, delay_ns)
+            except Exception as exc:
                 self._filling[slot] = None
+                log.exception("model %s version %s: instance %d failed to form a batch",
+                              self.model.name, self.model.version, slot)
+                return batch_id, batch, InferenceFailed(f"model '{self.model.name}': {exc}")
             if self._queue:
                 self._wake_one()  # what this batch left behind is another instance's
-            return batch_id, batch
+            return batch_id, batch, None
+
+    def _fill(self, slot: int, wake: threading.Lock, batch: list[_Pending], delay_ns: int) -> None:
+        """Under the lock: take compatible queued requests into ``batch``, waiting for more up
+        to the queue delay (from its oldest request) unless it is already done."""
+        rows = self._take(batch, 0)
+        if delay_ns and not self._batch_done(rows):
+            self._filling[slot] = batch
+            deadline = batch[0].enqueued_ns + delay_ns
+            while not self._closed and not self._batch_done(rows):
+                if (left := deadline - time.perf_counter_ns()) <= 0:
+                    if self._queue:  # what arrived as the delay ran out still joins
+                        rows = self._take(batch, rows)
+                    break
+                if not self._queue:
+                    self._wait(wake, left / 1e9, filling=True)
+                    continue
+                before = len(batch)
+                rows = self._take(batch, rows)
+                if len(batch) == before:
+                    break  # what is queued does not fit this batch
+            self._filling[slot] = None
 
     def _serve(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
         """One instance thread: take a batch, run it, hand it back; again, until closed."""
         wake = threading.Lock()
         while (taken := self._next_batch(slot, wake)) is not None:
-            batch_id, batch = taken
+            batch_id, batch, outcome = taken
             live = [b for b in batch if not b.dropped]
-            outcome: _Outcome | None = None
-            if live:
-                try:
-                    outcome = self._execute(live, slot)
-                except InferenceFailed as exc:
-                    outcome = exc
-                except Exception as exc:  # never leave a caller waiting
-                    outcome = InferenceFailed(f"model '{self.model.name}': {exc}")
+            if live and outcome is None:
+                with one_run():  # counted from the take: a session is about to run
+                    try:
+                        outcome = self._execute(live, slot)
+                    except InferenceFailed as exc:
+                        outcome = exc
+                    except Exception as exc:  # never leave a caller waiting
+                        outcome = InferenceFailed(f"model '{self.model.name}': {exc}")
             hand_back(loop, self._answer, batch_id, live, outcome)
 
     def _execute(self, batch: list[_Pending], slot: int) -> _Outcome:
@@ -411,8 +447,7 @@ class Batcher:
         else:
             feeds = {n: np.concatenate([b.feeds[n] for b in batch]) for n in batch[0].feeds}
         t1 = time.perf_counter_ns()
-        with one_run():
-            results = self.model.run(feeds, outputs, slot)
+        results = self.model.run(feeds, outputs, slot)
         t2 = time.perf_counter_ns()
         if len(batch) == 1:
             own = [results]
@@ -437,7 +472,7 @@ class Batcher:
         try:
             if isinstance(outcome, BaseException):
                 self._fail(batch, outcome)
-            elif outcome is not None:
+            elif outcome is not None:  # (should any of this raise, ``finally`` answers the rest)
                 own, timing, started = outcome
                 rows = sum(b.rows for b in batch)
                 self.stats.record_execution(rows, timing)
@@ -450,6 +485,7 @@ class Batcher:
                     observe(queue_ns / 1e9)
                     set_result(b.future, (results, _with_queue(timing, queue_ns)))
         finally:
+            self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
             for b in batch:
                 if b.timer is not None:
                     b.timer.cancel()
@@ -489,7 +525,7 @@ class Batcher:
             self._queued_bytes = 0
             self._m_depth.set(0)
             held = [b for batch in self._taken.values() for b in batch]
-        for item in left:
+        for item in left + held:
             if item.timer is not None:
                 item.timer.cancel()
                 item.timer = None
