@@ -467,6 +467,39 @@ def test_grpc_requests_read_in_place_decode_as_protobuf_parses_them(monkeypatch_
     assert _outcome(grpc_codec.parse_infer, data) == expected
 
 
+def _big_request(tail: bytes) -> bytes:
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 20_000])
+    req.raw_input_contents.append(bytes(80_000))
+    return req.SerializeToString() + tail
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\xba\x80\x80\x80\x80\x00\x04abcd",  # field 7 with a 6-byte tag: protobuf refuses it
+        b"\xba\x80\x80\x80\x80\x80\x80\x80\x80\x00\x04abcd",  # ... a 10-byte one
+        b"\xba\x00\x04abcd",  # a 2-byte tag, which protobuf takes
+        b"\x3a\x00" * 5000,  # thousands of empty raw contents
+        b"\x08\x00" * 5000,  # thousands of varint fields
+    ],
+)
+def test_large_requests_read_in_place_agree_with_protobuf_on_crafted_fields(monkeypatch, tail):
+    data = _big_request(tail)
+    assert len(data) >= grpc_codec.ZERO_COPY_BYTES
+    in_place = _outcome(grpc_codec.parse_infer, data)
+    monkeypatch.setattr(grpc_codec, "ZERO_COPY_BYTES", 1 << 40)
+    assert in_place == _outcome(grpc_codec.parse_infer, data)
+
+
+def test_reading_in_place_costs_no_memory_per_crafted_field():
+    """Fields crafted to be many and empty cost the in-place reader no more than protobuf's."""
+    data = _big_request(b"\x3a\x00" * 100_000)
+    with Peak() as peak:
+        peak.measure(lambda: _outcome(grpc_codec.parse_infer, data))
+    assert peak.bytes <= GRPC_BYTES_PER_BYTE * len(data) // 8 + CONSTANT, peak.bytes
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:

@@ -90,6 +90,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 #: them into the message, and again on every access) but read in place (see ``_split_raw``).
 ZERO_COPY_BYTES = 64 * 1024
 _RAW_INPUT_TAG = 0x3A  # raw_input_contents: field 7, length-delimited
+MAX_SPLIT_FIELDS = 1024  # top-level fields read in Python (the memory and time of a field each)
 
 
 def parse_infer(data: bytes) -> InferRequest:
@@ -116,10 +117,15 @@ def _split_raw(data: bytes) -> tuple[bytes, list[memoryview]] | None:
     view = memoryview(data)
     rest: list[memoryview] = []
     raw: list[memoryview] = []
-    pos, end, kept = 0, len(data), 0
+    pos, end, kept, fields = 0, len(data), 0, 0
     while pos < end:
+        fields += 1
+        if fields > MAX_SPLIT_FIELDS:
+            return None  # a valid request has a few fields per input: protobuf walks the rest in C
         start = pos
         tag, pos = _varint(data, pos)
+        if pos - start > 5:
+            return None  # no field number needs more than 5 bytes; protobuf refuses longer tags
         wire_type = tag & 7
         if wire_type == 2:
             length, pos = _varint(data, pos)
@@ -141,6 +147,8 @@ def _split_raw(data: bytes) -> tuple[bytes, list[memoryview]] | None:
             return None
         if pos > end:
             return None
+    if not raw:
+        return None  # nothing to keep out of protobuf's copy
     rest.append(view[kept:end])
     return b"".join(rest), raw
 
@@ -230,7 +238,7 @@ def serialize_infer(response: InferResponse, stream: bool = False) -> bytes:
         tensor = [b"\x0a", _uvarint(len(name)), name, b"\x12", _uvarint(len(datatype)), datatype] if name else [
             b"\x12", _uvarint(len(datatype)), datatype]
         if out.shape:
-            dims = b"".join(_uvarint(d & _U64) for d in out.shape)
+            dims = b"".join(_uvarint(int(d) & _U64) for d in out.shape)
             tensor += (b"\x1a", _uvarint(len(dims)), dims)
         body = b"".join(tensor)
         parts += (b"\x2a", _uvarint(len(body)), body)
