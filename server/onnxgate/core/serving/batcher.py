@@ -13,9 +13,9 @@ The event loop only queues (under a lock shared with the threads) and answers:
   > 0 it then waits, up to that delay counted from the oldest request, for the batch to fill to
   a preferred size or to ``max_batch_size``. With the default delay of 0 no batch waits to fill:
   at low load a request runs alone at once (latency), at high load requests pile up while the
-  instances are busy and run together (throughput). An idle (parked) instance is woken
+  instances are busy and run together (throughput). An idle (parked) instance is woken up to
   ``KICK_ITERATIONS`` loop iterations (at most ``KICK_WAIT_NS``) after the arrival that finds it
-  idle, so that a burst forms one batch; an idle loop runs those iterations in microseconds. An
+  idle, so that a burst forms one batch, and after one iteration when the loop is idle. An
   instance filling a batch is woken by each arrival at once.
 * **Batching off**: each request is one execution.
 
@@ -57,12 +57,14 @@ from onnxgate_client.pb import model_config_pb2 as mc
 log = logging.getLogger(__name__)
 
 #: A parked instance is woken this many event-loop iterations after the arrival that finds it
-#: idle, or once the oldest queued request has waited KICK_WAIT_NS, whichever comes first: what
-#: arrives in one burst (gRPC calls reach the loop one per iteration or so) then forms one batch,
-#: not one execution per request with a thread wake-up each. An idle loop runs those iterations in
-#: microseconds, so a lone request does not wait; under load it is at most KICK_WAIT_NS.
+#: idle, or once the oldest queued request has waited KICK_WAIT_NS, or as soon as one iteration
+#: took under IDLE_ITERATION_NS (the loop has nothing else to do: no more arrivals are coming
+#: now), whichever comes first. Under load, what arrives in one burst (gRPC calls reach the loop
+#: about one per iteration) then forms one batch, not one execution per request with a thread
+#: wake-up each; a lone request waits one idle iteration, a few microseconds.
 KICK_ITERATIONS = 16
 KICK_WAIT_NS = 200_000
+IDLE_ITERATION_NS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +184,7 @@ class Batcher:
                 self._wake_one()  # a forming batch waits for arrivals: it gets this one now
             elif self._parked and not self._kick_pending:
                 self._kick_pending = True
-                loop.call_soon(self._kick_later, loop, KICK_ITERATIONS)
+                loop.call_soon(self._kick_later, loop, KICK_ITERATIONS, time.perf_counter_ns())
         self._idle.clear()
         p = self.policy
         timeout_ns = p.default_timeout_ns
@@ -289,14 +291,16 @@ class Batcher:
                 ),
             )
 
-    def _kick_later(self, loop: asyncio.AbstractEventLoop, iterations: int) -> None:
-        """Wake a parked instance after ``iterations`` more loop iterations (see KICK_ITERATIONS)."""
-        if iterations > 1 and not self._flush and not self._closed:
+    def _kick_later(self, loop: asyncio.AbstractEventLoop, iterations: int, previous_ns: int) -> None:
+        """Wake a parked instance after ``iterations`` more loop iterations, sooner when the loop
+        is idle (see KICK_ITERATIONS); ``previous_ns``: when the last iteration began."""
+        now = time.perf_counter_ns()
+        if iterations > 1 and now - previous_ns >= IDLE_ITERATION_NS and not self._flush and not self._closed:
             with self._lock:
                 oldest = next(iter(self._queue), None)
-            if oldest is not None and time.perf_counter_ns() - oldest.enqueued_ns < KICK_WAIT_NS:
+            if oldest is not None and now - oldest.enqueued_ns < KICK_WAIT_NS:
                 try:
-                    loop.call_soon(self._kick_later, loop, iterations - 1)
+                    loop.call_soon(self._kick_later, loop, iterations - 1, now)
                     return
                 except RuntimeError:  # the loop is closing: wake now rather than never
                     pass
