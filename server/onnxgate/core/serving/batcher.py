@@ -48,11 +48,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.serving.instances import hand_back, one_run, set_exception, set_result, start_instance_thread
+from onnxgate.core.serving.batch_policy import BatchPolicy
+from onnxgate.core.serving.instances import (
+    ParkedThreads,
+    hand_back,
+    one_run,
+    set_exception,
+    set_result,
+    start_instance_thread,
+)
 from onnxgate.core.serving.model import ModelVersion
 from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
 from onnxgate.errors import InferenceFailed, Overloaded, Unavailable
-from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +72,6 @@ log = logging.getLogger(__name__)
 KICK_ITERATIONS = 16
 KICK_WAIT_NS = 200_000
 IDLE_ITERATION_NS = 5_000
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPolicy:
-    """How a version's queue is bounded and its batches formed."""
-
-    enabled: bool = False
-    max_batch_size: int = 1
-    max_queue_delay_ns: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_size: int = 1024
-    max_queue_bytes: int = 0  # 0 = no byte bound
-    default_timeout_ns: int = 0  # 0 = no timeout
-    allow_timeout_override: bool = True
 
 
 @dataclass(eq=False, slots=True)
@@ -123,8 +116,8 @@ class Batcher:
         self._lock = threading.Lock()
         # Instance threads waiting for arrivals (idle, or filling a batch), each parked on a lock
         # of its own that the loop releases to wake it: cheaper than a Condition's bookkeeping.
-        self._parked: list[threading.Lock] = []  # fillers last: woken first
-        self._filling_parked = 0
+        # Instance threads waiting for arrivals (idle, or filling a batch); guarded by _lock.
+        self._parked = ParkedThreads(self._lock)
         self._kick_pending = False
         # Live queued requests, oldest first; an entry leaves the moment it is taken, expires or
         # is cancelled, so the size bound counts only requests that can still run.
@@ -180,8 +173,8 @@ class Batcher:
             self._queue[item] = None
             self._queued_bytes += nbytes
             self._m_depth.set(len(self._queue))
-            if self._filling_parked:
-                self._wake_one()  # a forming batch waits for arrivals: it gets this one now
+            if self._parked.filling:
+                self._parked.wake_one()  # a forming batch waits for arrivals: it gets this one now
             elif self._parked and not self._kick_pending:
                 self._kick_pending = True
                 loop.call_soon(self._kick_later, loop, KICK_ITERATIONS, time.perf_counter_ns())
@@ -309,36 +302,8 @@ class Batcher:
     def _kick(self) -> None:
         with self._lock:
             self._kick_pending = False
-            self._wake_one()
+            self._parked.wake_one()
 
-    def _wake_one(self) -> None:
-        """Under the lock: wake one parked instance thread, if any: one filling a batch first."""
-        if self._parked:
-            self._parked.pop().release()
-
-    def _wake_all(self) -> None:
-        while self._parked:
-            self._parked.pop().release()
-
-    def _wait(self, wake: threading.Lock, timeout: float = -1, filling: bool = False) -> None:
-        """Under the lock, in an instance thread: park until woken (or the timeout); the lock
-        is released meanwhile and held again on return. Wake-ups may be spurious: callers look
-        at the queue again. A thread filling a batch is woken before idle ones."""
-        wake.acquire(blocking=False)  # a stale release (woken just as a timeout ended) is spent
-        if filling:
-            self._parked.append(wake)
-            self._filling_parked += 1
-        else:
-            self._parked.insert(0, wake)
-        self._lock.release()
-        try:
-            wake.acquire(timeout=timeout)
-        finally:
-            self._lock.acquire()
-            if wake in self._parked:
-                self._parked.remove(wake)
-            if filling:
-                self._filling_parked -= 1
 
     def _check_idle(self) -> None:
         with self._lock:
@@ -388,7 +353,7 @@ class Batcher:
         delay_ns = self.policy.max_queue_delay_ns if self.policy.enabled else 0
         with self._lock:
             while not self._queue and not self._closed:
-                self._wait(wake)
+                self._parked.wait(wake)
             if self._closed:
                 return None
             batch: list[_Pending] = []
@@ -402,7 +367,7 @@ class Batcher:
                               self.model.name, self.model.version, slot)
                 return batch_id, batch, InferenceFailed(f"model '{self.model.name}': {exc}")
             if self._queue:
-                self._wake_one()  # what this batch left behind is another instance's
+                self._parked.wake_one()  # what this batch left behind is another instance's
             return batch_id, batch, None
 
     def _fill(self, slot: int, wake: threading.Lock, batch: list[_Pending], delay_ns: int) -> None:
@@ -418,7 +383,7 @@ class Batcher:
                         rows = self._take(batch, rows)
                     break
                 if not self._queue:
-                    self._wait(wake, left / 1e9, filling=True)
+                    self._parked.wait(wake, left / 1e9, filling=True)
                     continue
                 before = len(batch)
                 rows = self._take(batch, rows)
@@ -476,7 +441,7 @@ class Batcher:
         try:
             if isinstance(outcome, BaseException):
                 self._fail(batch, outcome)
-            elif outcome is not None:  # (should any of this raise, ``finally`` answers the rest)
+            elif outcome is not None:
                 own, timing, started = outcome
                 rows = sum(b.rows for b in batch)
                 self.stats.record_execution(rows, timing)
@@ -488,8 +453,10 @@ class Batcher:
                     queue_ns = started - b.enqueued_ns
                     observe(queue_ns / 1e9)
                     set_result(b.future, (results, _with_queue(timing, queue_ns)))
-        finally:
+        except BaseException:  # a bug: whoever is not answered yet is answered with it
             self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
+            raise
+        finally:
             for b in batch:
                 if b.timer is not None:
                     b.timer.cancel()
@@ -510,7 +477,7 @@ class Batcher:
         until nothing is queued, held or running; False when the timeout came first."""
         with self._lock:
             self._flush = True
-            self._wake_all()
+            self._parked.wake_all()
         self._check_idle()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -523,7 +490,7 @@ class Batcher:
         running with :class:`Unavailable`, release the sessions."""
         with self._lock:
             self._closed = True
-            self._wake_all()
+            self._parked.wake_all()
             left = list(self._queue)
             self._queue.clear()
             self._queued_bytes = 0
@@ -541,30 +508,3 @@ class Batcher:
 
 def _with_queue(timing: ExecutionTiming, queue_ns: int) -> ExecutionTiming:
     return ExecutionTiming(queue_ns, timing.input_ns, timing.infer_ns, timing.output_ns)
-
-
-def policy_from_config(
-    config: mc.ModelConfig, default_max_queue_size: int = 1024, max_queue_bytes: int = 0
-) -> BatchPolicy:
-    """The batch policy a completed ModelConfig asks for.
-
-    Dynamic batching is on for every model with ``max_batch_size > 0`` unless the config's
-    parameters say ``dynamic_batching: "off"``. Without a queue policy the queue holds
-    ``default_max_queue_size`` requests and a request's own ``timeout`` is honoured; with a
-    ``default_timeout_microseconds``, a request may only shorten it, and only when
-    ``allow_timeout_override`` is set.
-    """
-    db = config.dynamic_batching
-    qp = db.default_queue_policy
-    switch = config.parameters["dynamic_batching"].string_value if "dynamic_batching" in config.parameters else ""
-    enabled = config.max_batch_size > 0 and switch.lower() not in ("off", "false", "0", "no")
-    return BatchPolicy(
-        enabled=enabled,
-        max_batch_size=max(1, config.max_batch_size),
-        max_queue_delay_ns=db.max_queue_delay_microseconds * 1000,
-        preferred_batch_sizes=tuple(db.preferred_batch_size),
-        max_queue_size=qp.max_queue_size or default_max_queue_size,
-        max_queue_bytes=max_queue_bytes,
-        default_timeout_ns=qp.default_timeout_microseconds * 1000,
-        allow_timeout_override=qp.allow_timeout_override,
-    )

@@ -55,6 +55,49 @@ def start_instance_thread(name: str, target: Callable[..., None], *args: object)
     return thread
 
 
+class ParkedThreads:
+    """Instance threads waiting for work, each parked on a lock of its own that a waker
+    releases: cheaper than a Condition's bookkeeping. Every method runs under ``lock`` (the
+    queue's), which :meth:`wait` releases while parked. Threads filling a batch are woken before
+    idle ones."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._parked: list[threading.Lock] = []  # fillers last: woken first
+        self.filling = 0  # parked threads filling a batch
+
+    def __bool__(self) -> bool:
+        return bool(self._parked)
+
+    def wake_one(self) -> None:
+        """Wake one parked thread, if any: one filling a batch first."""
+        if self._parked:
+            self._parked.pop().release()
+
+    def wake_all(self) -> None:
+        while self._parked:
+            self._parked.pop().release()
+
+    def wait(self, wake: threading.Lock, timeout: float = -1, filling: bool = False) -> None:
+        """In an instance thread: park on ``wake`` until woken (or the timeout). Wake-ups may be
+        spurious: callers look at the queue again."""
+        wake.acquire(blocking=False)  # a stale release (woken just as a timeout ended) is spent
+        if filling:
+            self._parked.append(wake)
+            self.filling += 1
+        else:
+            self._parked.insert(0, wake)
+        self._lock.release()
+        try:
+            wake.acquire(timeout=timeout)
+        finally:
+            self._lock.acquire()
+            if wake in self._parked:
+                self._parked.remove(wake)
+            if filling:
+                self.filling -= 1
+
+
 def hand_back(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> None:
     """Run ``callback(*args)`` on ``loop`` (from an instance thread); nothing when the loop has
     closed meanwhile (the process is exiting)."""

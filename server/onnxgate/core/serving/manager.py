@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from onnxgate.core.inference import parse_version
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.serving import model_config, model_files
-from onnxgate.core.serving.batcher import Batcher, policy_from_config
+from onnxgate.core.serving.batch_policy import policy_from_config
+from onnxgate.core.serving.batcher import Batcher
 from onnxgate.core.serving.model import LoadOptions, ModelVersion
 from onnxgate.core.serving.source import Fingerprint, ModelSource, ModelStore, fingerprint
 from onnxgate.core.serving.stats import VersionStats
