@@ -96,15 +96,10 @@ MAX_SPLIT_FIELDS = 1024  # top-level fields read in Python (the memory and time 
 def parse_infer(data: bytes) -> InferRequest:
     """Parse and decode a serialized ModelInferRequest. A large one's tensors are views of
     ``data`` itself: the only copy of a request's bytes is grpc's, into ``data``."""
-    raw = None
     split = _split_raw(data) if len(data) >= ZERO_COPY_BYTES else None
+    rest, raw = split if split is not None else (data, None)
     try:
-        if split is not None:
-            req = pb.ModelInferRequest.FromString(split[0])
-            if not req.raw_input_contents:  # else some were written unusually: protobuf reads them all
-                raw = split[1]
-        if raw is None:
-            req = pb.ModelInferRequest.FromString(data)
+        req = pb.ModelInferRequest.FromString(rest)
     except DecodeError:
         raise InvalidInput("the request is not a valid inference.ModelInferRequest message") from None
     return decode_infer(req, raw)
