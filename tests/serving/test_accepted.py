@@ -126,9 +126,14 @@ def test_expired_and_cancelled_requests_free_their_queue_places_at_once(slow_gw)
     with pytest.raises(InferenceServerException, match="Deadline"):
         client.infer("slow", [inp], client_timeout=0.1)
     assert expired.answered() == 429
-    assert _executions(slow_gw) == before, "the large request finished; the queue was emptied anyway"
-    # Both places are free again: two more requests are accepted while the large one still runs.
-    late = [Call(slow_gw, "slow", x) for _ in range(2)]
+    _assert_both_places_free(slow_gw, big, before, x)
+
+
+def _assert_both_places_free(gw: GatewayProcess, big: Call, before: int, x: np.ndarray) -> None:
+    """While the large request still runs (nothing executed since ``before``), two more requests
+    are accepted: both queue places were freed."""
+    assert _executions(gw) == before, "the large request finished; the queue was emptied anyway"
+    late = [Call(gw, "slow", x) for _ in range(2)]
     for c in late:
         c.start()
     assert big.answered() == 200
@@ -156,9 +161,4 @@ def test_an_http_client_gone_frees_its_queue_place(slow_gw):
     for sock in gone:
         sock.close()
     time.sleep(0.1)
-    assert _executions(slow_gw) == before, "the large request finished; the queue was emptied anyway"
-    late = [Call(slow_gw, "slow", x) for _ in range(2)]
-    for c in late:
-        c.start()
-    assert big.answered() == 200
-    assert [c.answered() for c in late] == [200, 200]
+    _assert_both_places_free(slow_gw, big, before, x)
