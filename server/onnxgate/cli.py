@@ -51,6 +51,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cpu-threads", type=int, help="intra-op threads per ONNX Runtime session (default: all cores)")
     p.add_argument(
+        "--scheduler",
+        choices=["deadline", "fifo"],
+        help="deadline: earliest deadline first with predictive admission (default); fifo: the scheduler off",
+    )
+    p.add_argument(
         "--model-control-mode",
         choices=["none", "poll", "explicit"],
         help="none: load at start only; poll: follow the repository; explicit: load/unload API (default none)",
@@ -167,6 +172,7 @@ _SERVER_KEYS = (
     "http_max_body_bytes",
     "default_max_batch_size",
     "cpu_threads",
+    "scheduler",
     "model_control_mode",
     "repository_poll_secs",
     "load_model",

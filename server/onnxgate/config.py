@@ -25,6 +25,7 @@ from onnxgate.core.monitoring.config import SampleLogConfig
 from onnxgate.core.monitoring.drift import DriftConfig
 from onnxgate.core.registry.config import RegistryConfig
 from onnxgate.core.security.config import SecurityConfig
+from onnxgate.core.serving.batch_policy import SCHEDULERS
 from onnxgate.core.traffic.routes import Route, parse_routes
 from onnxgate.errors import ConfigError, InvalidInput
 
@@ -74,6 +75,9 @@ class ServerConfig:
     # Request memory (README "Limits and failure behaviour"): beyond either, 429 / RESOURCE_EXHAUSTED.
     decode_budget_bytes: int = 512 * 1024 * 1024  # request bytes being read and decoded at once, gateway-wide
     max_queued_bytes_per_model: int = 256 * 1024 * 1024  # tensors queued per version (shadows too); 0 = off
+    # README "Deadlines and priorities": deadline = earliest deadline first, predictive admission,
+    # late drops, adaptive delay; fifo = the scheduler off (priority levels still apply).
+    scheduler: str = "deadline"
     # Connection limits (README "Limits and failure behaviour"). For the timeouts and the
     # connection/stream/age caps, 0 turns the limit off.
     http_max_header_bytes: int = 32 * 1024  # request line + headers; beyond: 431
@@ -108,6 +112,8 @@ class ServerConfig:
             )
         if self.repository_poll_secs <= 0:
             raise ConfigError(f"server.repository_poll_secs must be > 0, got {self.repository_poll_secs}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"server.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.workers < 1:
             raise ConfigError(f"server.workers must be >= 1, got {self.workers}")
         if self.load_model and self.model_control_mode != "explicit":

@@ -78,7 +78,7 @@ class Overloaded(GatewayError):
     def __init__(self, message: str, retry_after_s: float = 1.0, reason: str = "queue_full") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-        self.reason = reason  # "queue_full" | "timeout"
+        self.reason = reason  # the metric label: queue_full, timeout, deadline, priority, shadow_shed, ...
 
 
 class Unsupported(GatewayError):

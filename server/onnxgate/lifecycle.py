@@ -78,6 +78,7 @@ class Gateway:
                 cpu_threads=s.cpu_threads,
                 cpu_budget=max(1, available_cores() // self.worker[1]) if self.worker else 0,
                 max_queue_bytes=s.max_queued_bytes_per_model,
+                scheduler=s.scheduler,
             ),
             metrics=self.metrics,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ class InferRequest:
     parameters: Parameters = field(default_factory=dict)
     protocol: str = ""  # "grpc" | "http", for metrics and logs only
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case HTTP headers / gRPC metadata
+    deadline_ns: int = 0  # when its answer is due (time.perf_counter_ns); 0 = none
 
 
 @dataclass(slots=True)
@@ -96,3 +98,22 @@ def timeout_us(request: InferRequest) -> int | None:
             f"parameter 'timeout' must be an integer of 0..{_MAX_TIMEOUT_US} (microseconds), got {value!r:.40}"
         )
     return value
+
+
+DEADLINE_HEADER = "x-request-deadline-ms"
+MAX_DEADLINE_MS = 24 * 3600 * 1000
+
+
+def deadline_from_header(text: str, received_ns: int) -> int:
+    """The deadline an ``X-Request-Deadline-Ms`` header sets: milliseconds (a decimal number
+    > 0, at most a day) from ``received_ns``, when the request arrived (perf_counter_ns)."""
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = math.nan
+    if not 0 < ms <= MAX_DEADLINE_MS:  # NaN and inf fail too
+        raise InvalidInput(
+            f"header X-Request-Deadline-Ms must be a number of milliseconds in (0, {MAX_DEADLINE_MS}], "
+            f"got {text!r:.40}"
+        )
+    return received_ns + int(ms * 1e6)

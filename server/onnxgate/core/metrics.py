@@ -68,9 +68,31 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "onnxgate_queue_wait_seconds",
-            "Time a request waited in its version's queue before its batch started.",
-            ["model", "version"],
+            "Time a request waited in its version's queue before its batch started, by priority "
+            "level (1 highest; shadow copies are 'shadow').",
+            ["model", "version", "priority"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadline_misses = Counter(
+            "onnxgate_deadline_misses",
+            "Requests answered after their deadline (the caller's, or the model's default).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.exec_fixed = Gauge(
+            "onnxgate_exec_time_fixed_seconds",
+            "The deadline scheduler's fitted execution time of a batch: its fixed part "
+            "(a batch of n rows is predicted to take fixed + per_row * n).",
+            ["model", "version"],
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.exec_per_row = Gauge(
+            "onnxgate_exec_time_per_row_seconds",
+            "The deadline scheduler's fitted execution time of a batch: its part per row.",
+            ["model", "version"],
+            multiprocess_mode="liveall",
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -82,7 +104,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "onnxgate_rejected_requests",
-            "Requests shed without running, by reason.",
+            "Requests shed without running, by reason: queue_full, queue_bytes, timeout, deadline "
+            "(its deadline could not be met), priority (shed for a higher level), shadow_shed, decode_budget.",
             ["model", "reason"],
             registry=r,
         )

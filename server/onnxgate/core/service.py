@@ -333,6 +333,7 @@ class InferenceService:
             sampled = sampler is not None and sampler.should_sample(target.model, request.headers, route.name)
         mirror = None
         if route is not None and self.routes.mirror(route):
+            self._inherit_deadline(request, target)
             mirror = self.shadows.start(route, target, request, self._shadow)
         started = time.perf_counter()
         try:
@@ -362,9 +363,20 @@ class InferenceService:
             sampler.offer(sample)
         return response
 
+    def _inherit_deadline(self, request: InferRequest, target: Target) -> None:
+        """A mirrored request's shadow copy has the primary's deadline: the caller's, else the
+        primary model's default, fixed now on the request for both."""
+        if request.deadline_ns:
+            return
+        with contextlib.suppress(GatewayError):  # the primary's own lookup reports it
+            scheduler = self.manager.get(target.model, target.version).scheduler
+            if scheduler is not None and (default := scheduler.policy.default_deadline_ns):
+                request.deadline_ns = time.perf_counter_ns() + default
+
     def _shadow(self, request: InferRequest, target: Target) -> Awaitable[InferResponse]:
         mirrored = InferRequest(
-            target.model, target.version, request.inputs, [], request.id, request.parameters, "shadow", request.headers
+            target.model, target.version, request.inputs, [], request.id, request.parameters, "shadow",
+            request.headers, request.deadline_ns,
         )
         return self._infer(mirrored, target.model, target.version, shadow=True)
 
@@ -382,7 +394,12 @@ class InferenceService:
             # What the queue holds: each tensor's bytes (views of one body add up to the body);
             # BYTES tensors with their strings.
             nbytes = sum(held_nbytes(a) if a.dtype.hasobject else a.nbytes for a in feeds.values())
-            results, timing = await scheduler.submit(feeds, rows, wanted, timeout_us(request), shadow, nbytes)
+            deadline = request.deadline_ns
+            if not deadline and (default := scheduler.policy.default_deadline_ns):
+                deadline = start + default
+            results, timing = await scheduler.submit(
+                feeds, rows, wanted, timeout_us(request), shadow, nbytes, deadline, request.parameters.get("priority")
+            )
             outputs = [make_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:
             elapsed = time.perf_counter_ns() - start
@@ -391,9 +408,12 @@ class InferenceService:
                 ver.stats.record_failure(elapsed)
             self.count_refusal(name, version, protocol, exc)
             raise
-        elapsed = time.perf_counter_ns() - start
+        done = time.perf_counter_ns()
+        elapsed = done - start
         stats.record_request(rows, elapsed, timing)
         version = str(ver.version)
+        if deadline and done > deadline:
+            self.metrics.deadline_misses.labels(name, version).inc()
         self.metrics.request_done(name, version, protocol, "success", elapsed / 1e9)
         return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -122,7 +123,9 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_mapped
     async def ModelInfer(self, request, context):
+        deadline = _deadline_ns(context)
         decoded = await self._decode(request)
+        decoded.deadline_ns = deadline
         if self.service.wants_headers:
             decoded.headers = _metadata(context)
         return await self._encode(await self.service.infer(decoded))
@@ -176,13 +179,14 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         instead ends the stream with that status and message; requests still running are
         cancelled and replies not yet sent are dropped."""
         headers = _metadata(context) if self.service.wants_headers else {}
+        deadline = _deadline_ns(context)  # the stream's: every request's answer is due by it
         close_on_error = _grpc_error_mode(context)
         replies: asyncio.Queue[tuple[bytes, str, grpc.StatusCode | None] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
         async def run_one(req: bytes) -> None:
-            replies.put_nowait(await self._stream_one(req, headers))
+            replies.put_nowait(await self._stream_one(req, headers, deadline))
 
         async def read() -> None:
             try:
@@ -211,13 +215,14 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(
-        self, req: bytes, headers: dict[str, str]
+        self, req: bytes, headers: dict[str, str], deadline_ns: int = 0
     ) -> tuple[bytes, str, grpc.StatusCode | None]:
         """The serialized reply to one streamed request, and the error message and status it
         failed with (None: it did not)."""
         try:
             decoded = await self._decode(req)
             decoded.headers = headers
+            decoded.deadline_ns = deadline_ns
             response = await self.service.infer(decoded)
             return await self._encode(response, stream=True), "", None
         except GatewayError as exc:
@@ -231,6 +236,14 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reply = pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
         return reply.SerializeToString(), message, code
 
+
+
+def _deadline_ns(context: grpc.aio.ServicerContext) -> int:
+    """The call's deadline, as the client set it (perf_counter_ns; 0 = none)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return 0
+    return time.perf_counter_ns() + max(1, int(remaining * 1e9))
 
 
 def _grpc_error_mode(context: grpc.aio.ServicerContext) -> bool:

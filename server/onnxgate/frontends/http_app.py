@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -16,7 +17,7 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
-from onnxgate.core.inference import InferRequest, InferResponse, parse_version
+from onnxgate.core.inference import InferRequest, InferResponse, deadline_from_header, parse_version
 from onnxgate.core.security.access import METRICS_REFUSAL, AccessPolicy, Principal
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.security.config import SecurityConfig
@@ -255,8 +256,11 @@ class HttpApp:
         """The model is looked up before the body is read; the body is bounded by what that model
         can accept (413 past it, before reading when Content-Length says so), and read, inflated
         and decoded under the gateway's decode budget."""
+        received = time.perf_counter_ns()
         svc = self.service
         headers = dict(scope["headers"])
+        deadline_text = headers.get(b"x-request-deadline-ms")
+        deadline = deadline_from_header(deadline_text.decode("latin-1"), received) if deadline_text else 0
         label, elements = svc.request_bound(name, version, "http")
         limit = http_codec.body_limit(elements, self.max_body_bytes)
         encoding = headers.get(b"content-encoding")
@@ -289,6 +293,7 @@ class HttpApp:
                 )
         if self.service.wants_headers:
             request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        request.deadline_ns = deadline
         response = await _unless_disconnected(self.service.infer(request), receive)
         accept = headers.get(b"accept-encoding", b"").decode("latin-1")
         if (size := response.nbytes()) < INLINE_DECODE_BYTES:

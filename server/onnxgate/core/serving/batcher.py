@@ -41,14 +41,13 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.serving.batch_policy import BatchPolicy
+from onnxgate.core.serving.deadlines import DeadlinePlanner
 from onnxgate.core.serving.instances import (
     ParkedThreads,
     hand_back,
@@ -58,6 +57,7 @@ from onnxgate.core.serving.instances import (
     start_instance_thread,
 )
 from onnxgate.core.serving.model import ModelVersion
+from onnxgate.core.serving.request_queue import NO_DEADLINE, Pending, RequestQueue
 from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
 from onnxgate.errors import InferenceFailed, Overloaded, Unavailable
 
@@ -72,20 +72,7 @@ log = logging.getLogger(__name__)
 KICK_ITERATIONS = 16
 KICK_WAIT_NS = 200_000
 IDLE_ITERATION_NS = 5_000
-
-
-@dataclass(eq=False, slots=True)
-class _Pending:
-    feeds: Mapping[str, np.ndarray]
-    rows: int
-    outputs: tuple[str, ...]
-    key: tuple
-    future: asyncio.Future
-    enqueued_ns: int
-    nbytes: int = 0
-    timer: asyncio.TimerHandle | None = field(default=None)
-    shadow: bool = False
-    dropped: bool = False  # its caller went away after its batch was formed: not computed
+TIMER_SLACK_NS = 100_000  # a queue timer that fires this close to its event handles it
 
 
 #: What an instance thread hands back for one batch: each request's own output rows, the
@@ -106,29 +93,35 @@ class Batcher:
         self.metrics = metrics or Metrics()
         labels = (model.name, str(model.version))
         self._m_batch = self.metrics.batch_rows.labels(*labels)
-        self._m_queue_wait = self.metrics.queue_wait.labels(*labels)
+        self._m_queue_wait = [
+            self.metrics.queue_wait.labels(*labels, "shadow" if lv == policy.shadow_level else str(lv))
+            for lv in range(policy.shadow_level + 1)
+        ]
+        self._m_fixed = self.metrics.exec_fixed.labels(*labels)
+        self._m_per_row = self.metrics.exec_per_row.labels(*labels)
         self._m_compute = self.metrics.compute_latency.labels(*labels)
         self._m_depth = self.metrics.queue_depth.labels(*labels)
         self._m_busy = self.metrics.instance_busy.labels(*labels)
         self.stats = stats
         self.policy = policy
         self.instances = max(1, len(model.sessions))
+        self._limit = policy.max_batch_size if policy.enabled else 1
+        self._edf = policy.deadline_aware
+        self.planner = DeadlinePlanner(model.name, model.version, self.instances, self._limit)
         self._lock = threading.Lock()
         # Instance threads waiting for arrivals (idle, or filling a batch), each parked on a lock
-        # of its own that the loop releases to wake it: cheaper than a Condition's bookkeeping.
-        # Instance threads waiting for arrivals (idle, or filling a batch); guarded by _lock.
+        # of its own that the loop releases to wake it; guarded by _lock.
         self._parked = ParkedThreads(self._lock)
         self._kick_pending = False
-        # Live queued requests, oldest first; an entry leaves the moment it is taken, expires or
-        # is cancelled, so the size bound counts only requests that can still run.
-        self._queue: OrderedDict[_Pending, None] = OrderedDict()
-        self._queued_bytes = 0
+        # Live queued requests in the order batches take them; an entry leaves the moment it is
+        # taken, expires or is cancelled, so the size bound counts only requests that can still run.
+        self._queue = RequestQueue(policy.priority_levels, policy.deadline_aware)
         # Batches taken from the queue and not yet answered on the loop (being filled, running,
         # or handed back): what drain waits for and close answers.
-        self._taken: dict[int, list[_Pending]] = {}
+        self._taken: dict[int, list[Pending]] = {}
         self._batch_ids = itertools.count()
         # instance i is filling this batch: what it holds still waits, and counts against max_queue_size
-        self._filling: list[list[_Pending] | None] = [None] * self.instances
+        self._filling: list[list[Pending] | None] = [None] * self.instances
         self._idle = asyncio.Event()
         self._idle.set()
         self._flush = False  # draining: batches being filled run at once
@@ -145,7 +138,7 @@ class Batcher:
 
     @property
     def queued_bytes(self) -> int:
-        return self._queued_bytes
+        return self._queue.nbytes
 
     async def submit(
         self,
@@ -155,36 +148,49 @@ class Batcher:
         timeout_us: int | None = None,
         shadow: bool = False,
         nbytes: int = 0,
+        deadline_ns: int = 0,
+        priority: int | None = None,
     ) -> tuple[list[np.ndarray], ExecutionTiming]:
         """Queue one validated request and wait for its own rows of ``outputs``.
 
-        ``nbytes`` is what its feeds hold, for the queue's byte bound. Shadow requests are the
-        first shed: refused once the queue is half full, and evicted (newest first) to make room
-        for a primary request when it is full."""
+        ``nbytes`` is what its feeds hold, for the queue's byte bound; ``deadline_ns`` when its
+        answer is due (perf_counter_ns; 0 = none, then the model's default applies);
+        ``priority`` its ``priority`` parameter (None: absent). Shadow requests sort below every
+        level and are the first shed: refused once the queue is half full, and evicted (newest
+        first) to make room for a primary request when it is full; a full queue makes room for a
+        request the same way from the lowest level below its own."""
         if self._closed:
             raise self._gone()
+        p = self.policy
         loop = asyncio.get_running_loop()
-        item = _Pending(
-            feeds, rows, tuple(outputs), self._key(feeds, outputs), loop.create_future(), time.perf_counter_ns(),
-            nbytes, shadow=shadow,
+        now = time.perf_counter_ns()
+        level = p.shadow_level if shadow else p.level(priority)
+        if not deadline_ns and p.default_deadline_ns:
+            deadline_ns = now + p.default_deadline_ns
+        item = Pending(
+            feeds, rows, tuple(outputs), self._key(feeds, outputs), loop.create_future(), now,
+            nbytes, shadow, level, deadline_ns,
         )
+        if timeout_ns := p.timeout_ns(level, timeout_us):
+            item.timeout_at_ns = now + timeout_ns
+        queue = self._queue
         with self._lock:
             self._admit(item)
-            self._queue[item] = None
-            self._queued_bytes += nbytes
-            self._m_depth.set(len(self._queue))
+            index = queue.place(item)
+            if self._edf:
+                if (refused := self.planner.refusal(item, queue, index, now)) is not None:
+                    raise refused
+                self.planner.arrivals.arrived(rows, now)
+            queue.insert(index, item)
+            self._m_depth.set(len(queue))
             if self._parked.filling:
                 self._parked.wake_one()  # a forming batch waits for arrivals: it gets this one now
             elif self._parked and not self._kick_pending:
                 self._kick_pending = True
                 loop.call_soon(self._kick_later, loop, KICK_ITERATIONS, time.perf_counter_ns())
         self._idle.clear()
-        p = self.policy
-        timeout_ns = p.default_timeout_ns
-        if timeout_us and (not timeout_ns or p.allow_timeout_override):
-            timeout_ns = timeout_us * 1000 if not timeout_ns else min(timeout_ns, timeout_us * 1000)
-        if timeout_ns > 0:
-            item.timer = loop.call_later(timeout_ns / 1e9, self._expire, item)
+        if item.timeout_at_ns or (deadline_ns and self._edf):
+            self._arm(item, loop, now)
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -195,23 +201,29 @@ class Batcher:
             item.future.cancel()
             raise
 
-    def _admit(self, item: _Pending) -> None:
+    def _admit(self, item: Pending) -> None:
         """Under the lock: refuse ``item`` (Overloaded) unless the queue has room for it, making
-        room by shedding queued shadow requests when ``item`` is a primary one."""
-        p, shadow, nbytes = self.policy, item.shadow, item.nbytes
+        room by shedding queued requests of a lower level (shadows first) when it is full."""
+        p, shadow, nbytes, queue = self.policy, item.shadow, item.nbytes, self._queue
         if shadow and (
             self._waiting(p.max_queue_size // 2) >= p.max_queue_size // 2
-            or (p.max_queue_bytes and self._queued_bytes + nbytes > p.max_queue_bytes // 2)
+            or (p.max_queue_bytes and queue.nbytes + nbytes > p.max_queue_bytes // 2)
         ):
             raise Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
+        level_max = p.levels[item.level].max_queue_size
+        if level_max and queue.per_level[item.level] >= level_max:
+            raise Overloaded(
+                f"model '{self.model.name}' version {self.model.version}: the queue of priority level "
+                f"{item.level} is full ({level_max} requests waiting)"
+            )
         while self._waiting(p.max_queue_size) >= p.max_queue_size:
-            if shadow or not self._evict_shadow():
+            if not self._evict_below(item.level):
                 raise Overloaded(
                     f"model '{self.model.name}' version {self.model.version}: queue is full "
                     f"({p.max_queue_size} requests waiting)"
                 )
-        while p.max_queue_bytes and self._queue and self._queued_bytes + nbytes > p.max_queue_bytes:
-            if shadow or not self._evict_shadow():
+        while p.max_queue_bytes and queue and queue.nbytes + nbytes > p.max_queue_bytes:
+            if not self._evict_below(item.level):
                 raise Overloaded(
                     f"model '{self.model.name}' version {self.model.version}: queued tensors would exceed "
                     f"{p.max_queue_bytes} bytes",
@@ -229,17 +241,16 @@ class Batcher:
         held = [batch for batch in self._filling if batch]
         if not held or n + sum(map(len, held)) < limit:
             return n
-        return n + sum(1 for batch in held for b in batch if not b.dropped and not b.future.done())
+        return n + sum(1 for batch in held for b in batch if not (b.dropped or b.late or b.future.done()))
 
-    def _unqueue_locked(self, item: _Pending) -> bool:
+    def _unqueue_locked(self, item: Pending) -> bool:
         """Under the lock: take ``item`` off the queue, if it is still there."""
-        if self._queue.pop(item, False) is None:
-            self._queued_bytes -= item.nbytes
+        if self._queue.remove(item):
             self._m_depth.set(len(self._queue))
             return True
         return False
 
-    def _unqueue(self, item: _Pending) -> bool:
+    def _unqueue(self, item: Pending) -> bool:
         """On the loop: take ``item`` off the queue (if still there) and stop its timer."""
         if item.timer is not None:
             item.timer.cancel()
@@ -250,39 +261,72 @@ class Batcher:
             self._check_idle()
         return removed
 
-    def _evict_shadow(self) -> bool:
-        """Under the lock: fail the newest queued shadow request to free its place; False when
-        there is none."""
-        for item in reversed(self._queue):
-            if item.shadow:
-                self._unqueue_locked(item)
-                if item.timer is not None:
-                    item.timer.cancel()
-                    item.timer = None
-                set_exception(
-                    item.future,
-                    Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed"),
-                )
-                return True
-        return False
+    def _evict_below(self, level: int) -> bool:
+        """Under the lock: fail the newest queued request of the lowest level, when that is
+        below ``level`` (shadows are the lowest), to free its place; False when there is none."""
+        victim = self._queue.last()
+        if victim is None or victim.level <= level:
+            return False
+        self._unqueue_locked(victim)
+        if victim.timer is not None:
+            victim.timer.cancel()
+            victim.timer = None
+        if victim.shadow:
+            exc = Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
+        else:
+            exc = Overloaded(
+                f"model '{self.model.name}' version {self.model.version}: request of priority level "
+                f"{victim.level} shed for one of a higher level (the queue is full)",
+                reason="priority",
+            )
+        set_exception(victim.future, exc)
+        return True
 
     def _key(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple:
         if not self.policy.enabled:
             return ()
         return (tuple((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()), tuple(outputs))
 
-    def _expire(self, item: _Pending) -> None:
-        """A queued request's timeout: it leaves the queue (once taken, it is no longer queued)."""
+    def _arm(self, item: Pending, loop: asyncio.AbstractEventLoop, now: int) -> None:
+        """Set ``item``'s timer for its next event: its queue timeout (unless it has passed under
+        a DELAY policy) or, with the deadline scheduler, the last moment it can start."""
+        due = [t for t in (0 if item.delayed else item.timeout_at_ns,
+                           self.planner.start_by_ns(item) if self._edf else 0) if t]
+        if due:
+            item.timer = loop.call_later(max(0, min(due) - now) / 1e9, self._expire, item, loop)
+
+    def _expire(self, item: Pending, loop: asyncio.AbstractEventLoop) -> None:
+        """A queued request's timer: its queue timeout (refused, or set back under DELAY), or
+        its last start (refused: its deadline can no longer be met). Once taken, it is no
+        longer queued and this does nothing."""
         item.timer = None
-        if self._unqueue(item):
-            set_exception(
-                item.future,
-                Overloaded(
-                    f"model '{self.model.name}' version {self.model.version}: request timed out "
-                    f"after waiting {(time.perf_counter_ns() - item.enqueued_ns) / 1e6:.1f} ms in the queue",
-                    reason="timeout",
-                ),
-            )
+        now = time.perf_counter_ns()
+        if item.timeout_at_ns and not item.delayed and now >= item.timeout_at_ns - TIMER_SLACK_NS:
+            if self.policy.levels[item.level].delay_on_timeout:
+                with self._lock:
+                    if not self._queue.remove(item):
+                        return
+                    item.delayed = 1
+                    self._queue.push(item)
+                self._arm(item, loop, now)
+                return
+            if self._unqueue(item):
+                set_exception(
+                    item.future,
+                    Overloaded(
+                        f"model '{self.model.name}' version {self.model.version}: request timed out "
+                        f"after waiting {(now - item.enqueued_ns) / 1e6:.1f} ms in the queue",
+                        reason="timeout",
+                    ),
+                )
+            return
+        if self._edf and item.deadline_ns:
+            if now < self.planner.start_by_ns(item) - TIMER_SLACK_NS:  # the fit changed: not yet
+                self._arm(item, loop, now)
+            elif self._unqueue(item):
+                set_exception(item.future, self.planner.late_refusal(item))
+            return
+        self._arm(item, loop, now)
 
     def _kick_later(self, loop: asyncio.AbstractEventLoop, iterations: int, previous_ns: int) -> None:
         """Wake a parked instance after ``iterations`` more loop iterations, sooner when the loop
@@ -290,7 +334,7 @@ class Batcher:
         now = time.perf_counter_ns()
         if iterations > 1 and now - previous_ns >= IDLE_ITERATION_NS and not self._flush and not self._closed:
             with self._lock:
-                oldest = next(iter(self._queue), None)
+                oldest = self._queue.first()
             if oldest is not None and now - oldest.enqueued_ns < KICK_WAIT_NS:
                 try:
                     loop.call_soon(self._kick_later, loop, iterations - 1, now)
@@ -312,13 +356,24 @@ class Batcher:
             self._idle.set()
 
     # -- instance threads --------------------------------------------------------------------
-    def _take(self, batch: list[_Pending], rows: int) -> int:
-        """Under the lock: move compatible queued requests into ``batch``; returns its rows."""
-        limit = self.policy.max_batch_size if self.policy.enabled else 1
-        key = batch[0].key if batch else None
-        taken: list[_Pending] = []
+    def _take(self, batch: list[Pending], rows: int) -> int:
+        """Under the lock: move compatible queued requests, in queue order, into ``batch``;
+        returns its rows. With the deadline scheduler, a request that cannot meet its deadline
+        even alone goes in marked ``late`` (refused, never computed), and the batch stops
+        before a request that would make it finish past a member's deadline."""
+        limit, edf, planner = self._limit, self._edf, self.planner
+        live = [b for b in batch if not b.late]
+        key = live[0].key if live else None
+        members = len(live)
+        min_deadline = min((b.deadline_ns or NO_DEADLINE for b in live), default=NO_DEADLINE)
+        now = time.perf_counter_ns() if edf else 0
+        taken: list[Pending] = []
         skipped = 0
         for item in self._queue:
+            if edf and planner.unmeetable(item, now):
+                item.late = True
+                taken.append(item)
+                continue
             if key is None:
                 key = item.key
             if item.key != key:
@@ -326,17 +381,20 @@ class Batcher:
                 if skipped > 64:
                     break
                 continue
-            if (batch or taken) and (not self.policy.enabled or rows + item.rows > limit):
+            if members and rows + item.rows > limit:
                 break
+            if edf:
+                deadline = min(min_deadline, item.deadline_ns or NO_DEADLINE)
+                if members and not planner.fits(deadline, rows + item.rows, now):
+                    break
+                min_deadline = deadline
             taken.append(item)
+            members += 1
             rows += item.rows
             if rows >= limit:
                 break
-        queue = self._queue
-        for item in taken:
-            del queue[item]
-            self._queued_bytes -= item.nbytes
-        self._m_depth.set(len(queue))
+        self._queue.remove_taken(taken)
+        self._m_depth.set(len(self._queue))
         batch.extend(taken)
         return rows
 
@@ -346,7 +404,7 @@ class Batcher:
 
     def _next_batch(
         self, slot: int, wake: threading.Lock
-    ) -> tuple[int, list[_Pending], InferenceFailed | None] | None:
+    ) -> tuple[int, list[Pending], InferenceFailed | None] | None:
         """Block until there is work; take the next batch, filling it up to the queue delay.
         None once the version closes; with an error when taking it failed (a bug: what was
         taken is then answered with it, and the instance goes on)."""
@@ -356,7 +414,7 @@ class Batcher:
                 self._parked.wait(wake)
             if self._closed:
                 return None
-            batch: list[_Pending] = []
+            batch: list[Pending] = []
             batch_id = next(self._batch_ids)
             self._taken[batch_id] = batch  # before the queue empties: drain sees it all along
             try:
@@ -370,15 +428,25 @@ class Batcher:
                 self._parked.wake_one()  # what this batch left behind is another instance's
             return batch_id, batch, None
 
-    def _fill(self, slot: int, wake: threading.Lock, batch: list[_Pending], delay_ns: int) -> None:
+    def _fill(self, slot: int, wake: threading.Lock, batch: list[Pending], delay_ns: int) -> None:
         """Under the lock: take compatible queued requests into ``batch``, waiting for more up
-        to the queue delay (from its oldest request) unless it is already done."""
+        to the queue delay (from its oldest request) unless it is already done; with no delay
+        set, the deadline scheduler's adaptive delay (from now)."""
         rows = self._take(batch, 0)
-        if delay_ns and not self._batch_done(rows):
-            self._filling[slot] = batch
-            deadline = batch[0].enqueued_ns + delay_ns
+        live = [b for b in batch if not b.late]
+        if not live or self._batch_done(rows):
+            return
+        if delay_ns:
+            until = min(b.enqueued_ns for b in live) + delay_ns
+        elif self._edf and self.policy.enabled:
+            now = time.perf_counter_ns()
+            until = now + self.planner.fill_wait_ns(live, rows, now)
+        else:
+            return
+        self._filling[slot] = batch
+        try:
             while not self._closed and not self._batch_done(rows):
-                if (left := deadline - time.perf_counter_ns()) <= 0:
+                if (left := until - time.perf_counter_ns()) <= 0:
                     if self._queue:  # what arrived as the delay ran out still joins
                         rows = self._take(batch, rows)
                     break
@@ -389,6 +457,7 @@ class Batcher:
                 rows = self._take(batch, rows)
                 if len(batch) == before:
                     break  # what is queued does not fit this batch
+        finally:
             self._filling[slot] = None
 
     def _serve(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -396,7 +465,8 @@ class Batcher:
         wake = threading.Lock()
         while (taken := self._next_batch(slot, wake)) is not None:
             batch_id, batch, outcome = taken
-            live = [b for b in batch if not b.dropped]
+            live = [b for b in batch if not b.dropped and not b.late]
+            late = [b for b in batch if b.late and not b.dropped]
             if live and outcome is None:
                 with one_run():  # counted from the take: a session is about to run
                     try:
@@ -405,11 +475,19 @@ class Batcher:
                         outcome = exc
                     except Exception as exc:  # never leave a caller waiting
                         outcome = InferenceFailed(f"model '{self.model.name}': {exc}")
-            hand_back(loop, self._answer, batch_id, live, outcome)
+            hand_back(loop, self._answer, batch_id, live, late, outcome)
 
-    def _execute(self, batch: list[_Pending], slot: int) -> _Outcome:
+    def _execute(self, batch: list[Pending], slot: int) -> _Outcome:
         """In the instance thread: one execution, and each request's own rows of it."""
         t0 = time.perf_counter_ns()
+        if self._edf:
+            self.planner.busy_until[slot] = t0 + self.planner.predict_ns(sum(b.rows for b in batch))
+        try:
+            return self._run(batch, slot, t0)
+        finally:
+            self.planner.busy_until[slot] = 0
+
+    def _run(self, batch: list[Pending], slot: int, t0: int) -> _Outcome:
         outputs = batch[0].outputs
         if len(batch) == 1:
             feeds = batch[0].feeds
@@ -434,11 +512,16 @@ class Batcher:
                 offset += b.rows
         return own, ExecutionTiming(0, t1 - t0, t2 - t1, time.perf_counter_ns() - t2), t0
 
-    def _answer(self, batch_id: int, batch: list[_Pending], outcome: _Outcome | None) -> None:
-        """On the loop, once per batch: answer every request in it, record the execution."""
+    def _answer(
+        self, batch_id: int, batch: list[Pending], late: list[Pending], outcome: _Outcome | None
+    ) -> None:
+        """On the loop, once per batch: answer every request in it (and refuse those taken too
+        late), record the execution."""
         with self._lock:
             self._taken.pop(batch_id, None)
         try:
+            for b in late:
+                set_exception(b.future, self.planner.late_refusal(b))
             if isinstance(outcome, BaseException):
                 self._fail(batch, outcome)
             elif outcome is not None:
@@ -447,21 +530,31 @@ class Batcher:
                 self.stats.record_execution(rows, timing)
                 self._m_batch.observe(rows)
                 self._m_compute.observe(timing.infer_ns / 1e9)
-                self._m_busy.inc((timing.input_ns + timing.infer_ns + timing.output_ns) / 1e9)
-                observe = self._m_queue_wait.observe
+                busy_ns = timing.input_ns + timing.infer_ns + timing.output_ns
+                self._m_busy.inc(busy_ns / 1e9)
+                self._learn(rows, busy_ns)
+                waits = self._m_queue_wait
                 for b, results in zip(batch, own, strict=True):
                     queue_ns = started - b.enqueued_ns
-                    observe(queue_ns / 1e9)
+                    waits[b.level].observe(queue_ns / 1e9)
                     set_result(b.future, (results, _with_queue(timing, queue_ns)))
         except BaseException:  # a bug: whoever is not answered yet is answered with it
             self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
             raise
         finally:
-            for b in batch:
+            for b in itertools.chain(batch, late):
                 if b.timer is not None:
                     b.timer.cancel()
                     b.timer = None
             self._check_idle()
+
+    def _learn(self, rows: int, busy_ns: int) -> None:
+        """Refresh the execution-time model (and its gauges) from one execution."""
+        model = self.planner.exec_model
+        model.observe(rows, busy_ns)
+        if model.fit is not None:
+            self._m_fixed.set(model.fit[0] / 1e9)
+            self._m_per_row.set(model.fit[1] / 1e9)
 
     def _gone(self) -> Unavailable:
         return Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
@@ -491,9 +584,7 @@ class Batcher:
         with self._lock:
             self._closed = True
             self._parked.wake_all()
-            left = list(self._queue)
-            self._queue.clear()
-            self._queued_bytes = 0
+            left = self._queue.clear()
             self._m_depth.set(0)
             held = [b for batch in self._taken.values() for b in batch]
         for item in left + held:

@@ -215,7 +215,9 @@ class ModelManager:
             new = await asyncio.to_thread(self._plan_and_load, source, planned, current)
             for ver in new.values():
                 if ver.model is not None and ver.scheduler is None:
-                    policy = policy_from_config(ver.model.config, max_queue_bytes=self.options.max_queue_bytes)
+                    policy = policy_from_config(
+                        ver.model.config, max_queue_bytes=self.options.max_queue_bytes, scheduler=self.options.scheduler
+                    )
                     ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics)
             self._swap(entry, new)
             if not entry.last_failures:

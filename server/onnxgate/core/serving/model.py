@@ -32,6 +32,7 @@ class LoadOptions:
     cpu_threads: int = 0  # intra-op threads per session; 0 = share cpu_budget between instances
     cpu_budget: int = 0  # cores this process may use; 0 = available cores
     max_queue_bytes: int = 256 * 1024 * 1024  # tensors queued per version (shadow copies included); 0 = no bound
+    scheduler: str = "deadline"  # "fifo": deadline ordering, admission and adaptive delay off
 
 
 class ModelVersion:

@@ -17,6 +17,7 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 
 from onnxgate.core.serving import model_files
+from onnxgate.core.serving.batch_policy import default_deadline_ms
 from onnxgate.core.serving.tensors import BY_CONFIG, BY_ORT, DataType, element_count
 from onnxgate.errors import ModelLoadError
 from onnxgate_client.pb import model_config_pb2 as mc
@@ -31,7 +32,8 @@ MAX_INSTANCES = 64  # sessions of one version, over all instance groups
 MAX_WARMUPS = 16  # model_warmup entries
 MAX_WARMUP_COUNT = 100  # runs of one model_warmup entry on each instance
 MAX_PREFERRED_BATCH_SIZES = 64  # dynamic_batching.preferred_batch_size entries
-MAX_QUEUE_SIZE = 65536  # dynamic_batching.default_queue_policy.max_queue_size
+MAX_QUEUE_SIZE = 65536  # dynamic_batching.default_queue_policy.max_queue_size (and each level's)
+MAX_PRIORITY_LEVELS = 64  # dynamic_batching.priority_levels
 MAX_QUEUE_DELAY_US = 60_000_000  # dynamic_batching.max_queue_delay_microseconds (60 s)
 
 
@@ -114,17 +116,43 @@ def check_limits(config: mc.ModelConfig) -> None:
         )
     if any(p < 1 for p in db.preferred_batch_size):
         raise ModelLoadError(f"dynamic_batching preferred_batch_size must be >= 1, got {list(db.preferred_batch_size)}")
-    if db.default_queue_policy.max_queue_size > MAX_QUEUE_SIZE:
-        raise ModelLoadError(
-            f"dynamic_batching max_queue_size {db.default_queue_policy.max_queue_size} is over the limit of "
-            f"{MAX_QUEUE_SIZE} requests"
-        )
+    _check_queue_policies(db)
+    try:
+        default_deadline_ms(config)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     if db.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
         raise ModelLoadError(
             f"dynamic_batching max_queue_delay_microseconds {db.max_queue_delay_microseconds} is over the limit "
             f"of {MAX_QUEUE_DELAY_US} (60 s)"
         )
     model_files.check_names(config)
+
+
+def _check_queue_policies(db: mc.ModelDynamicBatching) -> None:
+    """Priority levels and queue policies as Triton defines them, within our bounds."""
+    if db.priority_levels > MAX_PRIORITY_LEVELS:
+        raise ModelLoadError(
+            f"dynamic_batching priority_levels {db.priority_levels} is over the limit of {MAX_PRIORITY_LEVELS}"
+        )
+    if db.priority_levels and not 1 <= db.default_priority_level <= db.priority_levels:
+        raise ModelLoadError(
+            f"dynamic_batching default_priority_level must be 1..{db.priority_levels} (priority_levels), "
+            f"got {db.default_priority_level}"
+        )
+    for level in db.priority_queue_policy:
+        if not 1 <= level <= db.priority_levels:
+            raise ModelLoadError(
+                f"dynamic_batching priority_queue_policy has level {level}; priority_levels is {db.priority_levels}"
+            )
+    policies = [("default_queue_policy", db.default_queue_policy)]
+    policies += [(f"priority_queue_policy[{lv}]", qp) for lv, qp in db.priority_queue_policy.items()]
+    for where, qp in policies:
+        if qp.max_queue_size > MAX_QUEUE_SIZE:
+            raise ModelLoadError(
+                f"dynamic_batching {where} max_queue_size {qp.max_queue_size} is over the limit of "
+                f"{MAX_QUEUE_SIZE} requests"
+            )
 
 
 def _first_dim_dynamic(t: GraphTensor) -> bool:

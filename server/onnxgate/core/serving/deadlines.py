@@ -1,0 +1,126 @@
+"""The deadline scheduler's decisions for one version: admission, late drops, adaptive delay.
+
+A request's deadline bounds when its answer must be sent. From the version's learned execution
+times (:class:`~onnxgate.core.serving.exec_model.ExecTimeModel`) the planner decides:
+
+* **Admission** (on arrival): the request would start once the instances have finished what
+  they run now and what is queued ahead of it (higher levels, earlier deadlines), in full
+  batches spread over the instances; it is refused at once when it would then finish past its
+  deadline. What arrives later and sorts ahead of it (an earlier deadline, a higher level) can
+  still push it back: that is caught when it is taken, or by its timer.
+* **Late drops** (when an instance takes a batch): a request that cannot finish in time even in
+  a batch of its own is refused, never computed; a request is not added to a batch when the
+  batch, with it, would finish past any member's deadline.
+* **The last start** (a timer): a request still queued when even starting now would finish past
+  its deadline is refused then, not left to wait.
+* **Adaptive delay** (with no ``max_queue_delay_microseconds``): a forming batch waits for more
+  rows only while it is too small to keep up with the arrivals (``instances * rows`` rows per
+  batch time, against the arrival rate) and only as long as every member's deadline still allows
+  the larger batch's execution. At low load nothing waits.
+
+Untrained (a version's first executions), nothing is refused on a prediction: only requests
+already past their deadline are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from onnxgate.core.serving.exec_model import ArrivalRate, ExecTimeModel
+from onnxgate.core.serving.request_queue import NO_DEADLINE, Pending, RequestQueue
+from onnxgate.errors import Overloaded
+
+MIN_WAIT_NS = 50_000  # a forming batch waits at least this long, or not at all
+
+
+class DeadlinePlanner:
+    """Predictions for one version with ``instances`` instances and batches of ``limit`` rows."""
+
+    def __init__(self, name: str, version: int, instances: int, limit: int) -> None:
+        self.name, self.version = name, version
+        self.instances = instances
+        self.limit = limit
+        self.exec_model = ExecTimeModel()
+        self.arrivals = ArrivalRate()
+        # When each instance's running batch should end (perf_counter_ns; 0 = not running).
+        self.busy_until = [0] * instances
+
+    def predict_ns(self, rows: int) -> int:
+        return self.exec_model.predict_ns(rows)
+
+    def wait_ns(self, queue: RequestQueue, index: int, now: int) -> int:
+        """Predicted time until a request queued at ``index`` starts."""
+        predict = self.exec_model.predict_ns
+        busy = sum(u - now for u in self.busy_until if u > now)
+        full = queue.rows_ahead(index) // self.limit
+        return (busy + full * predict(self.limit)) // self.instances
+
+    def refusal(self, item: Pending, queue: RequestQueue, index: int, now: int) -> Overloaded | None:
+        """Why ``item``, about to be queued at ``index``, cannot meet its deadline (None: it can)."""
+        if not item.deadline_ns:
+            return None
+        left = item.deadline_ns - now
+        if left <= 0:
+            return self._late(item, "its deadline had passed on arrival", 0)
+        if not self.exec_model.trained:
+            return None
+        predict = self.exec_model.predict_ns
+        wait = self.wait_ns(queue, index, now)
+        part = queue.rows_ahead(index) % self.limit
+        finish = wait + predict(min(self.limit, part + item.rows))
+        if finish <= left:
+            return None
+        return self._late(
+            item,
+            f"it would finish in about {finish / 1e6:.1f} ms ({wait / 1e6:.1f} ms of work is ahead of it), "
+            f"past its deadline in {left / 1e6:.1f} ms",
+            wait,
+        )
+
+    def unmeetable(self, item: Pending, now: int) -> bool:
+        """Even alone, started now, ``item`` would finish past its deadline."""
+        return bool(item.deadline_ns) and now + self.exec_model.predict_ns(item.rows) > item.deadline_ns
+
+    def fits(self, min_deadline: int, rows: int, now: int) -> bool:
+        """A batch of ``rows`` rows started now meets ``min_deadline``, its earliest member's."""
+        return min_deadline == NO_DEADLINE or now + self.exec_model.predict_ns(rows) <= min_deadline
+
+    def start_by_ns(self, item: Pending) -> int:
+        """The last moment ``item`` can start and still meet its deadline (0 = no deadline)."""
+        if not item.deadline_ns:
+            return 0
+        return item.deadline_ns - self.exec_model.predict_ns(item.rows)
+
+    def late_refusal(self, item: Pending) -> Overloaded:
+        """The refusal of a request whose deadline could no longer be met while it waited."""
+        return self._late(item, "its deadline could no longer be met when it reached the front of the queue", 0)
+
+    def fill_wait_ns(self, live: Sequence[Pending], rows: int, now: int) -> int:
+        """How long a forming batch of ``rows`` rows (members ``live``) should wait for more."""
+        fit, per_ns = self.exec_model.fit, self.arrivals.per_ns
+        if not self.exec_model.trained or fit is None or per_ns <= 0 or not rows or rows >= self.limit:
+            return 0
+        fixed, per_row, _ = fit
+        k = self.instances
+        if k * rows >= per_ns * (fixed + per_row * rows):
+            return 0  # this batch keeps up with what arrives while it runs: nothing waits
+        if k <= per_ns * per_row:
+            target = self.limit
+        else:
+            target = min(self.limit, math.ceil(per_ns * fixed / (k - per_ns * per_row)))
+        if target <= rows:
+            return 0
+        predict = self.exec_model.predict_ns
+        wait = min((target - rows) / per_ns, predict(self.limit))
+        for b in live:
+            if b.deadline_ns:
+                wait = min(wait, b.deadline_ns - predict(target) - now)
+        return int(wait) if wait >= MIN_WAIT_NS else 0
+
+    def _late(self, item: Pending, why: str, wait_ns: int) -> Overloaded:
+        return Overloaded(
+            f"model '{self.name}' version {self.version}: request refused, {why}",
+            retry_after_s=max(0.001, wait_ns / 1e9),
+            reason="deadline",
+        )
