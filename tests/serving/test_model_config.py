@@ -268,3 +268,56 @@ def test_tensor_specs_and_metadata_shape(graphs):
     specs = {s.name: s for s in model_config.tensor_specs(cfg.input)}
     assert specs["i64"].dtype.v2 == "INT64" and specs["i64"].dims == (2,)
     assert specs["flag"].shape(batched=True) == [-1, 1] and specs["flag"].shape(batched=False) == [1]
+
+
+# -- priority levels, queue policies and the default deadline --------------------------------------
+
+BAD_SCHEDULING = {
+    "default_level_out_of_range": ("dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
+                                   ["default_priority_level", "1..2", "3"]),
+    "default_level_missing": ("dynamic_batching { priority_levels: 2 }", ["default_priority_level", "0"]),
+    "policy_for_unknown_level": (
+        "dynamic_batching { priority_levels: 2 default_priority_level: 1 "
+        "priority_queue_policy { key: 5 value: { max_queue_size: 4 } } }", ["level 5", "priority_levels is 2"]),
+    "too_many_levels": ("dynamic_batching { priority_levels: 1000 default_priority_level: 1 }", ["1000"]),
+    "level_queue_too_large": (
+        "dynamic_batching { priority_levels: 1 default_priority_level: 1 "
+        "priority_queue_policy { key: 1 value: { max_queue_size: 100000000 } } }",
+        ["priority_queue_policy[1]", "100000000"]),
+    "deadline_not_a_number": ('parameters { key: "default_deadline_ms" value: { string_value: "soon" } }',
+                              ["soon"]),
+    "deadline_negative": ('parameters { key: "default_deadline_ms" value: { string_value: "-1" } }',
+                          ["default_deadline_ms", "-1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCHEDULING))
+def test_bad_priority_or_deadline_config_is_a_load_error(case):
+    pbtxt, needles = BAD_SCHEDULING[case]
+    with pytest.raises(ModelLoadError) as info:
+        model_config.check_limits(model_config.parse_pbtxt("max_batch_size: 8\n" + pbtxt))
+    for needle in needles:
+        assert needle in info.value.message, f"{info.value.message!r} does not mention {needle!r}"
+
+
+def test_priority_levels_and_queue_policies_become_the_batch_policy():
+    from onnxgate.core.serving.batch_policy import policy_from_config
+
+    config = model_config.parse_pbtxt(
+        "max_batch_size: 8\n"
+        'parameters { key: "default_deadline_ms" value: { string_value: "12.5" } }\n'
+        "dynamic_batching { priority_levels: 3 default_priority_level: 2\n"
+        "  default_queue_policy { max_queue_size: 50 default_timeout_microseconds: 700 }\n"
+        "  priority_queue_policy { key: 1 value: { max_queue_size: 5 timeout_action: DELAY "
+        "default_timeout_microseconds: 100 allow_timeout_override: true } } }\n"
+    )
+    model_config.check_limits(config)
+    p = policy_from_config(config)
+    assert (p.priority_levels, p.default_priority_level, p.shadow_level, p.max_queue_size) == (3, 2, 4, 50)
+    assert p.default_deadline_ns == 12_500_000
+    assert p.levels[1].max_queue_size == 5 and p.levels[1].delay_on_timeout
+    assert p.levels[2].max_queue_size == 0 and p.levels[2].default_timeout_ns == 700_000  # the default policy
+    assert [p.level(v) for v in (None, 0, 1, 2, 3, 4, 2**64 - 1)] == [2, 2, 1, 2, 3, 2, 2]
+    assert p.timeout_ns(1, 50) == 50_000 and p.timeout_ns(1, 500) == 100_000  # may only shorten it
+    assert p.timeout_ns(2, 50) == 700_000  # the default policy does not allow an override
+    assert policy_from_config(config, scheduler="fifo").deadline_aware is False

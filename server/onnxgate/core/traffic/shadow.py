@@ -81,7 +81,9 @@ class ShadowRunner:
             try:
                 answer = await run(request, shadow)
             except Overloaded as exc:
-                self.comparator.record_failure(*pair, "dropped" if exc.reason == "shadow_shed" else "failed")
+                # Shed under load, or refused because the primary's deadline would pass first.
+                shed = exc.reason in ("shadow_shed", "deadline")
+                self.comparator.record_failure(*pair, "dropped" if shed else "failed")
                 error = exc
             except GatewayError as exc:
                 log.debug("shadow %s failed: %s", shadow, exc.message)
