@@ -157,3 +157,88 @@ def build_repository(repo: Path, models: tuple[BenchModel, ...] = MODELS) -> Pat
             onnx.checker.check_model(onnx.load(str(version_dir / "model.onnx")))
         (Path(repo) / model.name / "config.pbtxt").write_text(config_text(model), encoding="utf-8")
     return Path(repo)
+
+
+# --- The deadline benchmark's model (``loadtests.bench.deadline``) ---------------------------------
+
+
+@dataclass(frozen=True)
+class ConvBenchModel:
+    """Compute-bound with a cost linear in the batch: x [batch, C] -> Tile to C x side x side ->
+    ``layers`` x (Conv 3x3, C -> C, pad 1, ReLU) -> GlobalAveragePool -> y [batch, C].
+
+    The request stays small (C floats a row, 256 B at C=64) and the weights too (147 KiB a layer
+    at C=64), so ONNX Runtime's time per row hardly depends on the batch size (no weight traffic
+    to amortize): a full batch costs about ``max_batch_size`` times one row's compute.
+    """
+
+    name: str = "dlconv"
+    channels: int = 64
+    side: int = 16
+    layers: int = 12
+
+    @property
+    def in_dim(self) -> int:
+        return self.channels
+
+    @property
+    def out_dim(self) -> int:
+        return self.channels
+
+    @property
+    def flops_per_row(self) -> int:
+        return 2 * 9 * self.channels**2 * self.side**2 * self.layers
+
+
+def write_conv_onnx(model: ConvBenchModel, path: Path, seed: int = 0) -> None:
+    """Write ``model`` as one ``.onnx`` file (a few MiB: serialized in memory and checked)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c, side = model.channels, model.side
+    inits = [
+        numpy_helper.from_array(np.array([-1, c, 1, 1], np.int64), "shape"),
+        numpy_helper.from_array(np.array([1, 1, side, side], np.int64), "repeats"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["x4"]),
+        helper.make_node("Tile", ["x4", "repeats"], ["r_in"]),
+    ]
+    current = "r_in"
+    for i in range(model.layers):
+        w = rng.standard_normal((c, c, 3, 3), dtype=np.float32) * np.float32(np.sqrt(2.0 / (9 * c)))
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        current = f"r{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"]))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        model.name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", c])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxgate-loadtests")
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto)
+    Path(path).write_bytes(proto.SerializeToString())
+
+
+def conv_config_text(model: ConvBenchModel, name: str, max_batch_size: int, priority_levels: int = 0) -> str:
+    """``config.pbtxt`` for ``model`` served as ``name``: one CPU instance, dynamic batching with
+    no queue delay; with ``priority_levels`` (Triton semantics) the lowest level is the default."""
+    batching = "dynamic_batching { }"
+    if priority_levels:
+        levels = f"priority_levels: {priority_levels} default_priority_level: {priority_levels}"
+        batching = f"dynamic_batching {{ {levels} }}"
+    return (
+        f'name: "{name}"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"{batching}\n"
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {model.in_dim} ] }} ]\n'
+        f'output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {model.out_dim} ] }} ]\n'
+    )

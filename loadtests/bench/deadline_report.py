@@ -1,0 +1,241 @@
+"""Deadline benchmark: per-run summaries, the targets (PASS/MISS, reported, never asserted), the
+text report and the goodput / late-share plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests.bench.deadline_load import ERROR, LATE, OK, REFUSED, TIMEOUT, Record
+
+P50_TOLERANCE = 0.10  # "p50 unchanged vs FIFO" at the lowest load: within this share of FIFO's p50
+GOALS = {"goodput": 0.90, "late": 0.01, "refusal_p99_ms": 5.0}
+
+
+def _pct(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    arr = np.asarray(values)
+    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "max": float(arr.max())}
+
+
+def summarize(rec: Record, duration_s: float, deadline_ms: float, capacity: float, priority: int | None = None) -> dict:
+    """What one open-loop run's measured window got (``priority``: only that level's requests).
+
+    ``goodput`` counts answers within the deadline; ``late_share`` is late answers over all answers
+    (gRPC: a late answer is the client's DEADLINE_EXCEEDED); ``refusal_share`` and ``timeout_share``
+    (the client gave up at 10x the deadline) are over all requests sent."""
+    idx = [i for i, p in enumerate(rec.priority) if priority is None or p == priority]
+    kinds = [rec.kind[i] for i in idx]
+    lat = [rec.latency_ms[i] for i in idx]
+    count = {k: kinds.count(k) for k in (OK, LATE, REFUSED, TIMEOUT, ERROR)}
+    sent, answered = len(idx), count[OK] + count[LATE]
+    return {
+        "sent": sent,
+        "offered_rps": sent / duration_s,
+        **count,
+        "refused_deadline": sum(1 for i in idx if rec.kind[i] == REFUSED and rec.refusal_deadline[i]),
+        "goodput_rps": count[OK] / duration_s,
+        "goodput_share": count[OK] / duration_s / capacity if capacity else None,
+        "late_share": count[LATE] / answered if answered else None,
+        "refusal_share": count[REFUSED] / sent if sent else None,
+        "timeout_share": count[TIMEOUT] / sent if sent else None,
+        "answered_ms": _pct([x for x, k in zip(lat, kinds, strict=True) if k in (OK, LATE)]),
+        "refusal_ms": _pct([x for x, k in zip(lat, kinds, strict=True) if k == REFUSED]),
+        "deadline_ms": deadline_ms,
+    }
+
+
+def summarize_record(rec: Record, duration_s: float, deadline_ms: float, capacity: float) -> dict:
+    """The whole run's summary, per priority level when there are several, and the client's side."""
+    out = summarize(rec, duration_s, deadline_ms, capacity)
+    levels = sorted(set(rec.priority) - {0})
+    if len(levels) > 1:
+        out["levels"] = {str(p): summarize(rec, duration_s, deadline_ms, capacity, p) for p in levels}
+    lag = _pct(rec.lag_ms)
+    out["client"] = {
+        "send_lag_ms": lag,
+        "errors": dict(rec.errors),
+        "refusal_messages": dict(sorted(rec.messages.items(), key=lambda kv: -kv[1])[:5]),
+        "refusals_with_retry_after": rec.retry_after,
+    }
+    return out
+
+
+def _find(doc: dict, **match: Any) -> dict | None:
+    for run in doc["runs"]:
+        if all(run.get(k) == v for k, v in match.items()):
+            return run
+    return None
+
+
+def _get(run: dict | None, *path: str) -> Any:
+    value: Any = run
+    for key in path:
+        if value is None:
+            return None
+        value = value.get(key)
+    return value
+
+
+def targets(doc: dict) -> list[dict]:
+    """The issue's targets for the deadline scheduler (HTTP), FIFO's value beside each."""
+    loads = doc["settings"]["loads"]
+    hi, lo = max(loads), min(loads)
+    deadline = doc["deadline_ms"]
+
+    def both(**match: Any) -> tuple[dict | None, dict | None]:
+        return _find(doc, scheduler="deadline", **match), _find(doc, scheduler="fifo", **match)
+
+    rows = []
+
+    def add(tid: str, what: str, goal: str, value: Any, fifo: Any, ok: bool | None, fmt: str) -> None:
+        shown = "-" if value is None else fmt.format(value)
+        base = "-" if fifo is None else fmt.format(fifo)
+        status = "n/a" if value is None or ok is None else ("PASS" if ok else "MISS")
+        rows.append({"id": tid, "what": what, "goal": goal, "value": value, "fifo": fifo, "status": status,
+                     "shown": shown, "fifo_shown": base})
+
+    d_hi, f_hi = both(scenario="load", transport="http", load=hi)
+    v = _get(d_hi, "summary", "goodput_share")
+    add("d1", f"{hi:g}x load: goodput / capacity", f">= {GOALS['goodput']:.2f}", v,
+        _get(f_hi, "summary", "goodput_share"), None if v is None else v >= GOALS["goodput"], "{:.3f}")
+    v = _get(d_hi, "summary", "late_share")
+    add("d2", f"{hi:g}x load: late answers / answers", f"<= {GOALS['late']:.0%}", v,
+        _get(f_hi, "summary", "late_share"), None if v is None else v <= GOALS["late"], "{:.2%}")
+    v = _get(d_hi, "summary", "refusal_ms", "p99")
+    no_refusals = d_hi is not None and v is None
+    add("d3", f"{hi:g}x load: refusal latency p99", f"<= {GOALS['refusal_p99_ms']:g} ms", v,
+        _get(f_hi, "summary", "refusal_ms", "p99"), None if v is None else v <= GOALS["refusal_p99_ms"], "{:.2f} ms")
+    if no_refusals:
+        rows[-1]["status"], rows[-1]["shown"] = "n/a", "no refusals"
+    d_lo, f_lo = both(scenario="load", transport="http", load=lo)
+    v = _get(d_lo, "summary", "refused")
+    add("d4", f"{lo:g}x load: requests refused", "0", v, _get(f_lo, "summary", "refused"),
+        None if v is None else v == 0, "{:d}")
+    p_d, p_f = _get(d_lo, "summary", "answered_ms", "p50"), _get(f_lo, "summary", "answered_ms", "p50")
+    ratio = p_d / p_f if p_d is not None and p_f else None
+    add("d5", f"{lo:g}x load: answered p50 / FIFO's", f"within +-{P50_TOLERANCE:.0%}", ratio, None,
+        None if ratio is None else abs(ratio - 1) <= P50_TOLERANCE, "{:.3f}")
+    if ratio is not None:
+        rows[-1]["shown"] += f" ({p_d:.1f} vs {p_f:.1f} ms)"
+    d_pr, f_pr = both(scenario="priority", transport="http")
+    v = _get(d_pr, "summary", "levels", "1", "answered_ms", "p99")
+    add("d6", "priority run: level 1 answered p99", f"<= deadline ({deadline:g} ms)", v,
+        _get(f_pr, "summary", "levels", "1", "answered_ms", "p99"), None if v is None else v <= deadline, "{:.1f} ms")
+    return rows
+
+
+def _ms(v: dict | None, key: str) -> str:
+    return "-" if v is None else f"{v[key]:.1f}"
+
+
+def _share(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _run_line(label: str, run: dict, s: dict) -> str:
+    m = run.get("metrics") or {}
+    cpu = run.get("cpu") or {}
+    rej = ",".join(f"{k}:{int(n)}" for k, n in sorted((m.get("rejected") or {}).items()) if n) or "-"
+    misses = m.get("deadline_misses")
+    return (
+        f"{label:<24}{s['offered_rps']:>8.0f}{s['goodput_rps']:>8.0f}{_f(s['goodput_share'], 3):>7}"
+        f"{_share(s['late_share']):>7}{_share(s['refusal_share']):>7}{s['refused_deadline']:>6}{s[TIMEOUT]:>5}"
+        f"{s[ERROR]:>5}{_ms(s['refusal_ms'], 'p50'):>7}{_ms(s['refusal_ms'], 'p99'):>7}"
+        f"{_ms(s['answered_ms'], 'p50'):>8}{_ms(s['answered_ms'], 'p99'):>8}"
+        f"{_f(m.get('batch_rows')):>6}{_share(m.get('compute_share'), 0):>6}{_f(cpu.get('other_cores')):>6}"
+        f"{_ms((s.get('client') or {}).get('send_lag_ms'), 'p99'):>6}"
+        f"  {rej} misses:{'-' if misses is None else int(misses)}"
+    )
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+HEADER = (
+    f"{'run':<24}{'offer/s':>8}{'good/s':>8}{'good':>7}{'late':>7}{'refus':>7}{'r_dl':>6}{'tmo':>5}{'err':>5}"
+    f"{'ref50':>7}{'ref99':>7}{'ans50':>8}{'ans99':>8}{'batch':>6}{'comp':>6}{'other':>6}{'lag99':>6}"
+    "  gateway rejected / misses"
+)
+
+
+def format_report(doc: dict) -> str:
+    """The printed report: setup, capacity, every run (per level for the priority runs), targets."""
+    st, model = doc["settings"], doc["model"]
+    out = [f"deadline benchmark ({doc['mode']}), {doc['created']}"]
+    out.append(f"gateway on CPU {st['server_cpus']}, load generator on CPU {st['loadgen_cpus']}; git {doc['git']}")
+    if not doc["scheduler_flag"]:
+        out.append("NOTE: this gateway has no --scheduler flag: it ran as it is (FIFO batches, the deadline header "
+                   "and the priority parameter as it treats them); the deadline scheduler's rows and targets are n/a")
+    out.append(f"model {model['name']}: {model['description']}, max_batch_size {model['max_batch_size']}, 1 instance")
+    ort = doc["ort"]
+    out.append("raw ORT p50 per batch: " + ", ".join(f"{b}: {ms:.2f} ms" for b, ms in ort["p50_ms"].items()))
+    for name, cap in doc["capacity"].items():
+        out.append(
+            f"capacity ({name}, closed loop C={cap['concurrency']}): {cap['rows_per_s']:.0f} rows/s, mean batch "
+            f"{_f(cap.get('batch_rows'))}, gateway {_f(cap.get('compute_ms_per_batch'), 2)} ms per execution in ORT, "
+            f"busy {_share(cap.get('busy_share'), 0)}, p50 {cap['latency_ms']['p50']:.1f} ms"
+        )
+    out.append(
+        f"capacity used: {doc['capacity_rows_per_s']:.0f} rows/s (fifo's); one full batch {doc['batch_ms']:.2f} ms "
+        f"({doc['batch_ms_source']}); deadline {doc['deadline_ms']:g} ms; client timeout {doc['timeout_ms']:g} ms"
+    )
+    out.append("")
+    out.append("good = goodput / capacity; late = late answers / answers; refus = refusals / sent (r_dl: refusals "
+               "that mention the deadline); tmo = client timeouts; ref/ans = refusal / answer latency ms; batch = "
+               "mean rows per execution; comp = ORT share of the window; other = other processes' cores (!: over "
+               "0.35 after a re-measurement); lag99 = the client's send lag p99, ms")
+    out.append(HEADER)
+    for run in doc["runs"]:
+        s = run["summary"]
+        label = f"{run['scheduler']} {run['transport']} {run['scenario'][:4]} {run['load']:g}x"
+        label += "!" if run.get("disturbed") else ""
+        out.append(_run_line(label, run, s))
+        for level, ls in (s.get("levels") or {}).items():
+            out.append(_run_line(f"  priority {level}", {}, ls))
+    out.append("")
+    out.append(f"{'id':<4}{'target':<44}{'goal':<26}{'deadline':<26}{'fifo':<14}status")
+    for t in doc["targets"]:
+        out.append(f"{t['id']:<4}{t['what']:<44}{t['goal']:<26}{t['shown']:<26}{t['fifo_shown']:<14}{t['status']}")
+    return "\n".join(out) + "\n"
+
+
+def plot(doc: dict, path: Path) -> str | None:
+    """Goodput (share of capacity) and late share vs offered load, FIFO vs deadline; None when written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    loads = sorted(doc["settings"]["loads"])
+    xs = np.linspace(0, max(loads) * 1.05, 50)
+    ax1.plot(xs, np.minimum(xs, 1.0), "k:", label="ideal min(load, 1)")
+    styles = {("fifo", "http"): "o-", ("deadline", "http"): "s-", ("fifo", "grpc"): "o--", ("deadline", "grpc"): "s--"}
+    for (sched, transport), style in styles.items():
+        runs = sorted((r for r in doc["runs"] if r["scenario"] == "load" and r["scheduler"] == sched
+                       and r["transport"] == transport), key=lambda r: r["load"])
+        if not runs:
+            continue
+        x = [r["summary"]["offered_rps"] / doc["capacity_rows_per_s"] for r in runs]
+        ax1.plot(x, [r["summary"]["goodput_share"] for r in runs], style, label=f"{sched} ({transport})")
+        ax2.plot(x, [100 * (r["summary"]["late_share"] or 0) for r in runs], style, label=f"{sched} ({transport})")
+    ax1.set(xlabel="offered load (x capacity)", ylabel="goodput (share of capacity)", ylim=(0, 1.15),
+            title=f"goodput: answers within {doc['deadline_ms']:g} ms")
+    ax2.set(xlabel="offered load (x capacity)", ylabel="late answers (% of answers)", title="late answers")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{doc['model']['name']}: capacity {doc['capacity_rows_per_s']:.0f} rows/s on one core "
+                 f"({doc['mode']} run)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
