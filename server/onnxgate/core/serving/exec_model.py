@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 
 MIN_EXECUTIONS = 3  # executions seen before the scheduler trusts the fit
-HALF_LIFE = 64.0  # executions after which one's weight has halved
+HALF_LIFE = 32.0  # executions after which one's weight in the fit has halved
+DEVIATION_HALF_LIFE = 16.0  # the same for the margin: it follows the recent noise
 DEVIATIONS = 2.0  # margin: this many mean absolute deviations on top of the fit
 
 
@@ -26,10 +27,11 @@ class ExecTimeModel:
     Written on the event loop only (one execution at a time); read from any thread, through
     :attr:`fit`, a tuple replaced whole."""
 
-    __slots__ = ("_decay", "_dev", "_w", "_wr", "_wrr", "_wry", "_wy", "count", "fit")
+    __slots__ = ("_decay", "_dev", "_dev_decay", "_w", "_wr", "_wrr", "_wry", "_wy", "count", "fit")
 
     def __init__(self, half_life: float = HALF_LIFE) -> None:
         self._decay = 0.5 ** (1.0 / half_life)
+        self._dev_decay = 0.5 ** (1.0 / DEVIATION_HALF_LIFE)
         self._w = self._wr = self._wrr = self._wy = self._wry = 0.0
         self._dev = 0.0
         self.count = 0
@@ -40,11 +42,10 @@ class ExecTimeModel:
         if rows <= 0 or ns <= 0:
             return
         d = self._decay
-        if self.fit is not None:
+        if self.fit is not None:  # how far this execution is from what the fit predicted
             fixed, per_row, _ = self.fit
-            self._dev = d * self._dev + (1 - d) * abs(ns - (fixed + per_row * rows))
-        else:
-            self._dev = 0.25 * ns  # no evidence of how much executions vary yet
+            dd = self._dev_decay
+            self._dev = dd * self._dev + (1 - dd) * abs(ns - (fixed + per_row * rows))
         self._w = d * self._w + 1.0
         self._wr = d * self._wr + rows
         self._wrr = d * self._wrr + rows * rows

@@ -1,0 +1,138 @@
+"""The deadline scheduler's predictions: the online execution-time fit, the admission estimate
+and the adaptive delay, on synthetic executions (deterministic, no model runs)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from onnxgate.core.serving.deadlines import DeadlinePlanner
+from onnxgate.core.serving.exec_model import MIN_EXECUTIONS, ArrivalRate, ExecTimeModel
+from onnxgate.core.serving.request_queue import Pending, RequestQueue
+
+MS = 1_000_000
+
+
+def _trained(fixed_ns: float, per_row_ns: float, sizes=(1, 8, 64, 32, 4, 64, 16, 2), noise: float = 0.0,
+             rounds: int = 20) -> ExecTimeModel:
+    rng = np.random.default_rng(0)
+    model = ExecTimeModel()
+    for _ in range(rounds):
+        for rows in sizes:
+            ns = (fixed_ns + per_row_ns * rows) * (1 + noise * rng.standard_normal())
+            model.observe(rows, int(ns))
+    return model
+
+
+def test_the_fit_recovers_fixed_and_per_row_costs():
+    model = _trained(2 * MS, 0.5 * MS)
+    assert model.fit is not None
+    fixed, per_row, margin = model.fit
+    assert fixed == pytest.approx(2 * MS, rel=1e-3)
+    assert per_row == pytest.approx(0.5 * MS, rel=1e-3)
+    assert margin < 0.01 * MS  # exact executions: next to no margin left once the first guesses fade
+    assert model.predict_ns(64) == pytest.approx(34 * MS, rel=1e-3)
+
+
+def test_noisy_executions_widen_the_margin_not_the_fit():
+    model = _trained(2 * MS, 0.5 * MS, noise=0.1)
+    fixed, per_row, margin = model.fit
+    assert per_row == pytest.approx(0.5 * MS, rel=0.1)
+    assert margin > 0.5 * MS  # about two mean absolute deviations
+    assert model.predict_ns(64) > fixed + per_row * 64
+
+
+def test_one_batch_size_only_gives_a_proportional_fit():
+    model = _trained(2 * MS, 0.5 * MS, sizes=(8,))
+    fixed, per_row, _ = model.fit
+    assert fixed == 0 and per_row == pytest.approx(6 * MS / 8)
+
+
+def test_untrained_predicts_nothing():
+    model = ExecTimeModel()
+    for _ in range(MIN_EXECUTIONS - 1):
+        model.observe(4, 5 * MS)
+    assert not model.trained and model.predict_ns(64) == 0
+    model.observe(4, 5 * MS)
+    assert model.trained and model.predict_ns(4) > 0
+
+
+def test_the_fit_follows_a_change_in_speed():
+    model = _trained(1 * MS, 1 * MS)
+    for _ in range(60):
+        for rows in (1, 16, 64):
+            model.observe(rows, int(3 * MS * rows))  # three times slower now, no fixed cost
+    assert model.fit[1] == pytest.approx(3 * MS, rel=0.1)
+
+
+def _planner(model: ExecTimeModel, instances: int = 1, limit: int = 64) -> DeadlinePlanner:
+    planner = DeadlinePlanner("m", 1, instances, limit)
+    planner.exec_model = model
+    return planner
+
+
+def _pending(rows: int = 1, deadline_ns: int = 0) -> Pending:
+    return Pending({}, rows, (), (), asyncio.Future(loop=asyncio.new_event_loop()), 0, deadline_ns=deadline_ns)
+
+
+def test_admission_counts_the_work_ahead_in_full_batches():
+    planner = _planner(_trained(2 * MS, 0.5 * MS))  # a full batch of 64: 34 ms
+    queue = RequestQueue(1, edf=True)
+    now = 10**12
+    for _ in range(128):  # two full batches ahead: earlier deadlines
+        queue.push(_pending(deadline_ns=now + 40 * MS))
+    queue.push(_pending())  # no deadline: behind
+    item = _pending(deadline_ns=now + 60 * MS)  # 68 ms of work + its own batch: cannot make it
+    refused = planner.refusal(item, queue, queue.place(item), now)
+    assert refused is not None and refused.reason == "deadline"
+    assert refused.retry_after_s == pytest.approx(0.068, rel=1e-3)
+    roomy = _pending(deadline_ns=now + 80 * MS)
+    assert planner.refusal(roomy, queue, queue.place(roomy), now) is None
+    two = _planner(_trained(2 * MS, 0.5 * MS), instances=2)  # two instances halve the wait
+    item = _pending(deadline_ns=now + 60 * MS)
+    assert two.refusal(item, queue, queue.place(item), now) is None
+
+
+def test_an_earlier_deadline_is_admitted_ahead_of_queued_later_ones():
+    planner = _planner(_trained(2 * MS, 0.5 * MS))
+    queue = RequestQueue(1, edf=True)
+    now = 10**12
+    for _ in range(128):
+        queue.push(_pending(deadline_ns=now + 1000 * MS))
+    urgent = _pending(deadline_ns=now + 10 * MS)
+    index = queue.place(urgent)
+    assert index == 0 and planner.refusal(urgent, queue, index, now) is None
+
+
+def test_a_request_past_its_deadline_is_refused_even_untrained():
+    planner = _planner(ExecTimeModel())
+    queue = RequestQueue(1, edf=True)
+    item = _pending(deadline_ns=5)
+    assert planner.refusal(item, queue, queue.place(item), 10).reason == "deadline"
+    fresh = _pending(deadline_ns=10**15)
+    assert planner.refusal(fresh, queue, queue.place(fresh), 10) is None
+
+
+def test_adaptive_delay_waits_only_when_the_batch_cannot_keep_up():
+    planner = _planner(_trained(5 * MS, 0.1 * MS))  # overhead-bound: big batches are cheap
+    live = [_pending()]
+    planner.arrivals.per_ns = 1 / (100 * MS)  # 10 rows/s: a batch of one keeps up
+    assert planner.fill_wait_ns(live, 1, 0) == 0
+    planner.arrivals.per_ns = 1 / (0.5 * MS)  # 2000 rows/s: one row per 5.1 ms cannot
+    wait = planner.fill_wait_ns(live, 1, 0)
+    assert 0 < wait <= planner.exec_model.predict_ns(64)
+    # ... and never past what a member's deadline leaves for the larger batch.
+    tight = [_pending(deadline_ns=8 * MS)]
+    assert planner.fill_wait_ns(tight, 1, 0) < 8 * MS - planner.exec_model.predict_ns(1)
+    assert planner.fill_wait_ns([_pending(deadline_ns=1 * MS)], 1, 0) == 0
+
+
+def test_arrival_rate_is_smoothed_rows_per_nanosecond():
+    rate = ArrivalRate(window_ns=10 * MS)
+    t = 1
+    for _ in range(2000):
+        rate.arrived(1, t)
+        t += MS // 4  # 4000 rows/s
+    assert rate.per_ns == pytest.approx(4 / MS, rel=0.05)
