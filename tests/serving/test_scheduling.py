@@ -95,7 +95,7 @@ def test_earliest_deadline_first_and_no_deadline_last(tmp_path: Path, scheduler:
             h.submit(4, deadline_ns=now + 10 * SECOND_NS),
             h.submit(5, deadline_ns=now + 20 * SECOND_NS),
         ]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # every submit has queued its request
         h.release()
         await asyncio.gather(first, *calls)
         # The scheduler off (fifo): arrival order, as Triton.
@@ -119,7 +119,7 @@ def test_priority_levels_come_before_deadlines(tmp_path: Path):
             h.submit(6, priority=9),
             h.submit(7, priority=2, deadline_ns=soon + SECOND_NS),
         ]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # every submit has queued its request
         h.release()
         await asyncio.gather(first, *calls)
         assert h.order() == [4, 7, 2, 3, 5, 6, 1]
@@ -132,7 +132,7 @@ def test_a_shadow_copy_waits_behind_every_primary(tmp_path: Path):
         first = await h.hold()
         soon = time.perf_counter_ns() + 10 * SECOND_NS
         calls = [h.submit(1, shadow=True, deadline_ns=soon), h.submit(2, shadow=True), h.submit(3), h.submit(4)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # every submit has queued its request
         h.release()
         await asyncio.gather(first, *calls)
         assert h.order() == [3, 4, 1, 2]
@@ -171,6 +171,7 @@ def test_a_delay_timeout_sets_a_request_behind_its_level(tmp_path: Path):
         await asyncio.sleep(0.2)  # its 20 ms timeout passed while queued: DELAY, not refused
         assert not delayed.done()
         fresh = h.submit(2)
+        await asyncio.sleep(0)  # queued before the instance is let go
         h.release()
         await asyncio.gather(first, delayed, fresh)
         assert h.order() == [2, 1]

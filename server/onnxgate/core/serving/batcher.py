@@ -361,7 +361,8 @@ class Batcher:
         returns its rows. With the deadline scheduler, a request that cannot meet its deadline
         even alone goes in marked ``late`` (refused, never computed), and the batch stops
         before a request that would make it finish past a member's deadline."""
-        limit, edf, planner = self._limit, self._edf, self.planner
+        limit, edf = self._limit, self._edf
+        predict = self.planner.exec_model.predict_ns
         live = [b for b in batch if not b.late]
         key = live[0].key if live else None
         members = len(live)
@@ -370,8 +371,8 @@ class Batcher:
         taken: list[Pending] = []
         skipped = 0
         for item in self._queue:
-            if edf and planner.unmeetable(item, now):
-                item.late = True
+            if edf and item.deadline_ns and now + predict(item.rows) > item.deadline_ns:
+                item.late = True  # it cannot meet its deadline even alone
                 taken.append(item)
                 continue
             if key is None:
@@ -383,11 +384,13 @@ class Batcher:
                 continue
             if members and rows + item.rows > limit:
                 break
-            if edf:
-                deadline = min(min_deadline, item.deadline_ns or NO_DEADLINE)
-                if members and not planner.fits(deadline, rows + item.rows, now):
-                    break
+            if edf and item.deadline_ns:
+                deadline = min(min_deadline, item.deadline_ns)
+                if members and now + predict(rows + item.rows) > deadline:
+                    break  # with it, the batch would finish past a member's deadline
                 min_deadline = deadline
+            elif members and min_deadline != NO_DEADLINE and now + predict(rows + item.rows) > min_deadline:
+                break
             taken.append(item)
             members += 1
             rows += item.rows
@@ -459,6 +462,11 @@ class Batcher:
                     break  # what is queued does not fit this batch
         finally:
             self._filling[slot] = None
+        if self._edf:  # a member whose deadline the wait has made unmeetable is not run
+            now, predict = time.perf_counter_ns(), self.planner.exec_model.predict_ns
+            for b in batch:
+                if b.deadline_ns and not b.late and now + predict(rows) > b.deadline_ns:
+                    b.late = True
 
     def _serve(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
         """One instance thread: take a batch, run it, hand it back; again, until closed."""

@@ -8,9 +8,10 @@ times (:class:`~onnxgate.core.serving.exec_model.ExecTimeModel`) the planner dec
   batches spread over the instances; it is refused at once when it would then finish past its
   deadline. What arrives later and sorts ahead of it (an earlier deadline, a higher level) can
   still push it back: that is caught when it is taken, or by its timer.
-* **Late drops** (when an instance takes a batch): a request that cannot finish in time even in
-  a batch of its own is refused, never computed; a request is not added to a batch when the
-  batch, with it, would finish past any member's deadline.
+* **Late drops** (when an instance takes a batch, in ``Batcher._take`` with :meth:`predict_ns`):
+  a request that cannot finish in time even in a batch of its own is refused, never computed; a
+  request is not added to a batch when the batch, with it, would finish past any member's
+  deadline.
 * **The last start** (a timer): a request still queued when even starting now would finish past
   its deadline is refused then, not left to wait.
 * **Adaptive delay** (with no ``max_queue_delay_microseconds``): a forming batch waits for more
@@ -28,7 +29,7 @@ import math
 from collections.abc import Sequence
 
 from onnxgate.core.serving.exec_model import ArrivalRate, ExecTimeModel
-from onnxgate.core.serving.request_queue import NO_DEADLINE, Pending, RequestQueue
+from onnxgate.core.serving.request_queue import Pending, RequestQueue
 from onnxgate.errors import Overloaded
 
 MIN_WAIT_NS = 50_000  # a forming batch waits at least this long, or not at all
@@ -77,14 +78,6 @@ class DeadlinePlanner:
             f"past its deadline in {left / 1e6:.1f} ms",
             wait,
         )
-
-    def unmeetable(self, item: Pending, now: int) -> bool:
-        """Even alone, started now, ``item`` would finish past its deadline."""
-        return bool(item.deadline_ns) and now + self.exec_model.predict_ns(item.rows) > item.deadline_ns
-
-    def fits(self, min_deadline: int, rows: int, now: int) -> bool:
-        """A batch of ``rows`` rows started now meets ``min_deadline``, its earliest member's."""
-        return min_deadline == NO_DEADLINE or now + self.exec_model.predict_ns(rows) <= min_deadline
 
     def start_by_ns(self, item: Pending) -> int:
         """The last moment ``item`` can start and still meet its deadline (0 = no deadline)."""
