@@ -136,3 +136,15 @@ def test_arrival_rate_is_smoothed_rows_per_nanosecond():
         rate.arrived(1, t)
         t += MS // 4  # 4000 rows/s
     assert rate.per_ns == pytest.approx(4 / MS, rel=0.05)
+
+
+def test_with_instances_free_a_request_starts_on_the_first_free_one():
+    planner = _planner(_trained(2 * MS, 0.5 * MS), instances=2)
+    queue = RequestQueue(1, edf=True)
+    now = 10**12
+    planner.busy_until = [now + 100 * MS, 0]  # one instance busy for 100 ms more, one free
+    item = _pending(deadline_ns=now + 10 * MS)
+    assert planner.wait_ns(queue, queue.place(item), now) == 0
+    assert planner.refusal(item, queue, queue.place(item), now) is None
+    planner.busy_until = [now + 100 * MS, now + 50 * MS]
+    assert planner.wait_ns(queue, queue.place(item), now) == 50 * MS

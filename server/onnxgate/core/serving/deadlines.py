@@ -52,10 +52,11 @@ class DeadlinePlanner:
 
     def wait_ns(self, queue: RequestQueue, index: int, now: int) -> int:
         """Predicted time until a request queued at ``index`` starts."""
-        predict = self.exec_model.predict_ns
-        busy = sum(u - now for u in self.busy_until if u > now)
         full = queue.rows_ahead(index) // self.limit
-        return (busy + full * predict(self.limit)) // self.instances
+        free = [max(0, u - now) for u in self.busy_until]  # when each instance is free
+        if full < self.instances:  # its batch goes to the (full + 1)-th instance to be free
+            return sorted(free)[full] if self.instances > 1 else free[0]
+        return (sum(free) + full * self.exec_model.predict_ns(self.limit)) // self.instances
 
     def refusal(self, item: Pending, queue: RequestQueue, index: int, now: int) -> Overloaded | None:
         """Why ``item``, about to be queued at ``index``, cannot meet its deadline (None: it can)."""
