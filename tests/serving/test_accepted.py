@@ -125,7 +125,7 @@ def test_expired_and_cancelled_requests_free_their_queue_places_at_once(slow_gw)
     inp.set_data_from_numpy(x)
     # Its deadline passes while queued: the deadline scheduler refuses it as the deadline comes
     # (RESOURCE_EXHAUSTED, "deadline"), unless the client's own DEADLINE_EXCEEDED fires first.
-    with pytest.raises(InferenceServerException, match="Deadline|deadline"):
+    with pytest.raises(InferenceServerException, match=r"Deadline|deadline"):
         client.infer("slow", [inp], client_timeout=0.1)
     assert expired.answered() == 429
     _assert_both_places_free(slow_gw, big, before, x)

@@ -1,6 +1,6 @@
 """Review of the deadline- and priority-aware scheduler (issue 16): defects found in the batcher,
 the request queue and the deadline planner, each shown by a test that fails on the code that
-introduced it (marked xfail until fixed).
+introduced it (fixed since).
 
 In process, as tests/serving/test_scheduling.py: a ModelManager serving a real ONNX model, with
 its instances' runs recorded and, where a scenario needs it, held inside a run until released.
@@ -128,9 +128,6 @@ async def _until(predicate: Callable[[], bool], timeout: float = 10) -> None:
 # -- admission ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="an over-predicting fit is never corrected: requests it refuses are "
-                   "never run, so no execution refreshes it; with deadlines on every request the version "
-                   "refuses everything for good, with its instance idle")
 def test_a_stale_fit_does_not_refuse_every_request_for_good(tmp_path: Path):
     """The model's default deadline (100 ms) applies to every request. Its first three
     executions are slow (a stall: 300 ms each), the fit learns ~300 ms a request; then the model
@@ -158,8 +155,6 @@ def test_a_stale_fit_does_not_refuse_every_request_for_good(tmp_path: Path):
     _run(tmp_path, config, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="submit makes room (_admit evicts a lower level) before the deadline "
-                   "refusal: the evicted request is lost for one that is then refused anyway")
 def test_a_request_refused_for_its_deadline_sheds_nobody_to_make_room(tmp_path: Path):
     """The queue (one place) is full with a level 2 request. A level 1 request whose deadline
     has already passed (a gRPC deadline spent during decoding) arrives: it is refused (reason
@@ -193,8 +188,6 @@ def test_a_request_refused_for_its_deadline_sheds_nobody_to_make_room(tmp_path: 
 # -- late drops ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a request taken 'late' is refused only in _answer, after the batch it "
-                   "was taken with has run (or filled): its refusal waits for someone else's execution")
 def test_a_request_dropped_late_is_refused_without_waiting_for_the_batch_it_was_taken_with(tmp_path: Path):
     """A late request is refused at once, never computed (issue 16, item 4; the README: 'refused
     at once'). Here the instance frees up after the request's deadline passed (the loop was
@@ -232,9 +225,6 @@ def test_a_request_dropped_late_is_refused_without_waiting_for_the_batch_it_was_
 # -- adaptive delay ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a request that joins a forming batch is checked as if the batch started "
-                   "now (_take), but the batch's wait (until in _fill) is not shortened for its deadline: "
-                   "after the wait it is dropped late instead of answered in time")
 def test_a_forming_batch_does_not_wait_past_the_deadline_of_a_request_that_joins_it(tmp_path: Path):
     """The adaptive delay: a batch formed by one request without a deadline waits for more rows
     (the fit and arrival rate say so: up to ~12 s here). A request with a 2 s deadline arrives,
@@ -269,9 +259,6 @@ def test_a_forming_batch_does_not_wait_past_the_deadline_of_a_request_that_joins
 # -- order ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="request_queue.NO_DEADLINE is 2**62 ns (~146 years) and deadlines are "
-                   "not clamped: a gRPC deadline beyond it (grpc-timeout allows 99999999H) sorts after requests "
-                   "with no deadline at all")
 def test_a_far_deadline_still_sorts_before_no_deadline(tmp_path: Path):
     """Requests without a deadline come after those with one (README 'Order'). A gRPC client's
     deadline can be up to 99999999 hours away (the grpc-timeout header's largest value,
@@ -294,8 +281,6 @@ def test_a_far_deadline_still_sorts_before_no_deadline(tmp_path: Path):
 # -- queue bounds --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="_admit bounds a level by queue.per_level (queued only), while the whole "
-                   "queue's bound (_waiting) counts what a forming batch holds too, as Triton does")
 def test_a_level_bound_counts_what_a_forming_batch_holds(tmp_path: Path):
     """priority_queue_policy bounds level 2 at one waiting request. The first one is held by the
     instance in a forming batch (max_queue_delay: it waits there, still queue as in Triton and as

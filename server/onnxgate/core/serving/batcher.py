@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from onnxgate.core.inference import MAX_DEADLINE_MS
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.serving.batch_policy import BatchPolicy
 from onnxgate.core.serving.deadlines import DeadlinePlanner
@@ -73,6 +74,8 @@ KICK_ITERATIONS = 16
 KICK_WAIT_NS = 200_000
 IDLE_ITERATION_NS = 5_000
 TIMER_SLACK_NS = 100_000  # a queue timer that fires this close to its event handles it
+FILL_SLACK_NS = 2_000_000  # a forming batch stops waiting this long before a member's last start (wake-up latency)
+MAX_DEADLINE_NS = MAX_DEADLINE_MS * 1_000_000  # deadlines further off are cut to this
 
 
 #: What an instance thread hands back for one batch: each request's own output rows, the
@@ -93,9 +96,9 @@ class Batcher:
         self.metrics = metrics or Metrics()
         labels = (model.name, str(model.version))
         self._m_batch = self.metrics.batch_rows.labels(*labels)
-        self._m_queue_wait = [
+        self._m_queue_wait = [None] + [  # by level (1..); level 0 does not exist
             self.metrics.queue_wait.labels(*labels, "shadow" if lv == policy.shadow_level else str(lv))
-            for lv in range(policy.shadow_level + 1)
+            for lv in range(1, policy.shadow_level + 1)
         ]
         self._m_fixed = self.metrics.exec_fixed.labels(*labels)
         self._m_per_row = self.metrics.exec_per_row.labels(*labels)
@@ -167,6 +170,8 @@ class Batcher:
         level = p.shadow_level if shadow else p.level(priority)
         if not deadline_ns and p.default_deadline_ns:
             deadline_ns = now + p.default_deadline_ns
+        if deadline_ns:  # a gRPC timeout may be years: it must still sort before "none"
+            deadline_ns = min(deadline_ns, now + MAX_DEADLINE_NS)
         item = Pending(
             feeds, rows, tuple(outputs), self._key(feeds, outputs), loop.create_future(), now,
             nbytes, shadow, level, deadline_ns,
@@ -175,11 +180,11 @@ class Batcher:
             item.timeout_at_ns = now + timeout_ns
         queue = self._queue
         with self._lock:
-            self._admit(item)
             index = queue.place(item)
+            if self._edf and (refused := self.planner.refusal(item, queue, index, now)) is not None:
+                raise refused  # before making room: nobody is shed for a request refused anyway
+            self._admit(item)  # sheds only requests of lower levels, behind index: it stays valid
             if self._edf:
-                if (refused := self.planner.refusal(item, queue, index, now)) is not None:
-                    raise refused
                 self.planner.arrivals.arrived(rows, now)
             queue.insert(index, item)
             self._m_depth.set(len(queue))
@@ -211,7 +216,7 @@ class Batcher:
         ):
             raise Overloaded(f"model '{self.model.name}': shadow request shed under load", reason="shadow_shed")
         level_max = p.levels[item.level].max_queue_size
-        if level_max and queue.per_level[item.level] >= level_max:
+        if level_max and self._waiting(level_max, item.level) >= level_max:
             raise Overloaded(
                 f"model '{self.model.name}' version {self.model.version}: the queue of priority level "
                 f"{item.level} is full ({level_max} requests waiting)"
@@ -230,18 +235,21 @@ class Batcher:
                     reason="queue_bytes",
                 )
 
-    def _waiting(self, limit: int) -> int:
-        """Under the lock: requests waiting to run, queued or held by an instance still filling
-        its batch (as in Triton, a forming batch is still queue). Exact only up to ``limit``,
-        which is all the bound needs: held requests are counted only when the cheap upper bound
-        reaches it."""
-        n = len(self._queue)
+    def _waiting(self, limit: int, level: int = 0) -> int:
+        """Under the lock: requests waiting to run (of ``level``; 0 = all), queued or held by
+        an instance still filling its batch (as in Triton, a forming batch is still queue).
+        Exact only up to ``limit``, which is all the bound needs: held requests are counted only
+        when the cheap upper bound reaches it."""
+        n = self._queue.per_level[level] if level else len(self._queue)
         if n >= limit:
             return n
         held = [batch for batch in self._filling if batch]
         if not held or n + sum(map(len, held)) < limit:
             return n
-        return n + sum(1 for batch in held for b in batch if not (b.dropped or b.late or b.future.done()))
+        return n + sum(
+            1 for batch in held for b in batch
+            if not (b.dropped or b.late or b.future.done()) and (not level or b.level == level)
+        )
 
     def _unqueue_locked(self, item: Pending) -> bool:
         """Under the lock: take ``item`` off the queue, if it is still there."""
@@ -366,12 +374,12 @@ class Batcher:
         live = [b for b in batch if not b.late]
         key = live[0].key if live else None
         members = len(live)
-        min_deadline = min((b.deadline_ns or NO_DEADLINE for b in live), default=NO_DEADLINE)
+        min_deadline = self._min_deadline(live)
         now = time.perf_counter_ns() if edf else 0
         taken: list[Pending] = []
         skipped = 0
         for item in self._queue:
-            if edf and item.deadline_ns and now + predict(item.rows) > item.deadline_ns:
+            if edf and item.deadline_ns and now + (0 if item.probe else predict(item.rows)) > item.deadline_ns:
                 item.late = True  # it cannot meet its deadline even alone
                 taken.append(item)
                 continue
@@ -384,7 +392,7 @@ class Batcher:
                 continue
             if members and rows + item.rows > limit:
                 break
-            if edf and item.deadline_ns:
+            if edf and item.deadline_ns and not item.probe:
                 deadline = min(min_deadline, item.deadline_ns)
                 if members and now + predict(rows + item.rows) > deadline:
                     break  # with it, the batch would finish past a member's deadline
@@ -449,6 +457,8 @@ class Batcher:
         self._filling[slot] = batch
         try:
             while not self._closed and not self._batch_done(rows):
+                if self._edf:  # never past what the members' deadlines leave for the batch
+                    until = min(until, self._min_deadline(batch) - self.planner.predict_ns(rows) - FILL_SLACK_NS)
                 if (left := until - time.perf_counter_ns()) <= 0:
                     if self._queue:  # what arrived as the delay ran out still joins
                         rows = self._take(batch, rows)
@@ -465,8 +475,15 @@ class Batcher:
         if self._edf:  # a member whose deadline the wait has made unmeetable is not run
             now, predict = time.perf_counter_ns(), self.planner.exec_model.predict_ns
             for b in batch:
-                if b.deadline_ns and not b.late and now + predict(rows) > b.deadline_ns:
+                if b.deadline_ns and not b.late and now + (0 if b.probe else predict(rows)) > b.deadline_ns:
                     b.late = True
+
+    @staticmethod
+    def _min_deadline(batch: list[Pending]) -> int:
+        """The earliest deadline a batch must meet: its members' (not late, not probes)."""
+        return min(
+            (b.deadline_ns for b in batch if b.deadline_ns and not b.late and not b.probe), default=NO_DEADLINE
+        )
 
     def _serve(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
         """One instance thread: take a batch, run it, hand it back; again, until closed."""
@@ -474,7 +491,8 @@ class Batcher:
         while (taken := self._next_batch(slot, wake)) is not None:
             batch_id, batch, outcome = taken
             live = [b for b in batch if not b.dropped and not b.late]
-            late = [b for b in batch if b.late and not b.dropped]
+            if late := [b for b in batch if b.late and not b.dropped]:
+                hand_back(loop, self._refuse_late, late)  # now, not after the batch has run
             if live and outcome is None:
                 with one_run():  # counted from the take: a session is about to run
                     try:
@@ -483,7 +501,7 @@ class Batcher:
                         outcome = exc
                     except Exception as exc:  # never leave a caller waiting
                         outcome = InferenceFailed(f"model '{self.model.name}': {exc}")
-            hand_back(loop, self._answer, batch_id, live, late, outcome)
+            hand_back(loop, self._answer, batch_id, live, outcome)
 
     def _execute(self, batch: list[Pending], slot: int) -> _Outcome:
         """In the instance thread: one execution, and each request's own rows of it."""
@@ -520,16 +538,20 @@ class Batcher:
                 offset += b.rows
         return own, ExecutionTiming(0, t1 - t0, t2 - t1, time.perf_counter_ns() - t2), t0
 
-    def _answer(
-        self, batch_id: int, batch: list[Pending], late: list[Pending], outcome: _Outcome | None
-    ) -> None:
-        """On the loop, once per batch: answer every request in it (and refuse those taken too
-        late), record the execution."""
+    def _refuse_late(self, late: list[Pending]) -> None:
+        """On the loop: refuse the requests an instance took too late to meet their deadlines
+        (their batch stays taken until it is answered: drain still waits for it)."""
+        for b in late:
+            if b.timer is not None:
+                b.timer.cancel()
+                b.timer = None
+            set_exception(b.future, self.planner.late_refusal(b))
+
+    def _answer(self, batch_id: int, batch: list[Pending], outcome: _Outcome | None) -> None:
+        """On the loop, once per batch: answer every request in it, record the execution."""
         with self._lock:
             self._taken.pop(batch_id, None)
         try:
-            for b in late:
-                set_exception(b.future, self.planner.late_refusal(b))
             if isinstance(outcome, BaseException):
                 self._fail(batch, outcome)
             elif outcome is not None:
@@ -550,7 +572,7 @@ class Batcher:
             self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
             raise
         finally:
-            for b in itertools.chain(batch, late):
+            for b in batch:
                 if b.timer is not None:
                     b.timer.cancel()
                     b.timer = None

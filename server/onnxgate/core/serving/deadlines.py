@@ -20,7 +20,10 @@ times (:class:`~onnxgate.core.serving.exec_model.ExecTimeModel`) the planner dec
   the larger batch's execution. At low load nothing waits.
 
 Untrained (a version's first executions), nothing is refused on a prediction: only requests
-already past their deadline are.
+already past their deadline are. Nor is a request that would start at once (an instance free,
+nothing queued ahead): it runs as a *probe*, dropped only once its deadline has passed, and its
+execution corrects the fit, which would otherwise, after a stall, refuse everything for good
+(a refused request teaches it nothing).
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ class DeadlinePlanner:
     def predict_ns(self, rows: int) -> int:
         return self.exec_model.predict_ns(rows)
 
-    def wait_ns(self, queue: RequestQueue, index: int, now: int) -> int:
-        """Predicted time until a request queued at ``index`` starts."""
-        full = queue.rows_ahead(index) // self.limit
+    def wait_ns(self, ahead_rows: int, now: int) -> int:
+        """Predicted time until a request with ``ahead_rows`` queued ahead of it starts."""
+        full = ahead_rows // self.limit
         free = [max(0, u - now) for u in self.busy_until]  # when each instance is free
         if full < self.instances:  # its batch goes to the (full + 1)-th instance to be free
             return sorted(free)[full] if self.instances > 1 else free[0]
@@ -68,10 +71,13 @@ class DeadlinePlanner:
         if not self.exec_model.trained:
             return None
         predict = self.exec_model.predict_ns
-        wait = self.wait_ns(queue, index, now)
-        part = queue.rows_ahead(index) % self.limit
-        finish = wait + predict(min(self.limit, part + item.rows))
+        ahead = queue.rows_ahead(index)
+        wait = self.wait_ns(ahead, now)
+        finish = wait + predict(min(self.limit, ahead % self.limit + item.rows))
         if finish <= left:
+            return None
+        if not ahead and not wait:  # it would start at once: run it, and let it correct the fit
+            item.probe = True
             return None
         return self._late(
             item,
@@ -84,7 +90,7 @@ class DeadlinePlanner:
         """The last moment ``item`` can start and still meet its deadline (0 = no deadline)."""
         if not item.deadline_ns:
             return 0
-        return item.deadline_ns - self.exec_model.predict_ns(item.rows)
+        return item.deadline_ns - (0 if item.probe else self.exec_model.predict_ns(item.rows))
 
     def late_refusal(self, item: Pending) -> Overloaded:
         """The refusal of a request whose deadline could no longer be met while it waited."""
@@ -108,7 +114,7 @@ class DeadlinePlanner:
         predict = self.exec_model.predict_ns
         wait = min((target - rows) / per_ns, predict(self.limit))
         for b in live:
-            if b.deadline_ns:
+            if b.deadline_ns and not b.probe:
                 wait = min(wait, b.deadline_ns - predict(target) - now)
         return int(wait) if wait >= MIN_WAIT_NS else 0
 
