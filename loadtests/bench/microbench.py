@@ -151,7 +151,7 @@ async def measure(repo: Path, name: str, n: int) -> list[tuple[str, float | None
         def fn() -> None:
             batcher._m_batch.observe(1)
             batcher._m_compute.observe(0.0001)
-            batcher._m_queue_wait.observe(0.0001)
+            batcher._m_queue_wait[1].observe(0.0001)  # by priority level
             batcher._m_depth.set(0)
             batcher._m_depth.set(0)
 
