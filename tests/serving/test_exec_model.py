@@ -144,7 +144,7 @@ def test_with_instances_free_a_request_starts_on_the_first_free_one():
     now = 10**12
     planner.busy_until = [now + 100 * MS, 0]  # one instance busy for 100 ms more, one free
     item = _pending(deadline_ns=now + 10 * MS)
-    assert planner.wait_ns(queue, queue.place(item), now) == 0
+    assert planner.wait_ns(queue.rows_ahead(queue.place(item)), now) == 0
     assert planner.refusal(item, queue, queue.place(item), now) is None
     planner.busy_until = [now + 100 * MS, now + 50 * MS]
-    assert planner.wait_ns(queue, queue.place(item), now) == 50 * MS
+    assert planner.wait_ns(queue.rows_ahead(queue.place(item)), now) == 50 * MS
