@@ -120,7 +120,9 @@ def test_adaptive_delay_waits_only_when_the_batch_cannot_keep_up():
     live = [_pending()]
     planner.arrivals.per_ns = 1 / (100 * MS)  # 10 rows/s: a batch of one keeps up
     assert planner.fill_wait_ns(live, 1, 0) == 0
-    planner.arrivals.per_ns = 1 / (0.5 * MS)  # 2000 rows/s: one row per 5.1 ms cannot
+    planner.arrivals.per_ns = 1 / (0.5 * MS)  # 2000 rows/s: one row per 5.1 ms cannot keep up, but
+    assert planner.fill_wait_ns(live, 1, 0) == 0  # that is 36 % of what full batches serve: no wait
+    planner.arrivals.per_ns = 1 / (0.2 * MS)  # 5000 rows/s, 89 %: the batch waits to fill
     wait = planner.fill_wait_ns(live, 1, 0)
     assert 0 < wait <= planner.exec_model.predict_ns(64)
     # ... and never past what a member's deadline leaves for the larger batch.

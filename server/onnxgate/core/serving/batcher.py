@@ -367,8 +367,11 @@ class Batcher:
     def _take(self, batch: list[Pending], rows: int) -> int:
         """Under the lock: move compatible queued requests, in queue order, into ``batch``;
         returns its rows. With the deadline scheduler, a request that cannot meet its deadline
-        even alone goes in marked ``late`` (refused, never computed), and the batch stops
-        before a request that would make it finish past a member's deadline."""
+        in the batch this take can form (as many rows as are queued, up to ``max_batch_size``)
+        goes in marked ``late`` (refused, never computed): as in Nexus' early drop, the batch
+        stays full rather than shrinking to save a request that waited too long, which would
+        cost every request behind it. The batch stops before a request that would make it
+        finish past the deadline of a member it already holds (one filling a batch)."""
         limit, edf = self._limit, self._edf
         predict = self.planner.exec_model.predict_ns
         live = [b for b in batch if not b.late]
@@ -376,11 +379,12 @@ class Batcher:
         members = len(live)
         min_deadline = self._min_deadline(live)
         now = time.perf_counter_ns() if edf else 0
+        due = now + predict(min(limit, rows + self._queue.rows)) if edf else 0  # when such a batch ends
         taken: list[Pending] = []
         skipped = 0
         for item in self._queue:
-            if edf and item.deadline_ns and now + (0 if item.probe else predict(item.rows)) > item.deadline_ns:
-                item.late = True  # it cannot meet its deadline even alone
+            if edf and item.deadline_ns and item.deadline_ns < (now if item.probe else due):
+                item.late = True
                 taken.append(item)
                 continue
             if key is None:

@@ -15,9 +15,11 @@ times (:class:`~onnxgate.core.serving.exec_model.ExecTimeModel`) the planner dec
 * **The last start** (a timer): a request still queued when even starting now would finish past
   its deadline is refused then, not left to wait.
 * **Adaptive delay** (with no ``max_queue_delay_microseconds``): a forming batch waits for more
-  rows only while it is too small to keep up with the arrivals (``instances * rows`` rows per
-  batch time, against the arrival rate) and only as long as every member's deadline still allows
-  the larger batch's execution. At low load nothing waits.
+  rows only when the arrivals reach BUSY_LOAD of what full batches on every instance serve, and
+  it is too small to keep up with them (``instances * rows`` rows per batch time, against the
+  arrival rate), and only as long as every member's deadline still allows the larger batch's
+  execution. Below that load nothing waits: arrivals queue while an instance runs, and the next
+  batch takes them all.
 
 Untrained (a version's first executions), nothing is refused on a prediction: only requests
 already past their deadline are. Nor is a request that would start at once (an instance free,
@@ -36,6 +38,7 @@ from onnxgate.core.serving.request_queue import Pending, RequestQueue
 from onnxgate.errors import Overloaded
 
 MIN_WAIT_NS = 50_000  # a forming batch waits at least this long, or not at all
+BUSY_LOAD = 0.8  # the adaptive delay applies only from this share of full-batch capacity
 
 
 class DeadlinePlanner:
@@ -73,7 +76,10 @@ class DeadlinePlanner:
         predict = self.exec_model.predict_ns
         ahead = queue.rows_ahead(index)
         wait = self.wait_ns(ahead, now)
-        finish = wait + predict(min(self.limit, ahead % self.limit + item.rows))
+        # Its batch: what is ahead of it past the last full batch, itself, and what arrives
+        # before it starts (under load, a full batch).
+        joining = int(self.arrivals.per_ns * wait)
+        finish = wait + predict(min(self.limit, ahead % self.limit + item.rows + joining))
         if finish <= left:
             return None
         if not ahead and not wait:  # it would start at once: run it, and let it correct the fit
@@ -103,6 +109,8 @@ class DeadlinePlanner:
             return 0
         fixed, per_row, _ = fit
         k = self.instances
+        if per_ns * self.exec_model.predict_ns(self.limit) < BUSY_LOAD * k * self.limit:
+            return 0  # under BUSY_LOAD of what full batches serve: the queue is stable, nothing waits
         if k * rows >= per_ns * (fixed + per_row * rows):
             return 0  # this batch keeps up with what arrives while it runs: nothing waits
         if k <= per_ns * per_row:
