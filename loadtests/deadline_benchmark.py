@@ -46,7 +46,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
     p.add_argument("--server-cpus", default="0", help="CPUs of the gateways and raw ORT ('none': no pinning)")
     p.add_argument("--loadgen-cpus", default="1", help="CPUs of this process, the load generator ('none')")
     p.add_argument("--no-pin", action="store_true", help="= --server-cpus none --loadgen-cpus none")
-    p.add_argument("--connections", type=int, default=1200, help="HTTP connections opened per gateway")
+    p.add_argument("--connections", type=int, default=2000, help="HTTP connections opened per gateway")
     p.add_argument("--retries", type=int, default=1, help="re-measure a run disturbed by other processes (default 1)")
     p.add_argument("--quiet-wait", type=float, help="seconds in all to wait for a quiet machine (180, quick 60)")
     p.add_argument("--lock", default="/tmp/bench.lock", help="flock file held around each load run ('' = none)")

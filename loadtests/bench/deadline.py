@@ -33,7 +33,7 @@ from loadtests.bench import deadline_load as dl
 from loadtests.bench import models, procs
 from loadtests.bench.deadline_report import format_report, plot, summarize_record, targets
 from loadtests.bench.deadline_window import Window
-from loadtests.loadgen.runner import machine_busy_s, process_cpu_s
+from loadtests.loadgen.runner import machine_busy_s
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL, PRIO_MODEL = "dlconv", "dlconv_prio"
@@ -106,6 +106,14 @@ class Lock:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Blocking, for the synchronous steps (raw ORT)."""
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
@@ -127,7 +135,12 @@ def raw_ort(repo: Path, settings: Settings) -> dict:
     cmd = [*procs.taskset_prefix(settings.server_cpus), sys.executable, "-m", "loadtests.bench.ort", "--repo",
            str(repo), "--models", MODEL, "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1.5",
            "--min-runs", "5", "--json", str(out)]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lock = Lock(settings.lock)
+    lock.acquire()
+    try:
+        subprocess.run(cmd, check=True, env={**os.environ, **_gateway_env(settings)})
+    finally:
+        lock.release()
     batches = json.loads(out.read_text())["models"][MODEL]["batches"]
     return {"p50_ms": {str(b["batch_size"]): b["latency_ms"]["p50"] for b in batches}}
 
@@ -158,18 +171,16 @@ class Bench:
         self.quiet_left = settings.quiet_budget_s
 
     async def quiet(self) -> None:
-        """Wait (within ``quiet_budget_s`` over the whole run) until other processes use at most
-        ``DISTURBED_CORES``: sampled over 0.5 s, the gateways' and this process's CPU excluded."""
+        """Wait (within ``quiet_budget_s`` over the whole run) until everything but this process
+        uses at most ``DISTURBED_CORES``, sampled over 0.5 s: other processes, and the gateways
+        too (one still computing what an earlier run queued would disturb the next)."""
         while True:
-            pids = [gw.pid for gw in self.gateways.values()]
-            t0, b0, own0 = time.monotonic(), machine_busy_s(), [process_cpu_s(p) for p in pids]
-            c0 = time.process_time()
+            t0, b0, c0 = time.monotonic(), machine_busy_s(), time.process_time()
             await asyncio.sleep(0.5)
-            wall, b1, own1 = time.monotonic() - t0, machine_busy_s(), [process_cpu_s(p) for p in pids]
+            wall, b1 = time.monotonic() - t0, machine_busy_s()
             if b0 is None or b1 is None:
                 return
-            own = sum((b or 0) - (a or 0) for a, b in zip(own0, own1, strict=True)) + time.process_time() - c0
-            other = (b1 - b0 - own) / wall
+            other = (b1 - b0 - (time.process_time() - c0)) / wall
             if other <= DISTURBED_CORES or self.quiet_left <= 0:
                 return
             _log(f"    other processes use {other:.2f} cores: waiting for a quieter machine "
@@ -316,7 +327,7 @@ def run(settings: Settings) -> dict:
         "benchmark": "deadline",
         "mode": settings.mode,
         "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "git": _git(),
+        "git": _git() + (f"; gateway from {settings.gateway_tree}" if settings.gateway_tree else ""),
         "cpu_model": _cpu_model(),
         "scheduler_flag": flag,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},

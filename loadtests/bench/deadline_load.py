@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import time
@@ -74,6 +75,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.body: list[bytes] = []
         self.retry_after: bytes | None = None
+        self.pool: HttpLoad | None = None  # set while the caller gave up waiting (an orphan)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -88,6 +90,9 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._finish("connect:closed")
+        if self.pool is not None:
+            self.pool.orphans.discard(self)
+            self.pool = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"retry-after":
@@ -100,6 +105,11 @@ class _Conn(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.close()
         self._finish(self.parser.get_status_code())
+        pool, self.pool = self.pool, None
+        if pool is not None:  # the late answer to a request the caller gave up on: free again
+            pool.orphans.discard(self)
+            if not self.closed:
+                pool.idle.append(self)
 
     def _finish(self, result: int | str) -> None:
         waiter, self.waiter = self.waiter, None
@@ -142,6 +152,8 @@ class Record:
     errors: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)  # refusal messages, numbers masked
     lag_ms: list[float] = field(default_factory=list)  # send time - intended send time
+    unanswered: int = 0  # HTTP requests given up on whose answers had still not come 60 s after the run
+    connects: int = 0  # HTTP connections opened during the run (the pool was short)
 
     def add(self, kind: str, latency_ms: float, priority: int, lag_ms: float, deadline: bool = False) -> None:
         self.kind.append(kind)
@@ -157,11 +169,24 @@ class Record:
 
 
 class HttpLoad:
-    """A pool of keep-alive connections to one gateway's HTTP port."""
+    """A pool of keep-alive connections to one gateway's HTTP port.
+
+    A request the caller stops waiting for (``timeout_s``) keeps its connection until its answer
+    comes (an orphan), then the connection is reused: closing it instead would make the gateway
+    accept a new connection for every timeout, on the core it computes on."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.idle: list[_Conn] = []
+        self.orphans: set[_Conn] = set()
+        self.connects = 0  # connections opened (all of them: fill() and on demand)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait until every orphan's answer came (at most ``timeout_s``); the orphans left."""
+        deadline = time.monotonic() + timeout_s
+        while self.orphans and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self.orphans)
 
     async def fill(self, count: int) -> None:
         """Open connections until ``count`` are idle (the server may have closed some)."""
@@ -172,6 +197,7 @@ class HttpLoad:
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(_Conn, self.host, self.port)
+        self.connects += 1
         return conn
 
     async def call(self, req: Encoded, deadline_s: float, timeout_s: float) -> Reply:
@@ -188,32 +214,35 @@ class HttpLoad:
             except OSError as exc:
                 return Reply(ERROR, "connect:" + type(exc).__name__)
         future = conn.send(req.http)
-        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future, conn)
+        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future, conn, self)
         status = await future
         timer.cancel()
-        if not conn.closed:
-            self.idle.append(conn)
-        if status == 200:
-            return Reply(OK)
         if status == "timeout":
             return Reply(TIMEOUT)
-        if status == 429:
+        reply = Reply(ERROR, status if isinstance(status, str) else f"http:{status}")
+        if status == 200:
+            reply = Reply(OK)
+        elif status == 429:
             text = b"".join(conn.body).decode("utf-8", "replace")
             with contextlib.suppress(ValueError, AttributeError):
                 text = str(json.loads(text).get("error", text))
-            return Reply(REFUSED, text, "deadline" in text.lower(), conn.retry_after is not None)
-        return Reply(ERROR, status if isinstance(status, str) else f"http:{status}")
+            reply = Reply(REFUSED, text, "deadline" in text.lower(), conn.retry_after is not None)
+        if not conn.closed:
+            self.idle.append(conn)
+        return reply
 
     async def close(self) -> None:
-        for conn in self.idle:
+        for conn in [*self.idle, *self.orphans]:
             conn.close()
         self.idle.clear()
+        self.orphans.clear()
 
 
-def _expire(future: asyncio.Future, conn: _Conn) -> None:
+def _expire(future: asyncio.Future, conn: _Conn, pool: HttpLoad) -> None:
     if not future.done():
         future.set_result("timeout")
-        conn.close()  # a late reply would be taken for the next request's
+        conn.pool = pool  # busy until its answer comes, then back in the pool
+        pool.orphans.add(conn)
 
 
 class GrpcLoad:
@@ -300,6 +329,26 @@ async def open_loop(
 
     interval = 1e9 / rate
     next_ns = start + rng.expovariate(1.0) * interval
+    connects = client.connects if isinstance(client, HttpLoad) else 0
+    gc.collect()
+    gc.disable()  # a full collection over thousands of pending tasks stalls the sender for milliseconds
+    try:
+        await _send_all(loop, one, requests, cum, rng, next_ns, interval, measure, end, tasks)
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=timeout_s + 5.0)
+        if isinstance(client, HttpLoad):  # the gateway has answered everything before the next run
+            rec.unanswered = await client.drain(60.0)
+            rec.connects = client.connects - connects
+    finally:
+        gc.enable()
+    return rec
+
+
+async def _send_all(loop: asyncio.AbstractEventLoop, one: Any, requests: Sequence[Encoded], cum: list[float],
+                    rng: random.Random, next_ns: float, interval: float, measure: int, end: int,
+                    tasks: set[asyncio.Task]) -> None:
+    """The open loop's sender: one task per arrival until ``end`` (the last part of each wait spun)."""
+    mono = time.monotonic_ns
     while True:
         now = mono()
         while next_ns <= now:
@@ -316,9 +365,6 @@ async def open_loop(
             break
         wait = next_ns - mono()
         await asyncio.sleep((wait - _SPIN_NS) / 1e9 if wait > _SPIN_NS else 0)
-    if tasks:
-        await asyncio.wait(set(tasks), timeout=timeout_s + 5.0)
-    return rec
 
 
 async def closed_loop(client: HttpLoad, req: Encoded, concurrency: int, warmup_s: float, duration_s: float) -> dict:

@@ -11,6 +11,7 @@ import numpy as np
 from loadtests.bench.deadline_load import ERROR, LATE, OK, REFUSED, TIMEOUT, Record
 
 P50_TOLERANCE = 0.10  # "p50 unchanged vs FIFO" at the lowest load: within this share of FIFO's p50
+LAG_MS = 2.0  # a run whose client send lag p99 is over this was limited by the client (marked ~)
 GOALS = {"goodput": 0.90, "late": 0.01, "refusal_p99_ms": 5.0}
 
 
@@ -60,6 +61,8 @@ def summarize_record(rec: Record, duration_s: float, deadline_ms: float, capacit
         "errors": dict(rec.errors),
         "refusal_messages": dict(sorted(rec.messages.items(), key=lambda kv: -kv[1])[:5]),
         "refusals_with_retry_after": rec.retry_after,
+        "connections_opened": rec.connects,
+        "unanswered_after_60s": rec.unanswered,
     }
     return out
 
@@ -147,9 +150,16 @@ def _run_line(label: str, run: dict, s: dict) -> str:
         f"{s[ERROR]:>5}{_ms(s['refusal_ms'], 'p50'):>7}{_ms(s['refusal_ms'], 'p99'):>7}"
         f"{_ms(s['answered_ms'], 'p50'):>8}{_ms(s['answered_ms'], 'p99'):>8}"
         f"{_f(m.get('batch_rows')):>6}{_share(m.get('compute_share'), 0):>6}{_f(cpu.get('other_cores')):>6}"
-        f"{_ms((s.get('client') or {}).get('send_lag_ms'), 'p99'):>6}"
-        f"  {rej} misses:{'-' if misses is None else int(misses)}"
+        f"{_ms((s.get('client') or {}).get('send_lag_ms'), 'p99'):>6}{_loop_us(cpu, s):>6}"
+        f"{_f(m.get('rows_per_s'), 0):>7}  {rej} misses:{'-' if misses is None else int(misses)}/late:{s[LATE]}"
+        + (f" connects:{opened}" if (opened := _get(s, "client", "connections_opened")) else "")
     )
+
+
+def _loop_us(cpu: dict, s: dict) -> str:
+    """The gateway's event-loop CPU-us per request sent (its HTTP / gRPC handling, admission included)."""
+    loop = cpu.get("gateway_loop_cores")
+    return "-" if loop is None or not s["offered_rps"] else f"{loop / s['offered_rps'] * 1e6:.0f}"
 
 
 def _f(v: float | None, digits: int = 1) -> str:
@@ -158,9 +168,20 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 HEADER = (
     f"{'run':<24}{'offer/s':>8}{'good/s':>8}{'good':>7}{'late':>7}{'refus':>7}{'r_dl':>6}{'tmo':>5}{'err':>5}"
-    f"{'ref50':>7}{'ref99':>7}{'ans50':>8}{'ans99':>8}{'batch':>6}{'comp':>6}{'other':>6}{'lag99':>6}"
-    "  gateway rejected / misses"
+    f"{'ref50':>7}{'ref99':>7}{'ans50':>8}{'ans99':>8}{'batch':>6}{'comp':>6}{'other':>6}{'lag99':>6}{'loop':>6}{'rows/s':>7}"
+    "  gateway rejected, misses / client late"
 )
+
+
+def open_loop_ceiling(doc: dict) -> tuple[float, float, float] | None:
+    """(load, rows/s, share of capacity) FIFO computed at the highest HTTP load: what this core
+    delivers under open-loop arrivals, lateness aside."""
+    runs = [r for r in doc["runs"] if r["scheduler"] == "fifo" and r["scenario"] == "load" and r["transport"] == "http"]
+    if not runs:
+        return None
+    top = max(runs, key=lambda r: r["load"])
+    rows = _get(top, "metrics", "rows_per_s")
+    return None if rows is None else (top["load"], rows, rows / doc["capacity_rows_per_s"])
 
 
 def format_report(doc: dict) -> str:
@@ -178,22 +199,32 @@ def format_report(doc: dict) -> str:
         out.append(
             f"capacity ({name}, closed loop C={cap['concurrency']}): {cap['rows_per_s']:.0f} rows/s, mean batch "
             f"{_f(cap.get('batch_rows'))}, gateway {_f(cap.get('compute_ms_per_batch'), 2)} ms per execution in ORT, "
-            f"busy {_share(cap.get('busy_share'), 0)}, p50 {cap['latency_ms']['p50']:.1f} ms"
+            f"busy {_share(cap.get('busy_share'), 0)}, p50 {cap['latency_ms']['p50']:.1f} ms, event loop "
+            f"{_loop_us(cap.get('cpu') or {}, {'offered_rps': cap['rows_per_s']})} CPU-us per request"
         )
     out.append(
         f"capacity used: {doc['capacity_rows_per_s']:.0f} rows/s (fifo's); one full batch {doc['batch_ms']:.2f} ms "
         f"({doc['batch_ms_source']}); deadline {doc['deadline_ms']:g} ms; client timeout {doc['timeout_ms']:g} ms"
     )
+    ceiling = open_loop_ceiling(doc)
+    if ceiling:
+        out.append(f"open-loop ceiling: at {ceiling[0]:g}x FIFO computed {ceiling[1]:.0f} rows/s = {ceiling[2]:.2f} of "
+                   "the capacity (full batches; the requests' handling shares the core with ONNX Runtime)")
     out.append("")
     out.append("good = goodput / capacity; late = late answers / answers; refus = refusals / sent (r_dl: refusals "
                "that mention the deadline); tmo = client timeouts; ref/ans = refusal / answer latency ms; batch = "
                "mean rows per execution; comp = ORT share of the window; other = other processes' cores (!: over "
-               "0.35 after a re-measurement); lag99 = the client's send lag p99, ms")
+               "0.35 after a re-measurement); lag99 = the client's send lag p99, ms (~: over "
+               f"{LAG_MS:g} ms, the client fell behind); loop = the gateway's event-loop CPU-us per request sent; "
+               "rows/s = rows the gateway computed per second (on time or not); misses = the gateway's "
+               "onnxgate_deadline_misses_total, late = the late answers the client saw; connects = connections the "
+               "client had to open during the run")
     out.append(HEADER)
     for run in doc["runs"]:
         s = run["summary"]
         label = f"{run['scheduler']} {run['transport']} {run['scenario'][:4]} {run['load']:g}x"
         label += "!" if run.get("disturbed") else ""
+        label += "~" if (_get(s, "client", "send_lag_ms", "p99") or 0) > LAG_MS else ""
         out.append(_run_line(label, run, s))
         for level, ls in (s.get("levels") or {}).items():
             out.append(_run_line(f"  priority {level}", {}, ls))
@@ -225,6 +256,9 @@ def plot(doc: dict, path: Path) -> str | None:
             continue
         x = [r["summary"]["offered_rps"] / doc["capacity_rows_per_s"] for r in runs]
         ax1.plot(x, [r["summary"]["goodput_share"] for r in runs], style, label=f"{sched} ({transport})")
+        if (sched, transport) == ("fifo", "http"):
+            computed = [(r["metrics"].get("rows_per_s") or 0) / doc["capacity_rows_per_s"] for r in runs]
+            ax1.plot(x, computed, ":", color="grey", label="fifo (http): rows computed, on time or not")
         ax2.plot(x, [100 * (r["summary"]["late_share"] or 0) for r in runs], style, label=f"{sched} ({transport})")
     ax1.set(xlabel="offered load (x capacity)", ylabel="goodput (share of capacity)", ylim=(0, 1.15),
             title=f"goodput: answers within {doc['deadline_ms']:g} ms")

@@ -1,6 +1,6 @@
 """Deadline benchmark: what the gateway reports over a run's measured window -- its metrics
-(rejections by reason, deadline misses, rows per execution, ORT time) and the CPU it, this
-process and the rest of the machine used."""
+(rejections by reason, deadline misses, rows per execution, ORT time) and the CPU it (its main
+thread, the event loop, apart), this process and the rest of the machine used."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import time
 import urllib.request
 
 from loadtests.bench import procs
-from loadtests.loadgen.runner import machine_busy_s, process_cpu_s
+from loadtests.loadgen.runner import _CLK_TCK, machine_busy_s, process_cpu_s
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample on the metrics port: (name, sorted labels) -> value."""
+def fetch(port: int) -> str:
+    """The metrics port's text."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+        return reply.read().decode()
+
+
+def parse(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample in a Prometheus text page: (name, sorted labels) -> value."""
     out: dict[tuple[str, tuple], float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -39,6 +43,16 @@ def _delta(a: dict, b: dict, name: str, model: str, by: str | None = None) -> di
     return found.get("") if found else None
 
 
+def thread_cpu_s(pid: int, tid: int) -> float | None:
+    """User + system CPU seconds of one thread (the gateway's main thread runs its event loop)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 class Window:
     """Metrics and CPU of the gateway at a run's measured window's start and end."""
 
@@ -47,8 +61,10 @@ class Window:
         self.snaps: list[tuple] = []
 
     def _snap(self) -> None:
-        self.snaps.append((time.monotonic(), scrape(self.gw.metrics_port), process_cpu_s(self.gw.pid),
-                           machine_busy_s(), time.process_time()))
+        pid = self.gw.pid
+        # Only fetched here: parsing (GIL-bound) waits for result(), after the run's sender is done.
+        self.snaps.append((time.monotonic(), fetch(self.gw.metrics_port), process_cpu_s(pid),
+                           machine_busy_s(), time.process_time(), thread_cpu_s(pid, pid)))
 
     async def at(self, when_ns: int) -> None:
         await asyncio.sleep(max(0.0, (when_ns - time.monotonic_ns()) / 1e9))
@@ -57,7 +73,8 @@ class Window:
     def result(self) -> tuple[dict, dict]:
         if len(self.snaps) < 2:
             return {}, {}
-        (t0, m0, g0, b0, c0), (t1, m1, g1, b1, c1) = self.snaps[:2]
+        (t0, text0, g0, b0, c0, l0), (t1, text1, g1, b1, c1, l1) = self.snaps[:2]
+        m0, m1 = parse(text0), parse(text1)
         wall = t1 - t0
         rows = _delta(m0, m1, "onnxgate_batch_rows_sum", self.model)
         execs = _delta(m0, m1, "onnxgate_batch_rows_count", self.model)
@@ -69,6 +86,7 @@ class Window:
             "deadline_misses": _delta(m0, m1, "onnxgate_deadline_misses_total", self.model),
             "batch_rows": rows / execs if rows is not None and execs else None,
             "executions": execs,
+            "rows_per_s": rows / wall if rows is not None else None,
             "compute_ms_per_batch": comp / comp_n * 1e3 if comp is not None and comp_n else None,
             "compute_share": comp / wall if comp is not None else None,
             "busy_share": busy / wall if busy is not None else None,
@@ -77,4 +95,5 @@ class Window:
         machine = (b1 - b0) / wall if b0 is not None and b1 is not None else None
         client = (c1 - c0) / wall
         other = machine - (gw or 0) - client if machine is not None else None
-        return metrics, {"gateway_cores": gw, "client_cores": client, "other_cores": other}
+        loop = (l1 - l0) / wall if l0 is not None and l1 is not None else None
+        return metrics, {"gateway_cores": gw, "gateway_loop_cores": loop, "client_cores": client, "other_cores": other}
