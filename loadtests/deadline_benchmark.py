@@ -30,7 +30,7 @@ def _cpus(text: str) -> list[int] | None:
 
 def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m loadtests.deadline_benchmark", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs, no gRPC (~2 minutes instead of ~6)")
+    p.add_argument("--quick", action="store_true", help="short runs, no gRPC (~2 minutes instead of ~5-6)")
     p.add_argument("--loads", default="0.5,1,2,3", help="offered loads, x capacity (default 0.5,1,2,3)")
     p.add_argument("--warmup", type=float, help="seconds before each measured window (default 3, quick 1.5)")
     p.add_argument("--duration", type=float, help="measured seconds per open-loop run (default 15, quick 4)")
@@ -53,7 +53,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
     p.add_argument("--gateway-tree", help="run the gateway from this checkout's server/ and client/")
     p.add_argument("--out", type=Path, default=RESULTS, help="deadline.json and deadline.txt go here")
     p.add_argument("--png", type=Path, default=PNG, help=f"the plot (default {PNG})")
-    p.add_argument("--replot", action="store_true", help="redraw the report and plot from --out/deadline.json")
+    p.add_argument("--replot", action="store_true", help="redraw deadline.txt and the plot from --out/deadline.json")
     a = p.parse_args(argv)
     quick = a.quick
     schedulers = [s for s in a.schedulers.split(",") if s]
@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replot:
         doc = json.loads((settings.out / "deadline.json").read_text())
         doc["targets"] = targets(doc)
-        print(format_report(doc))
+        text = format_report(doc)
+        (settings.out / "deadline.txt").write_text(text, encoding="utf-8")
+        print(text)
         note = plot(doc, settings.png)
         print(note or f"plot: {settings.png}", file=sys.stderr)
         return 0

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 OK, LATE, REFUSED, TIMEOUT, ERROR = "ok", "late", "refused", "timeout", "error"
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _SPIN_NS = 1_200_000  # the last part of a wait is spun (loop timers round to about 1 ms)
 
 
@@ -145,9 +147,10 @@ class Record:
     """Every request whose (intended) send time fell in the measured window."""
 
     kind: list[str] = field(default_factory=list)  # OK | LATE | REFUSED | TIMEOUT | ERROR
-    latency_ms: list[float] = field(default_factory=list)  # from the intended send time
+    latency_ms: list[float] = field(default_factory=list)  # from the send (the lag apart, below)
     priority: list[int] = field(default_factory=list)
     refusal_deadline: list[bool] = field(default_factory=list)  # a refusal whose message says "deadline"
+    refusal_key: list[str] = field(default_factory=list)  # a refusal's masked message ("" otherwise)
     retry_after: int = 0  # refusals that carried Retry-After (HTTP)
     errors: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)  # refusal messages, numbers masked
@@ -155,17 +158,22 @@ class Record:
     unanswered: int = 0  # HTTP requests given up on whose answers had still not come 60 s after the run
     connects: int = 0  # HTTP connections opened during the run (the pool was short)
 
-    def add(self, kind: str, latency_ms: float, priority: int, lag_ms: float, deadline: bool = False) -> None:
+    def add(self, kind: str, latency_ms: float, priority: int, lag_ms: float, deadline: bool = False,
+            key: str = "") -> None:
+        self.refusal_key.append(key)
         self.kind.append(kind)
         self.latency_ms.append(latency_ms)
         self.priority.append(priority)
         self.refusal_deadline.append(deadline)
         self.lag_ms.append(lag_ms)
 
-    def refusal_message(self, text: str) -> None:
-        key = "".join("#" if ch.isdigit() else ch for ch in " ".join(text.split()))[:160]
-        if len(self.messages) < 20 or key in self.messages:
-            self.messages[key] = self.messages.get(key, 0) + 1
+    def refusal_message(self, text: str) -> str:
+        """Count a refusal's message with its numbers masked; returns the key (capped at 20 keys)."""
+        key = _NUMBER.sub("#", " ".join(text.split()))[:160]
+        if len(self.messages) >= 20 and key not in self.messages:
+            key = "(other)"
+        self.messages[key] = self.messages.get(key, 0) + 1
+        return key
 
 
 class HttpLoad:
@@ -298,8 +306,9 @@ async def open_loop(
     start_ns: int | None = None,
 ) -> Record:
     """Poisson arrivals at ``rate`` for ``warmup_s + duration_s``; each picks a request by ``weights``
-    (the priority mix), the first at about ``start_ns`` (monotonic). Returns what the requests sent in
-    the measured window got."""
+    (the priority mix), the first at about ``start_ns`` (monotonic). Returns what the requests whose
+    arrival fell in the measured window got. Latency runs from the send, which is what the gateway's
+    deadline counts from; the client's own lag (send - arrival) is kept apart."""
     loop = asyncio.get_running_loop()
     mono = time.monotonic_ns
     rng = random.Random(seed)
@@ -316,16 +325,17 @@ async def open_loop(
             reply = await client.call(req, deadline_s, timeout_s)
         except Exception as exc:  # a client bug must not end the run; count it
             reply = Reply(ERROR, "client:" + type(exc).__name__)
-        latency = (mono() - intended) / 1e6
+        latency = (mono() - sent) / 1e6
         if not counted:
             return
         kind = LATE if reply.kind == OK and latency > deadline_ms else reply.kind
+        key = ""
         if kind == REFUSED:
-            rec.refusal_message(reply.detail or "")
+            key = rec.refusal_message(reply.detail or "")
             rec.retry_after += reply.retry_after
         elif kind == ERROR and reply.detail is not None:
             rec.errors[reply.detail] = rec.errors.get(reply.detail, 0) + 1
-        rec.add(kind, latency, req.priority, (sent - intended) / 1e6, reply.says_deadline)
+        rec.add(kind, latency, req.priority, (sent - intended) / 1e6, reply.says_deadline, key)
 
     interval = 1e9 / rate
     next_ns = start + rng.expovariate(1.0) * interval
