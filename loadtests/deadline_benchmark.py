@@ -51,11 +51,13 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
     p.add_argument("--quiet-wait", type=float, help="seconds in all to wait for a quiet machine (180, quick 60)")
     p.add_argument("--lock", default="/tmp/bench.lock", help="flock file held around each load run ('' = none)")
     p.add_argument("--gateway-tree", help="run the gateway from this checkout's server/ and client/")
-    p.add_argument("--out", type=Path, default=RESULTS, help="deadline.json and deadline.txt go here")
-    p.add_argument("--png", type=Path, default=PNG, help=f"the plot (default {PNG})")
-    p.add_argument("--replot", action="store_true", help="redraw deadline.txt and the plot from --out/deadline.json")
+    p.add_argument("--out", type=Path, default=RESULTS, help="NAME.json and NAME.txt go here (results/)")
+    p.add_argument("--name", help="file names: deadline (default), deadline-quick with --quick")
+    p.add_argument("--png", type=Path, help="the plot (default docs/deadline.png; quick: OUT/deadline-quick.png)")
+    p.add_argument("--replot", action="store_true", help="redraw NAME.txt and the plot from OUT/NAME.json")
     a = p.parse_args(argv)
     quick = a.quick
+    name = a.name or ("deadline-quick" if quick else "deadline")
     schedulers = [s for s in a.schedulers.split(",") if s]
     if "fifo" not in schedulers:
         p.error("--schedulers must include fifo (its capacity is the benchmark's reference)")
@@ -84,7 +86,8 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
         lock=a.lock,
         gateway_tree=a.gateway_tree,
         out=a.out,
-        png=a.png,
+        name=name,
+        png=a.png or (a.out / f"{name}.png" if quick else PNG),
     )
     return settings, a
 
@@ -92,10 +95,10 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
 def main(argv: Sequence[str] | None = None) -> int:
     settings, args = parse(argv)
     if args.replot:
-        doc = json.loads((settings.out / "deadline.json").read_text())
+        doc = json.loads((settings.out / f"{settings.name}.json").read_text())
         doc["targets"] = targets(doc)
         text = format_report(doc)
-        (settings.out / "deadline.txt").write_text(text, encoding="utf-8")
+        (settings.out / f"{settings.name}.txt").write_text(text, encoding="utf-8")
         print(text)
         note = plot(doc, settings.png)
         print(note or f"plot: {settings.png}", file=sys.stderr)

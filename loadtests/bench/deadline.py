@@ -12,7 +12,9 @@ deadline to 4x one full batch; then offers Poisson single-row requests at 0.5x..
 (HTTP, the deadline in ``X-Request-Deadline-Ms``, the client waiting up to 10x the deadline), a
 25 % / 75 % priority-1 / priority-2 mix at 2x, and (full run) gRPC with the call deadline, the
 two schedulers' runs interleaved. Every load run holds ``/tmp/bench.lock``. Results: a table and
-PASS/MISS targets on stdout, ``--out``/deadline.json, the plot ``--png``. Nothing is asserted.
+PASS/MISS targets on stdout, ``--out``/deadline.json and .txt, the plot docs/deadline.png (quick:
+deadline-quick.* in ``--out``, so that a quick run leaves the committed full run alone). Nothing
+is asserted.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Settings:
     lock: str
     gateway_tree: str | None
     out: Path
+    name: str  # of the files in ``out``: NAME.json, NAME.txt
     png: Path
 
 
@@ -357,9 +360,9 @@ def _cpu_model() -> str:
 
 def write(doc: dict, settings: Settings) -> None:
     settings.out.mkdir(parents=True, exist_ok=True)
-    (settings.out / "deadline.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    (settings.out / f"{settings.name}.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
     text = format_report(doc)
-    (settings.out / "deadline.txt").write_text(text, encoding="utf-8")
+    (settings.out / f"{settings.name}.txt").write_text(text, encoding="utf-8")
     print(text)
     note = plot(doc, settings.png)
     _log(note or f"plot: {settings.png}")
