@@ -150,3 +150,19 @@ def test_with_instances_free_a_request_starts_on_the_first_free_one():
     assert planner.refusal(item, queue, queue.place(item), now) is None
     planner.busy_until = [now + 100 * MS, now + 50 * MS]
     assert planner.wait_ns(queue.rows_ahead(queue.place(item)), now) == 50 * MS
+
+
+def test_the_loops_answer_lag_counts_in_every_prediction():
+    planner = _planner(_trained(2 * MS, 0.5 * MS))
+    queue = RequestQueue(1, edf=True)
+    now = 10**12
+    for _ in range(64):  # one full batch ahead: 34 ms, then its own, 2.5 ms
+        queue.push(_pending(deadline_ns=now + 1 * MS))
+    item = _pending(deadline_ns=now + 40 * MS)
+    assert planner.refusal(item, queue, queue.place(item), now) is None
+    for _ in range(200):
+        planner.answered(10 * MS)  # the loop answers batches 10 ms after they ran
+    assert planner.answer_lag_ns == pytest.approx(10 * MS, rel=0.01)
+    refused = planner.refusal(item, queue, queue.place(item), now)
+    assert refused is not None and refused.reason == "deadline"
+    assert planner.start_by_ns(item) == item.deadline_ns - planner.predict_ns(1) - planner.answer_lag_ns

@@ -35,6 +35,8 @@ class Held:
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
         self.running, self._release = threading.Event(), threading.Event()
+        self.second_running, self.release_second = threading.Event(), threading.Event()
+        self.release_second.set()  # only held when a test asks (clears it)
         self.runs: list[list[int]] = []
         model = batcher.model
         run = model.run
@@ -44,6 +46,9 @@ class Held:
             if len(self.runs) == 1:
                 self.running.set()
                 self._release.wait(30)
+            elif len(self.runs) == 2:
+                self.second_running.set()
+                self.release_second.wait(30)
             return run(feeds, outputs, instance)
 
         model.run = recorded
@@ -212,5 +217,35 @@ def test_a_queued_request_is_refused_at_its_last_start(tmp_path: Path):
         h.release()
         await first
         assert h.order() == []
+
+    _run(tmp_path, "", scenario)
+
+
+def test_a_request_the_next_batch_cannot_serve_in_time_is_refused_before_this_one_runs(tmp_path: Path):
+    """Both requests were admitted before the version had a fit; then it learns that one row
+    takes 4 s. The instance takes the first (due at 6 s, on time); the second (due at 7 s) can
+    only start once that one has run, at 4 s, and would end at 8 s: it is refused right then,
+    before the first one's run, not at its last start or after the run. (The held run's own
+    execution may be learned before the take or after: either way the numbers hold.)"""
+
+    async def scenario(h: Held) -> None:
+        first = await h.hold()
+        now = time.perf_counter_ns()
+        on_time = h.submit(1, deadline_ns=now + 6 * SECOND_NS)
+        hopeless = h.submit(2, deadline_ns=now + 7 * SECOND_NS)
+        await asyncio.sleep(0)  # both queued, admitted: the version has no fit yet
+        for _ in range(20):
+            h.batcher.planner.exec_model.observe(1, 4 * SECOND_NS)
+        h.release_second.clear()
+        h.release()
+        assert await asyncio.to_thread(h.second_running.wait, 30)  # the first one's run began
+        await asyncio.sleep(0)  # the refusal, handed back before that run, has reached the caller
+        assert hopeless.done()
+        with pytest.raises(Overloaded) as refused:
+            await hopeless
+        assert refused.value.reason == "deadline"
+        h.release_second.set()
+        await asyncio.gather(first, on_time)
+        assert h.order() == [1]
 
     _run(tmp_path, "", scenario)

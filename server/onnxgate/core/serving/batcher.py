@@ -379,7 +379,8 @@ class Batcher:
         members = len(live)
         min_deadline = self._min_deadline(live)
         now = time.perf_counter_ns() if edf else 0
-        due = now + predict(min(limit, rows + self._queue.rows)) if edf else 0  # when such a batch ends
+        # When such a batch would be answered: its execution, and the loop's lag in answering.
+        due = now + predict(min(limit, rows + self._queue.rows)) + self.planner.answer_lag_ns if edf else 0
         taken: list[Pending] = []
         skipped = 0
         for item in self._queue:
@@ -439,6 +440,8 @@ class Batcher:
                 log.exception("model %s version %s: instance %d failed to form a batch",
                               self.model.name, self.model.version, slot)
                 return batch_id, batch, InferenceFailed(f"model '{self.model.name}': {exc}")
+            if self._edf and self._queue:
+                self._refuse_hopeless(slot, batch)
             if self._queue:
                 self._parked.wake_one()  # what this batch left behind is another instance's
             return batch_id, batch, None
@@ -462,7 +465,8 @@ class Batcher:
         try:
             while not self._closed and not self._batch_done(rows):
                 if self._edf:  # never past what the members' deadlines leave for the batch
-                    until = min(until, self._min_deadline(batch) - self.planner.predict_ns(rows) - FILL_SLACK_NS)
+                    until = min(until, self._min_deadline(batch) - self.planner.predict_ns(rows)
+                                - self.planner.answer_lag_ns - FILL_SLACK_NS)
                 if (left := until - time.perf_counter_ns()) <= 0:
                     if self._queue:  # what arrived as the delay ran out still joins
                         rows = self._take(batch, rows)
@@ -478,9 +482,40 @@ class Batcher:
             self._filling[slot] = None
         if self._edf:  # a member whose deadline the wait has made unmeetable is not run
             now, predict = time.perf_counter_ns(), self.planner.exec_model.predict_ns
+            due = now + predict(rows) + self.planner.answer_lag_ns
             for b in batch:
-                if b.deadline_ns and not b.late and now + (0 if b.probe else predict(rows)) > b.deadline_ns:
+                if b.deadline_ns and not b.late and (now if b.probe else due) > b.deadline_ns:
                     b.late = True
+
+    def _refuse_hopeless(self, slot: int, batch: list[Pending]) -> None:
+        """Under the lock, once ``batch`` is formed: the next batch cannot start before an
+        instance is free, so the queued requests it would take (the next ``max_batch_size``
+        rows) that would still end past their deadlines are refused now, one batch earlier than
+        their last start would find out. Nothing when an instance is idle (it starts now)."""
+        planner, now = self.planner, time.perf_counter_ns()
+        if not planner.exec_model.trained or self._parked.idle:
+            return
+        predict, limit = planner.exec_model.predict_ns, self._limit
+        start = now + predict(sum(b.rows for b in batch if not b.late))
+        for i, until in enumerate(planner.busy_until):
+            if i != slot:
+                start = min(start, max(until, now))
+        if start <= now:
+            return
+        due = start + predict(min(limit, self._queue.rows)) + planner.answer_lag_ns
+        hopeless: list[Pending] = []
+        seen = 0
+        for item in self._queue:
+            if seen >= limit:
+                break
+            seen += item.rows
+            if item.deadline_ns and not item.probe and item.deadline_ns < due:
+                item.late = True
+                hopeless.append(item)
+        if hopeless:
+            self._queue.remove_taken(hopeless)
+            self._m_depth.set(len(self._queue))
+            batch.extend(hopeless)  # refused with the batch's late ones, before it runs
 
     @staticmethod
     def _min_deadline(batch: list[Pending]) -> int:
@@ -566,7 +601,7 @@ class Batcher:
                 self._m_compute.observe(timing.infer_ns / 1e9)
                 busy_ns = timing.input_ns + timing.infer_ns + timing.output_ns
                 self._m_busy.inc(busy_ns / 1e9)
-                self._learn(rows, busy_ns)
+                self._learn(rows, busy_ns, started + busy_ns)
                 waits = self._m_queue_wait
                 for b, results in zip(batch, own, strict=True):
                     queue_ns = started - b.enqueued_ns
@@ -582,8 +617,10 @@ class Batcher:
                     b.timer = None
             self._check_idle()
 
-    def _learn(self, rows: int, busy_ns: int) -> None:
-        """Refresh the execution-time model (and its gauges) from one execution."""
+    def _learn(self, rows: int, busy_ns: int, ended_ns: int) -> None:
+        """Refresh the execution-time model (and its gauges) from one execution, and the
+        loop's lag in answering a batch once it has run (from ``ended_ns``)."""
+        self.planner.answered(time.perf_counter_ns() - ended_ns)
         model = self.planner.exec_model
         model.observe(rows, busy_ns)
         if model.fit is not None:

@@ -12,8 +12,14 @@ times (:class:`~onnxgate.core.serving.exec_model.ExecTimeModel`) the planner dec
   a request that cannot finish in time even in a batch of its own is refused, never computed; a
   request is not added to a batch when the batch, with it, would finish past any member's
   deadline.
+* **Hopeless requests** (once an instance has taken a batch, with no instance idle): the next
+  batch cannot start before an instance is free; the queued requests it would take that would
+  still miss their deadlines are refused then, a batch earlier than their last start.
 * **The last start** (a timer): a request still queued when even starting now would finish past
   its deadline is refused then, not left to wait.
+
+Every prediction of when an answer is sent adds the loop's recent lag in answering a batch
+after it ran (:meth:`answered`): under load the answer waits its turn on the loop.
 * **Adaptive delay** (with no ``max_queue_delay_microseconds``): a forming batch waits for more
   rows only when the arrivals reach BUSY_LOAD of what full batches on every instance serve, and
   it is too small to keep up with them (``instances * rows`` rows per batch time, against the
@@ -39,6 +45,7 @@ from onnxgate.errors import Overloaded
 
 MIN_WAIT_NS = 50_000  # a forming batch waits at least this long, or not at all
 BUSY_LOAD = 0.8  # the adaptive delay applies only from this share of full-batch capacity
+LAG_SMOOTHING = 16  # the answer lag follows about this many batches
 
 
 class DeadlinePlanner:
@@ -52,6 +59,14 @@ class DeadlinePlanner:
         self.arrivals = ArrivalRate()
         # When each instance's running batch should end (perf_counter_ns; 0 = not running).
         self.busy_until = [0] * instances
+        # How long the event loop takes to answer a batch once it has run, smoothed: under load
+        # the loop is busy and the answer waits its turn. Predictions of when an answer is sent
+        # add it.
+        self.answer_lag_ns = 0
+
+    def answered(self, lag_ns: int) -> None:
+        """One batch's answer came ``lag_ns`` after its execution ended (on the loop)."""
+        self.answer_lag_ns += (max(0, lag_ns) - self.answer_lag_ns) // LAG_SMOOTHING
 
     def predict_ns(self, rows: int) -> int:
         return self.exec_model.predict_ns(rows)
@@ -79,7 +94,7 @@ class DeadlinePlanner:
         # Its batch: what is ahead of it past the last full batch, itself, and what arrives
         # before it starts (under load, a full batch).
         joining = int(self.arrivals.per_ns * wait)
-        finish = wait + predict(min(self.limit, ahead % self.limit + item.rows + joining))
+        finish = wait + predict(min(self.limit, ahead % self.limit + item.rows + joining)) + self.answer_lag_ns
         if finish <= left:
             return None
         if not ahead and not wait:  # it would start at once: run it, and let it correct the fit
@@ -96,7 +111,9 @@ class DeadlinePlanner:
         """The last moment ``item`` can start and still meet its deadline (0 = no deadline)."""
         if not item.deadline_ns:
             return 0
-        return item.deadline_ns - (0 if item.probe else self.exec_model.predict_ns(item.rows))
+        if item.probe:
+            return item.deadline_ns
+        return item.deadline_ns - self.exec_model.predict_ns(item.rows) - self.answer_lag_ns
 
     def late_refusal(self, item: Pending) -> Overloaded:
         """The refusal of a request whose deadline could no longer be met while it waited."""

@@ -69,6 +69,11 @@ class ParkedThreads:
     def __bool__(self) -> bool:
         return bool(self._parked)
 
+    @property
+    def idle(self) -> int:
+        """Parked threads waiting for work (not filling a batch)."""
+        return len(self._parked) - self.filling
+
     def wake_one(self) -> None:
         """Wake one parked thread, if any: one filling a batch first."""
         if self._parked:
