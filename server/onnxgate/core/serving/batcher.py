@@ -368,7 +368,7 @@ class Batcher(BatchForming):
             if b.timer is not None:
                 b.timer.cancel()
                 b.timer = None
-            set_exception(b.future, self.planner.late_refusal(b))
+            set_exception(b.future, self.planner.late_refusal(b, b.hopeless))
 
     def _answer(self, batch_id: int, batch: list[Pending], outcome: Outcome | None) -> None:
         """On the loop, once per batch: answer every request in it, record the execution."""

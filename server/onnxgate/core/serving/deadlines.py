@@ -21,11 +21,12 @@ times (:class:`~onnxgate.core.serving.exec_model.ExecTimeModel`) the planner dec
 Every prediction of when an answer is sent adds the loop's recent lag in answering a batch
 after it ran (:meth:`answered`): under load the answer waits its turn on the loop.
 * **Adaptive delay** (with no ``max_queue_delay_microseconds``): a forming batch waits for more
-  rows only when the arrivals reach BUSY_LOAD of what full batches on every instance serve, and
-  it is too small to keep up with them (``instances * rows`` rows per batch time, against the
-  arrival rate), and only as long as every member's deadline still allows the larger batch's
-  execution. Below that load nothing waits: arrivals queue while an instance runs, and the next
-  batch takes them all.
+  rows only when the arrivals reach BUSY_LOAD of what full batches on every instance serve, the
+  larger batch would serve BATCH_GAIN as many rows per second (a model whose cost is per row
+  gains nothing by waiting), and it is too small to keep up with them (``instances * rows``
+  rows per batch time, against the arrival rate), and only as long as every member's deadline
+  still allows the larger batch's execution. Below that load nothing waits: arrivals queue while
+  an instance runs, and the next batch takes them all.
 
 Untrained (a version's first executions), nothing is refused on a prediction: only requests
 already past their deadline are. Nor is a request that would start at once (an instance free,
@@ -45,6 +46,7 @@ from onnxgate.errors import Overloaded
 
 MIN_WAIT_NS = 50_000  # a forming batch waits at least this long, or not at all
 BUSY_LOAD = 0.8  # the adaptive delay applies only from this share of full-batch capacity
+BATCH_GAIN = 1.2  # ... and only when the larger batch serves at least this much more per second
 LAG_SMOOTHING = 16  # the answer lag follows about this many batches
 
 
@@ -95,7 +97,9 @@ class DeadlinePlanner:
         # before it starts (under load, a full batch).
         joining = int(self.arrivals.per_ns * wait)
         finish = wait + predict(min(self.limit, ahead % self.limit + item.rows + joining)) + self.answer_lag_ns
-        if finish <= left:
+        # One more margin than the take uses: a request admitted near the edge would be refused
+        # later (after waiting), where a refusal now costs the caller nothing.
+        if finish + self.exec_model.margin_ns <= left:
             return None
         if not ahead and not wait:  # it would start at once: run it, and let it correct the fit
             item.probe = True
@@ -115,9 +119,11 @@ class DeadlinePlanner:
             return item.deadline_ns
         return item.deadline_ns - self.exec_model.predict_ns(item.rows) - self.answer_lag_ns
 
-    def late_refusal(self, item: Pending) -> Overloaded:
-        """The refusal of a request whose deadline could no longer be met while it waited."""
-        return self._late(item, "its deadline could no longer be met when it reached the front of the queue", 0)
+    def late_refusal(self, item: Pending, behind: bool = False) -> Overloaded:
+        """The refusal of a request whose deadline could no longer be met while it waited: at
+        the front of the queue, or (``behind``) behind a batch just taken."""
+        where = "behind the batch just taken" if behind else "when it reached the front of the queue"
+        return self._late(item, f"its deadline could no longer be met {where}", 0)
 
     def fill_wait_ns(self, live: Sequence[Pending], rows: int, now: int) -> int:
         """How long a forming batch of ``rows`` rows (members ``live``) should wait for more."""
@@ -134,9 +140,9 @@ class DeadlinePlanner:
             target = self.limit
         else:
             target = min(self.limit, math.ceil(per_ns * fixed / (k - per_ns * per_row)))
-        if target <= rows:
-            return 0
         predict = self.exec_model.predict_ns
+        if target <= rows or target * predict(rows) < BATCH_GAIN * rows * predict(target):
+            return 0  # a bigger batch would not serve enough more rows per second to be worth a wait
         wait = min((target - rows) / per_ns, predict(self.limit))
         for b in live:
             if b.deadline_ns and not b.probe:

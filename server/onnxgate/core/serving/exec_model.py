@@ -78,6 +78,12 @@ class ExecTimeModel:
         return int(fixed + per_row * rows + margin)
 
     @property
+    def margin_ns(self) -> int:
+        """The prediction's margin (0 when untrained)."""
+        fit = self.fit
+        return int(fit[2]) if fit is not None and self.count >= MIN_EXECUTIONS else 0
+
+    @property
     def trained(self) -> bool:
         return self.fit is not None and self.count >= MIN_EXECUTIONS
 
@@ -87,7 +93,7 @@ class ArrivalRate:
 
     __slots__ = ("_rows", "_since", "_window", "per_ns")
 
-    def __init__(self, window_ns: int = 50_000_000) -> None:
+    def __init__(self, window_ns: int = 1_000_000_000) -> None:
         self._window = window_ns
         self._since = 0
         self._rows = 0

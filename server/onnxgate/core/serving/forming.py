@@ -34,7 +34,7 @@ from onnxgate.errors import InferenceFailed
 
 log = logging.getLogger(__name__)
 
-FILL_SLACK_NS = 2_000_000  # a forming batch stops waiting this long before a member's last start (wake-up latency)
+FILL_SLACK_NS = 5_000_000  # a forming batch stops waiting this long before a member's last start (wake-up latency)
 
 #: What an instance thread hands back for one batch: each request's own output rows, the
 #: batch's timing and its start (perf_counter_ns), or the exception it failed with.
@@ -208,7 +208,7 @@ class BatchForming:
                 break
             seen += item.rows
             if item.deadline_ns and not item.probe and item.deadline_ns < due:
-                item.late = True
+                item.late = item.hopeless = True
                 hopeless.append(item)
         if hopeless:
             self._queue.remove_taken(hopeless)

@@ -45,6 +45,7 @@ class Pending:
     timer: asyncio.TimerHandle | None = field(default=None)
     dropped: bool = False  # its caller went away after its batch was formed: not computed
     late: bool = False  # taken but refused: its deadline could no longer be met
+    hopeless: bool = False  # late, found behind a batch just taken
     probe: bool = False  # admitted to start at once although predicted late: it checks the fit
 
 
