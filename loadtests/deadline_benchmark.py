@@ -12,12 +12,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtests.bench import deadline
+from loadtests.bench import deadline, models
 from loadtests.bench.deadline_report import format_report, plot, targets
 from loadtests.loadgen.runner import cpu_list
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PNG = Path(__file__).resolve().parent.parent / "docs" / "deadline.png"
+# Per model, full / quick: (warm-up, measured seconds) of an open-loop run, and of the capacity's closed
+# loop. dlconv32 (~50-60 rows/s): 12 s is ~600-700 requests at 1x, 1800-2100 at 3x; dlconv (~430 rows/s): 15 s.
+TIMES = {
+    "dlconv32": {"full": ((3.0, 12.0), (2.0, 8.0)), "quick": ((2.0, 4.0), (1.5, 4.0))},
+    "dlconv": {"full": ((3.0, 15.0), (2.0, 6.0)), "quick": ((1.5, 4.0), (1.0, 3.0))},
+}
 
 
 def _floats(text: str) -> list[float]:
@@ -30,15 +36,18 @@ def _cpus(text: str) -> list[int] | None:
 
 def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m loadtests.deadline_benchmark", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs, no gRPC (~2 minutes instead of ~5-6)")
+    p.add_argument("--quick", action="store_true", help="short runs, no gRPC (~2-2.5 minutes instead of ~5-6)")
+    p.add_argument("--model", choices=sorted(models.DEADLINE_MODELS), default=models.DEFAULT_DEADLINE_MODEL,
+                   help="dlconv32 (default: ~15-18 ms a row, max_batch_size 16) or dlconv (~1.8 ms a row, 32)")
     p.add_argument("--loads", default="0.5,1,2,3", help="offered loads, x capacity (default 0.5,1,2,3)")
-    p.add_argument("--warmup", type=float, help="seconds before each measured window (default 3, quick 1.5)")
-    p.add_argument("--duration", type=float, help="measured seconds per open-loop run (default 15, quick 4)")
+    p.add_argument("--warmup", type=float, help="seconds before each measured window (default 3, quick 2)")
+    p.add_argument("--duration", type=float, help="measured seconds per open-loop run (default 12, quick 4; "
+                   "dlconv: 15, 4)")
     p.add_argument("--grpc-loads", help="gRPC loads, x capacity (call deadline = deadline; default 1,3; quick none)")
     p.add_argument("--priority-load", type=float, default=2.0, help="load of the priority run (0 skips it)")
     p.add_argument("--priority-share", type=float, default=0.25, help="share of requests at priority 1")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--layers", type=int, default=12, help="conv layers of the model (12: ~45 ms per batch of 32 here)")
+    p.add_argument("--max-batch-size", type=int, help="default: the model's (dlconv32 16, dlconv 32)")
+    p.add_argument("--layers", type=int, help="conv layers of the model (default: dlconv32 32, dlconv 12)")
     p.add_argument("--deadline-ms", type=float, help="fixed deadline (default: --deadline-factor x one full batch)")
     p.add_argument("--deadline-factor", type=float, default=4.0)
     p.add_argument("--timeout-factor", type=float, default=10.0, help="the HTTP client waits this x the deadline")
@@ -52,26 +61,31 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
     p.add_argument("--lock", default="/tmp/bench.lock", help="flock file held around each load run ('' = none)")
     p.add_argument("--gateway-tree", help="run the gateway from this checkout's server/ and client/")
     p.add_argument("--out", type=Path, default=RESULTS, help="NAME.json and NAME.txt go here (results/)")
-    p.add_argument("--name", help="file names: deadline (default), deadline-quick with --quick")
-    p.add_argument("--png", type=Path, help="the plot (default docs/deadline.png; quick: OUT/deadline-quick.png)")
+    p.add_argument("--name", help="file names: deadline (default), deadline-quick with --quick; deadline-dlconv"
+                   "[-quick] with --model dlconv")
+    p.add_argument("--png", type=Path, help="the plot (default docs/deadline.png for the full run of the default "
+                   "model, else OUT/NAME.png)")
     p.add_argument("--replot", action="store_true", help="redraw NAME.txt and the plot from OUT/NAME.json")
     a = p.parse_args(argv)
     quick = a.quick
-    name = a.name or ("deadline-quick" if quick else "deadline")
+    default_name = "deadline" + ("" if a.model == models.DEFAULT_DEADLINE_MODEL else f"-{a.model}")
+    name = a.name or (default_name + ("-quick" if quick else ""))
+    (warmup, duration), (cap_warmup, cap_duration) = TIMES[a.model]["quick" if quick else "full"]
     schedulers = [s for s in a.schedulers.split(",") if s]
     if "fifo" not in schedulers:
         p.error("--schedulers must include fifo (its capacity is the benchmark's reference)")
     settings = deadline.Settings(
         mode="quick" if quick else "full",
         loads=_floats(a.loads),
-        warmup_s=a.warmup if a.warmup is not None else (1.5 if quick else 3.0),
-        duration_s=a.duration if a.duration is not None else (4.0 if quick else 15.0),
-        capacity_warmup_s=1.0 if quick else 2.0,
-        capacity_duration_s=3.0 if quick else 6.0,
+        warmup_s=a.warmup if a.warmup is not None else warmup,
+        duration_s=a.duration if a.duration is not None else duration,
+        capacity_warmup_s=cap_warmup,
+        capacity_duration_s=cap_duration,
         grpc_loads=_floats(a.grpc_loads) if a.grpc_loads is not None else ([] if quick else [1.0, 3.0]),
         priority_load=a.priority_load,
         priority_share=a.priority_share,
-        max_batch_size=a.max_batch_size,
+        model=a.model,
+        max_batch_size=a.max_batch_size or models.DEADLINE_MODELS[a.model].max_batch_size,
         layers=a.layers,
         deadline_ms=a.deadline_ms,
         deadline_factor=a.deadline_factor,
@@ -87,7 +101,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[deadline.Settings, argpars
         gateway_tree=a.gateway_tree,
         out=a.out,
         name=name,
-        png=a.png or (a.out / f"{name}.png" if quick else PNG),
+        png=a.png or (PNG if name == "deadline" else a.out / f"{name}.png"),
     )
     return settings, a
 

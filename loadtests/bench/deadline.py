@@ -1,10 +1,12 @@
 """Deadline-scheduling benchmark: FIFO vs the deadline scheduler under open-loop overload.
 
-    python -m loadtests.deadline_benchmark --quick     # ~2 minutes on a quiet machine
+    python -m loadtests.deadline_benchmark --quick     # ~2-2.5 minutes on a quiet machine
     python -m loadtests.deadline_benchmark             # ~5-6 minutes
+    python -m loadtests.deadline_benchmark --model dlconv   # the first benchmark's lighter model
 
-It builds a compute-bound model whose cost is linear in the batch (``models.ConvBenchModel``,
-``max_batch_size`` 32, one instance, greedy dynamic batching) twice, once with
+It builds a compute-bound model whose cost is linear in the batch (``models.DEADLINE_MODELS``:
+``dlconv32``, ~15-18 ms a row, ``max_batch_size`` 16; or ``dlconv``, ~1.8 ms a row,
+``max_batch_size`` 32; one instance, greedy dynamic batching) twice, once with
 ``priority_levels: 2``; times raw ONNX Runtime per batch size pinned like the gateway; starts one
 gateway per scheduler (``--scheduler fifo`` and ``--scheduler deadline``, both pinned to CPU 0,
 the load on CPU 1); measures the capacity (rows/s) with a saturating closed loop; sets the
@@ -20,6 +22,7 @@ is asserted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import fcntl
 import json
@@ -38,7 +41,6 @@ from loadtests.bench.deadline_window import Window
 from loadtests.loadgen.runner import machine_busy_s
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL, PRIO_MODEL = "dlconv", "dlconv_prio"
 DISTURBED_CORES = 0.35  # other processes' CPU in a window above which the run is measured again, then flagged
 QUIET_CORES = 0.15  # a run starts once other processes use at most this (or the waiting budget is spent)
 
@@ -54,8 +56,9 @@ class Settings:
     grpc_loads: list[float]
     priority_load: float
     priority_share: float  # of requests at level 1
+    model: str  # a key of models.DEADLINE_MODELS
     max_batch_size: int
-    layers: int
+    layers: int | None  # None: the model's own
     deadline_ms: float | None  # None: deadline_factor x one full batch
     deadline_factor: float
     timeout_factor: float
@@ -122,9 +125,18 @@ class Lock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+def conv_model(settings: Settings) -> models.ConvBenchModel:
+    model = models.DEADLINE_MODELS[settings.model].model
+    return dataclasses.replace(model, layers=settings.layers) if settings.layers else model
+
+
+def prio_name(model: models.ConvBenchModel) -> str:
+    return f"{model.name}_prio"
+
+
 def build(repo: Path, settings: Settings) -> models.ConvBenchModel:
-    model = models.ConvBenchModel(name=MODEL, layers=settings.layers)
-    for name, levels in ((MODEL, 0), (PRIO_MODEL, 2)):
+    model = conv_model(settings)
+    for name, levels in ((model.name, 0), (prio_name(model), 2)):
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         models.write_conv_onnx(model, repo / name / "1" / "model.onnx")
         text = models.conv_config_text(model, name, settings.max_batch_size, levels)
@@ -132,12 +144,12 @@ def build(repo: Path, settings: Settings) -> models.ConvBenchModel:
     return model
 
 
-def raw_ort(repo: Path, settings: Settings) -> dict:
+def raw_ort(repo: Path, settings: Settings, model: str) -> dict:
     """p50 ms per batch size of ONNX Runtime in process, pinned like the gateway, its session options."""
     out = repo / "ort.json"
     sizes = sorted({1, 8, settings.max_batch_size // 2, settings.max_batch_size})
     cmd = [*procs.taskset_prefix(settings.server_cpus), sys.executable, "-m", "loadtests.bench.ort", "--repo",
-           str(repo), "--models", MODEL, "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1.5",
+           str(repo), "--models", model, "--batch-sizes", ",".join(map(str, sizes)), "--seconds", "1.5",
            "--min-runs", "5", "--json", str(out)]
     lock = Lock(settings.lock)
     lock.acquire()
@@ -145,7 +157,7 @@ def raw_ort(repo: Path, settings: Settings) -> dict:
         subprocess.run(cmd, check=True, env={**os.environ, **_gateway_env(settings)})
     finally:
         lock.release()
-    batches = json.loads(out.read_text())["models"][MODEL]["batches"]
+    batches = json.loads(out.read_text())["models"][model]["batches"]
     return {"p50_ms": {str(b["batch_size"]): b["latency_ms"]["p50"] for b in batches}}
 
 
@@ -194,9 +206,9 @@ class Bench:
 
     async def measure_capacity(self, name: str) -> dict:
         st, gw = self.st, self.gateways[name]
-        req = dl.encode(MODEL, self.model.in_dim, "127.0.0.1", gw.http_port, None)
+        req = dl.encode(self.model.name, self.model.in_dim, "127.0.0.1", gw.http_port, None)
         concurrency = 3 * st.max_batch_size
-        window = Window(gw, MODEL)
+        window = Window(gw, self.model.name)
         async with self.lock:
             await self.quiet()
             start = time.monotonic_ns()
@@ -213,7 +225,7 @@ class Bench:
     async def open_run(self, name: str, scenario: str, transport: str, load: float, duration_s: float) -> dict:
         st, gw = self.st, self.gateways[name]
         port = gw.http_port if transport == "http" else gw.grpc_port
-        model = PRIO_MODEL if scenario == "priority" else MODEL
+        model = prio_name(self.model) if scenario == "priority" else self.model.name
         if scenario == "priority":
             reqs = [dl.encode(model, self.model.in_dim, "127.0.0.1", port, self.deadline_ms, p) for p in (1, 2)]
             weights = [st.priority_share, 1 - st.priority_share]
@@ -270,7 +282,7 @@ class Bench:
             self.gateways[name] = gw = await asyncio.to_thread(start_gateway, self.repo, st, name if flag else None)
             self.http[name] = dl.HttpLoad("127.0.0.1", gw.http_port)
             await self.http[name].fill(st.connections)
-            warm = dl.encode(MODEL, self.model.in_dim, "127.0.0.1", gw.http_port, None)
+            warm = dl.encode(self.model.name, self.model.in_dim, "127.0.0.1", gw.http_port, None)
             await dl.closed_loop(self.http[name], warm, st.max_batch_size, 0.5, 0.5)
         for name in names:
             self.capacity[name] = await self.measure_capacity(name)
@@ -296,12 +308,19 @@ class Bench:
             await asyncio.to_thread(gw.stop)
 
 
-def _git() -> str:
+def _git(settings: Settings) -> str:
+    """HEAD, and whether server/ has uncommitted changes (unless the gateway ran from ``--gateway-tree``)."""
     def out(*cmd: str) -> str:
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
 
-    dirty = out("git", "status", "--porcelain", "server")
+    dirty = "" if settings.gateway_tree else out("git", "status", "--porcelain", "server")
     return out("git", "rev-parse", "--short", "HEAD") + (" (server/ has uncommitted changes)" if dirty else "")
+
+
+def _tree_commit(settings: Settings) -> str:
+    """`` (commit X)`` from ``--gateway-tree``'s COMMIT file (written beside ``git archive``'s output)."""
+    path = Path(settings.gateway_tree or "") / "COMMIT"
+    return f" (commit {path.read_text().strip()})" if path.is_file() else ""
 
 
 def run(settings: Settings) -> dict:
@@ -315,7 +334,7 @@ def run(settings: Settings) -> dict:
         repo = Path(tmp)
         model = build(repo, settings)
         _log("raw ONNX Runtime ...")
-        ort = raw_ort(repo, settings)
+        ort = raw_ort(repo, settings, model.name)
         bench = Bench(settings, repo, model)
 
         async def go() -> None:
@@ -331,11 +350,12 @@ def run(settings: Settings) -> dict:
         "benchmark": "deadline",
         "mode": settings.mode,
         "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "git": _git() + (f"; gateway from {settings.gateway_tree}" if settings.gateway_tree else ""),
+        "git": _git(settings) + (f"; gateway from {settings.gateway_tree}{_tree_commit(settings)}"
+                                 if settings.gateway_tree else ""),
         "cpu_model": _cpu_model(),
         "scheduler_flag": flag,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "model": {"name": MODEL, "max_batch_size": settings.max_batch_size, "flops_per_row": model.flops_per_row,
+        "model": {"name": model.name, "max_batch_size": settings.max_batch_size, "flops_per_row": model.flops_per_row,
                   "description": f"x[{model.in_dim}] -> Tile {model.channels}x{model.side}x{model.side} -> "
                                  f"{model.layers} x Conv3x3+ReLU -> GAP, {model.flops_per_row / 1e6:.0f} MFLOP/row"},
         "ort": ort,

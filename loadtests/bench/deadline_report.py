@@ -197,6 +197,29 @@ def open_loop_ceiling(doc: dict) -> tuple[float, float, float] | None:
     return None if rows is None else (top["load"], rows, rows / doc["capacity_rows_per_s"])
 
 
+def front_end(doc: dict) -> str | None:
+    """The gateway's front end at the highest HTTP load: its event loop's (main thread's) CPU, the
+    HTTP handling and admission, as a share of the core it shares with ONNX Runtime; the whole
+    gateway's beside it. (ORT's share of the window, ``comp``, is wall time: it includes the
+    slices the event loop took from it.)"""
+    loads = [r["load"] for r in doc["runs"] if r["scenario"] == "load" and r["transport"] == "http"]
+    if not loads:
+        return None
+    parts = []
+    for run in doc["runs"]:
+        if run["scenario"] != "load" or run["transport"] != "http" or run["load"] != max(loads):
+            continue
+        cpu = run.get("cpu") or {}
+        loop, gw = cpu.get("gateway_loop_cores"), cpu.get("gateway_cores")
+        if loop is None:
+            continue
+        parts.append(f"{run['scheduler']} event loop {_share(loop, 1)} ({_loop_us(cpu, run['summary'])} us x "
+                     f"{run['summary']['offered_rps']:.0f}/s) of the gateway's {_share(gw, 0)}")
+    if not parts:
+        return None
+    return f"front end at {max(loads):g}x (share of the gateway's core): " + "; ".join(parts)
+
+
 LEGEND = (
     "good: goodput (answers within the deadline) / capacity; late: late answers / answers, client timeouts",
     "  counted as late; refus: refusals / sent, r_dl: refusals that mention the deadline; tmo: client timeouts;",
@@ -235,6 +258,9 @@ def format_report(doc: dict) -> str:
     if ceiling:
         out.append(f"open-loop ceiling: at {ceiling[0]:g}x FIFO computed {ceiling[1]:.0f} rows/s = {ceiling[2]:.2f} of "
                    "the capacity (full batches; the requests' handling shares the core with ONNX Runtime)")
+    front = front_end(doc)
+    if front:
+        out.append(front)
     out.append("")
     out.extend(LEGEND)
     out.append(HEADER)

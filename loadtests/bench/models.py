@@ -170,6 +170,7 @@ class ConvBenchModel:
     The request stays small (C floats a row, 256 B at C=64) and the weights too (147 KiB a layer
     at C=64), so ONNX Runtime's time per row hardly depends on the batch size (no weight traffic
     to amortize): a full batch costs about ``max_batch_size`` times one row's compute.
+    ``DEADLINE_MODELS`` has the two the deadline benchmark runs.
     """
 
     name: str = "dlconv"
@@ -188,6 +189,26 @@ class ConvBenchModel:
     @property
     def flops_per_row(self) -> int:
         return 2 * 9 * self.channels**2 * self.side**2 * self.layers
+
+
+@dataclass(frozen=True)
+class DeadlineModel:
+    """A model of the deadline benchmark and the ``max_batch_size`` it is served with."""
+
+    model: ConvBenchModel
+    max_batch_size: int
+
+
+DEADLINE_MODELS: dict[str, DeadlineModel] = {
+    # The default: ~15-18 ms a row on one core here (8-10x dlconv), a batch of 16 ~260-300 ms, so
+    # 3x capacity is ~150-170 requests/s and the gateway's per-request handling (~500 event-loop
+    # CPU-us under load) is under a tenth of the core.
+    "dlconv32": DeadlineModel(ConvBenchModel(name="dlconv32", channels=64, side=32, layers=32), 16),
+    # The first benchmark's model: ~1.5-2 ms a row, 3x capacity ~1300 requests/s, whose handling
+    # took 30-60 % of the gateway's core from ONNX Runtime.
+    "dlconv": DeadlineModel(ConvBenchModel(name="dlconv", channels=64, side=16, layers=12), 32),
+}
+DEFAULT_DEADLINE_MODEL = "dlconv32"
 
 
 def write_conv_onnx(model: ConvBenchModel, path: Path, seed: int = 0) -> None:
