@@ -166,3 +166,23 @@ def test_the_loops_answer_lag_counts_in_every_prediction():
     refused = planner.refusal(item, queue, queue.place(item), now)
     assert refused is not None and refused.reason == "deadline"
     assert planner.start_by_ns(item) == item.deadline_ns - planner.predict_ns(1) - planner.answer_lag_ns
+
+
+def test_higher_levels_arriving_while_a_request_waits_count_ahead_of_it():
+    planner = DeadlinePlanner("m", 1, 1, 64, levels=2)
+    planner.exec_model = _trained(2 * MS, 0.5 * MS)
+    now = 10**12
+    planner.busy_until = [now + 30 * MS]  # the running batch: 30 ms more
+    t = 1
+    for _ in range(4000):  # level 1 arrives at 4000 rows/s
+        planner.arrived(1, t, 1)
+        t += MS // 4
+    queue = RequestQueue(2, edf=True)
+    low, high = _pending(deadline_ns=now + 80 * MS), _pending(deadline_ns=now + 80 * MS)
+    low.level = 2
+    # Level 1 starts in 30 ms, in a full batch (what arrives meanwhile joins it): done at 64 ms.
+    # Level 2 also waits for the ~120 level-1 rows arriving in those 30 ms, a full batch more:
+    # done at ~98 ms, past its deadline.
+    assert planner.refusal(high, queue, queue.place(high), now) is None
+    refused = planner.refusal(low, queue, queue.place(low), now)
+    assert refused is not None and refused.reason == "deadline"

@@ -108,7 +108,7 @@ class Batcher(BatchForming):
         self.instances = max(1, len(model.sessions))
         self._limit = policy.max_batch_size if policy.enabled else 1
         self._edf = policy.deadline_aware
-        self.planner = DeadlinePlanner(model.name, model.version, self.instances, self._limit)
+        self.planner = DeadlinePlanner(model.name, model.version, self.instances, self._limit, policy.priority_levels)
         self._lock = threading.Lock()
         # Instance threads waiting for arrivals (idle, or filling a batch), each parked on a lock
         # of its own that the loop releases to wake it; guarded by _lock.
@@ -183,7 +183,7 @@ class Batcher(BatchForming):
                 raise refused  # before making room: nobody is shed for a request refused anyway
             self._admit(item)  # sheds only requests of lower levels, behind index: it stays valid
             if self._edf:
-                self.planner.arrivals.arrived(rows, now)
+                self.planner.arrived(rows, now, level)
             queue.insert(index, item)
             self._m_depth.set(len(queue))
             if self._parked.filling:

@@ -53,18 +53,28 @@ LAG_SMOOTHING = 16  # the answer lag follows about this many batches
 class DeadlinePlanner:
     """Predictions for one version with ``instances`` instances and batches of ``limit`` rows."""
 
-    def __init__(self, name: str, version: int, instances: int, limit: int) -> None:
+    def __init__(self, name: str, version: int, instances: int, limit: int, levels: int = 1) -> None:
         self.name, self.version = name, version
         self.instances = instances
         self.limit = limit
         self.exec_model = ExecTimeModel()
         self.arrivals = ArrivalRate()
+        # By priority level (index 0 unused, the last one shadows): higher levels arriving while
+        # a request waits go ahead of it.
+        self.level_arrivals = [ArrivalRate() for _ in range(levels + 2)] if levels > 1 else []
+
         # When each instance's running batch should end (perf_counter_ns; 0 = not running).
         self.busy_until = [0] * instances
         # How long the event loop takes to answer a batch once it has run, smoothed: under load
         # the loop is busy and the answer waits its turn. Predictions of when an answer is sent
         # add it.
         self.answer_lag_ns = 0
+
+    def arrived(self, rows: int, now: int, level: int) -> None:
+        """``rows`` arrived at ``now``, at priority ``level``."""
+        self.arrivals.arrived(rows, now)
+        if self.level_arrivals:
+            self.level_arrivals[level].arrived(rows, now)
 
     def answered(self, lag_ns: int) -> None:
         """One batch's answer came ``lag_ns`` after its execution ended (on the loop)."""
@@ -93,6 +103,10 @@ class DeadlinePlanner:
         predict = self.exec_model.predict_ns
         ahead = queue.rows_ahead(index)
         wait = self.wait_ns(ahead, now)
+        if item.level > 1 and self.level_arrivals:  # higher levels that arrive meanwhile go first
+            higher = sum(rate.per_ns for rate in self.level_arrivals[1 : item.level])
+            ahead += int(higher * wait)
+            wait = self.wait_ns(ahead, now)
         # Its batch: what is ahead of it past the last full batch, itself, and what arrives
         # before it starts (under load, a full batch).
         joining = int(self.arrivals.per_ns * wait)
