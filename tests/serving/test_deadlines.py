@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import orjson
 import pytest
@@ -20,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
+from onnxgate_client.pb import grpc_service_pb2 as pb
 
 SLOW = """
 max_batch_size: 256
@@ -98,6 +100,14 @@ def _grpc(gw: GatewayProcess, model: str, x: np.ndarray, **kw) -> np.ndarray:
     return client.infer(model, [inp], **kw).as_numpy("y")
 
 
+def _raw_request(model: str, x: np.ndarray) -> bytes:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    assert tensor is not None
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
 def _rows(n: int) -> np.ndarray:
     return np.random.default_rng(n).random((n, DIM), dtype=np.float32)
 
@@ -138,6 +148,12 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_and_never_co
     assert status == 429, body
     assert headers["retry-after"].isdigit()
     assert "deadline" in orjson.loads(body)["error"]
+    assert orjson.loads(body)["reason"] == "deadline"
+    call = grpc.insecure_channel(gw.grpc_url).unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc.RpcError) as raw:  # in a trailer too
+        call(_raw_request("slow", x), timeout=0.02)
+    assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("onnxgate-reason", "deadline") in tuple(raw.value.trailing_metadata())
     with pytest.raises(InferenceServerException) as err:  # the gRPC deadline is the request's
         _grpc(gw, "slow", x, client_timeout=0.02)
     assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
@@ -150,7 +166,7 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once_and_never_co
     busy.join()
     assert _executions(gw, "slow") == before + 4  # the two large ones and the two on time
     text = _metrics(gw)
-    assert _sample(text, "onnxgate_rejected_requests_total", model="slow", reason="deadline") == refused_before + 2
+    assert _sample(text, "onnxgate_rejected_requests_total", model="slow", reason="deadline") == refused_before + 3
     assert _sample(text, "onnxgate_deadline_misses_total", model="slow") == 0
 
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnxgate.core.admission import INLINE_DECODE_BYTES
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.service import UNKNOWN_MODEL_LABEL, InferenceService
-from onnxgate.errors import GatewayError, InvalidInput, PayloadTooLarge
+from onnxgate.errors import GatewayError, InvalidInput, Overloaded, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
 from onnxgate.frontends.endpoints import grpc_endpoints
 from onnxgate.frontends.grpc_access import GrpcAccess
@@ -43,7 +43,9 @@ def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 raise InvalidInput(request.message)
             return await method(self, request, context)
         except GatewayError as exc:
-            await context.abort(grpc_code(exc), exc.message)
+            # A shed request says why (queue_full, deadline, ...) in the trailer onnxgate-reason.
+            reason = (("onnxgate-reason", exc.reason),) if isinstance(exc, Overloaded) else ()
+            await context.abort(grpc_code(exc), exc.message, reason)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
@@ -227,12 +229,15 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._encode(response, stream=True), "", None
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
+            reason = exc.reason if isinstance(exc, Overloaded) else ""
         except Exception:
             log.exception("unhandled error in ModelStreamInfer")
-            code, message = grpc.StatusCode.INTERNAL, "internal error; see the gateway log"
+            code, message, reason = grpc.StatusCode.INTERNAL, "internal error; see the gateway log", ""
         name, version, request_id = grpc_codec.peek_target(req) or ("", "", "")
         failed = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
         failed.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
+        if reason:
+            failed.parameters["reason"].string_param = reason
         reply = pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
         return reply.SerializeToString(), message, code
 

@@ -61,8 +61,9 @@ def _ok(body: bytes = b"") -> _Reply:
     return _Reply(200, body)
 
 
-def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> _Reply:
-    return _Reply(status, orjson.dumps({"error": message}), _JSON + (extra or []))
+def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, reason: str = "") -> _Reply:
+    body = {"error": message, "reason": reason} if reason else {"error": message}
+    return _Reply(status, orjson.dumps(body), _JSON + (extra or []))
 
 
 class HttpApp:
@@ -104,12 +105,12 @@ class HttpApp:
             log.debug("client gone before %s %s was answered", scope.get("method"), scope.get("path"))
             return
         except GatewayError as exc:
-            extra = None
-            if isinstance(exc, Overloaded):
-                extra = [(b"retry-after", str(max(1, round(exc.retry_after_s))).encode())]
+            extra, reason = None, ""
+            if isinstance(exc, Overloaded):  # why it was shed: queue_full, deadline, timeout, ...
+                extra, reason = [(b"retry-after", str(max(1, round(exc.retry_after_s))).encode())], exc.reason
             elif isinstance(exc, Unauthenticated):
                 extra = [(b"www-authenticate", b"Bearer")]
-            reply = _error(http_status(exc), exc.message, extra)
+            reply = _error(http_status(exc), exc.message, extra, reason)
         except Exception:  # the process must survive any request
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             reply = _error(500, "internal error; see the gateway log")
