@@ -81,7 +81,9 @@ def test_sigterm_answers_a_request_held_by_a_filling_batch(repo):
 @pytest.fixture(scope="module")
 def slow_gw(tmp_path_factory: pytest.TempPathFactory):
     repo = tmp_path_factory.mktemp("slow")
-    modelzoo.build_slow(repo, "slow", layers=128)  # a 256-row request runs for about a second
+    # A 256-row request runs for about 3 s: the tests below do their work while it runs (a 1 s run
+    # was sometimes over before a loaded machine had sent, closed and counted the requests behind it).
+    modelzoo.build_slow(repo, "slow", layers=384)
     modelzoo.write_config(repo / "slow", SLOW)
     with GatewayProcess(repo) as gw:
         yield gw
