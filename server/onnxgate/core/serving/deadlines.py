@@ -83,6 +83,11 @@ class DeadlinePlanner:
     def predict_ns(self, rows: int) -> int:
         return self.exec_model.predict_ns(rows)
 
+    def answer_ns(self, rows: int) -> int:
+        """Predicted time from starting a batch of ``rows`` rows to its answer: its execution
+        and the loop's lag in answering it."""
+        return self.exec_model.predict_ns(rows) + self.answer_lag_ns
+
     def wait_ns(self, ahead_rows: int, now: int) -> int:
         """Predicted time until a request with ``ahead_rows`` queued ahead of it starts."""
         full = ahead_rows // self.limit
@@ -100,7 +105,6 @@ class DeadlinePlanner:
             return self._late(item, "its deadline had passed on arrival", 0)
         if not self.exec_model.trained:
             return None
-        predict = self.exec_model.predict_ns
         ahead = queue.rows_ahead(index)
         wait = self.wait_ns(ahead, now)
         if item.level > 1 and self.level_arrivals:  # higher levels that arrive meanwhile go first
@@ -110,7 +114,7 @@ class DeadlinePlanner:
         # Its batch: what is ahead of it past the last full batch, itself, and what arrives
         # before it starts (under load, a full batch).
         joining = int(self.arrivals.per_ns * wait)
-        finish = wait + predict(min(self.limit, ahead % self.limit + item.rows + joining)) + self.answer_lag_ns
+        finish = wait + self.answer_ns(min(self.limit, ahead % self.limit + item.rows + joining))
         # One more margin than the take uses: a request admitted near the edge would be refused
         # later (after waiting), where a refusal now costs the caller nothing.
         if finish + self.exec_model.margin_ns <= left:
@@ -131,7 +135,7 @@ class DeadlinePlanner:
             return 0
         if item.probe:
             return item.deadline_ns
-        return item.deadline_ns - self.exec_model.predict_ns(item.rows) - self.answer_lag_ns
+        return item.deadline_ns - self.answer_ns(item.rows)
 
     def late_refusal(self, item: Pending, behind: bool = False) -> Overloaded:
         """The refusal of a request whose deadline could no longer be met while it waited: at

@@ -77,8 +77,7 @@ class BatchForming:
         members = len(live)
         min_deadline = self._min_deadline(live)
         now = time.perf_counter_ns() if edf else 0
-        # When such a batch would be answered: its execution, and the loop's lag in answering.
-        due = now + predict(min(limit, rows + self._queue.rows)) + self.planner.answer_lag_ns if edf else 0
+        due = now + self.planner.answer_ns(min(limit, rows + self._queue.rows)) if edf else 0  # such a batch's answer
         taken: list[Pending] = []
         skipped = 0
         for item in self._queue:
@@ -95,13 +94,11 @@ class BatchForming:
                 continue
             if members and rows + item.rows > limit:
                 break
-            if edf and item.deadline_ns and not item.probe:
-                deadline = min(min_deadline, item.deadline_ns)
-                if members and now + predict(rows + item.rows) > deadline:
+            if edf:
+                if item.deadline_ns and not item.probe:
+                    min_deadline = min(min_deadline, item.deadline_ns)
+                if members and min_deadline != NO_DEADLINE and now + predict(rows + item.rows) > min_deadline:
                     break  # with it, the batch would finish past a member's deadline
-                min_deadline = deadline
-            elif members and min_deadline != NO_DEADLINE and now + predict(rows + item.rows) > min_deadline:
-                break
             taken.append(item)
             members += 1
             rows += item.rows
@@ -163,8 +160,7 @@ class BatchForming:
         try:
             while not self._closed and not self._batch_done(rows):
                 if self._edf:  # never past what the members' deadlines leave for the batch
-                    until = min(until, self._min_deadline(batch) - self.planner.predict_ns(rows)
-                                - self.planner.answer_lag_ns - FILL_SLACK_NS)
+                    until = min(until, self._min_deadline(batch) - self.planner.answer_ns(rows) - FILL_SLACK_NS)
                 if (left := until - time.perf_counter_ns()) <= 0:
                     if self._queue:  # what arrived as the delay ran out still joins
                         rows = self._take(batch, rows)
@@ -179,8 +175,8 @@ class BatchForming:
         finally:
             self._filling[slot] = None
         if self._edf:  # a member whose deadline the wait has made unmeetable is not run
-            now, predict = time.perf_counter_ns(), self.planner.exec_model.predict_ns
-            due = now + predict(rows) + self.planner.answer_lag_ns
+            now = time.perf_counter_ns()
+            due = now + self.planner.answer_ns(rows)
             for b in batch:
                 if b.deadline_ns and not b.late and (now if b.probe else due) > b.deadline_ns:
                     b.late = True
@@ -200,7 +196,7 @@ class BatchForming:
                 start = min(start, max(until, now))
         if start <= now:
             return
-        due = start + predict(min(limit, self._queue.rows)) + planner.answer_lag_ns
+        due = start + planner.answer_ns(min(limit, self._queue.rows))
         hopeless: list[Pending] = []
         seen = 0
         for item in self._queue:
