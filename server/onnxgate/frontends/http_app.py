@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
-from onnxgate.core.inference import InferRequest, InferResponse, deadline_from_header, parse_version
+from onnxgate.core.inference import DEADLINE_HEADER, InferRequest, InferResponse, deadline_from_header, parse_version
 from onnxgate.core.security.access import METRICS_REFUSAL, AccessPolicy, Principal
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.security.config import SecurityConfig
@@ -59,6 +59,9 @@ class _Reply:
 
 def _ok(body: bytes = b"") -> _Reply:
     return _Reply(200, body)
+
+
+_DEADLINE_HEADER = DEADLINE_HEADER.encode()  # as ASGI gives header names: lower-case bytes
 
 
 def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, reason: str = "") -> _Reply:
@@ -260,7 +263,7 @@ class HttpApp:
         received = time.perf_counter_ns()
         svc = self.service
         headers = dict(scope["headers"])
-        deadline_text = headers.get(b"x-request-deadline-ms")
+        deadline_text = headers.get(_DEADLINE_HEADER)
         deadline = deadline_from_header(deadline_text.decode("latin-1"), received) if deadline_text else 0
         label, elements = svc.request_bound(name, version, "http")
         limit = http_codec.body_limit(elements, self.max_body_bytes)

@@ -103,6 +103,7 @@ class Batcher(BatchForming):
         self._m_compute = self.metrics.compute_latency.labels(*labels)
         self._m_depth = self.metrics.queue_depth.labels(*labels)
         self._m_busy = self.metrics.instance_busy.labels(*labels)
+        self._m_misses = self.metrics.deadline_misses.labels(*labels)
         self.stats = stats
         self.policy = policy
         self.instances = max(1, len(model.sessions))
@@ -386,10 +387,12 @@ class Batcher(BatchForming):
                 busy_ns = timing.input_ns + timing.infer_ns + timing.output_ns
                 self._m_busy.inc(busy_ns / 1e9)
                 self._learn(rows, busy_ns, started + busy_ns)
-                waits = self._m_queue_wait
+                waits, now = self._m_queue_wait, time.perf_counter_ns()
                 for b, results in zip(batch, own, strict=True):
                     queue_ns = started - b.enqueued_ns
                     waits[b.level].observe(queue_ns / 1e9)
+                    if b.deadline_ns and now > b.deadline_ns and not b.shadow:  # a shadow's answer is nobody's
+                        self._m_misses.inc()  # answered late (fifo; or a prediction proved optimistic)
                     set_result(b.future, (results, _with_queue(timing, queue_ns)))
         except BaseException:  # a bug: whoever is not answered yet is answered with it
             self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
