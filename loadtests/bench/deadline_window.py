@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 from loadtests.bench import procs
-from loadtests.loadgen.runner import _CLK_TCK, machine_busy_s, process_cpu_s
+from loadtests.loadgen.runner import machine_busy_s, process_cpu_s
 
 
 def fetch(port: int) -> str:
@@ -43,16 +43,6 @@ def _delta(a: dict, b: dict, name: str, model: str, by: str | None = None) -> di
     return found.get("") if found else None
 
 
-def thread_cpu_s(pid: int, tid: int) -> float | None:
-    """User + system CPU seconds of one thread (the gateway's main thread runs its event loop)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 class Window:
     """Metrics and CPU of the gateway at a run's measured window's start and end."""
 
@@ -64,7 +54,8 @@ class Window:
         pid = self.gw.pid
         # Only fetched here: parsing (GIL-bound) waits for result(), after the run's sender is done.
         self.snaps.append((time.monotonic(), fetch(self.gw.metrics_port), process_cpu_s(pid),
-                           machine_busy_s(), time.process_time(), thread_cpu_s(pid, pid)))
+                           machine_busy_s(), time.process_time(),
+                           process_cpu_s(pid, pid)))  # its main thread: the event loop
 
     async def at(self, when_ns: int) -> None:
         await asyncio.sleep(max(0.0, (when_ns - time.monotonic_ns()) / 1e9))

@@ -53,10 +53,12 @@ class Phase:
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), or None when it is gone."""
+def process_cpu_s(pid: int, tid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (all its threads), or of its thread ``tid``; None
+    when it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
