@@ -1,28 +1,39 @@
 # The two commands: `make serve` serves the bundled demo repository; `make test` runs every test.
+# `make serve` installs only the serving dependencies (`pip install -e .`); `make test` adds the
+# test extra. Each has its own stamp in the venv, redone when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: serve test lint proto demo-models
 
-$(BIN)/onnxgate: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
 	touch $@
 
-serve: $(BIN)/onnxgate
+# The test extra holds the serving dependencies too, so this one install stands for both stamps.
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(SERVE_STAMP) $@
+
+serve: $(SERVE_STAMP)
 	$(BIN)/onnxgate serve $(ARGS)
 
-test: $(BIN)/onnxgate
+test: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: $(BIN)/onnxgate
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
-proto: $(BIN)/onnxgate
+proto: $(TEST_STAMP)
 	$(BIN)/python proto/generate.py
 
-demo-models: $(BIN)/onnxgate
+demo-models: $(TEST_STAMP)
 	$(BIN)/python server/onnxgate/demo/build_demo.py
