@@ -64,6 +64,7 @@ HTTP = {
     ("GET", "/v2/health/live"): ("/v2/health/live", "", 200),
     ("GET", "/v2/health/ready"): ("/v2/health/ready", "", 200),
     ("GET", "/v2"): ("/v2", "", 200),
+    ("GET", "/v2/openapi.json"): ("/v2/openapi.json", "", 200),
     ("GET", "/v2/models/{model}"): ("/v2/models/scaled", "", 200),
     ("GET", "/v2/models/{model}/versions/{version}"): ("/v2/models/scaled/versions/1", "", 200),
     ("GET", "/v2/models/{model}/ready"): ("/v2/models/scaled/ready", "", 200),

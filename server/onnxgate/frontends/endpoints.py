@@ -48,6 +48,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              implemented=False),
     Endpoint("server.metadata", "infer", "Server name, version and extensions", (("GET", "/v2"),),
              ("ServerMetadata",)),
+    # Public: it describes the API and holds no data of this gateway (no models, no routes).
+    Endpoint("api.openapi", PUBLIC, "The OpenAPI document of this HTTP API", (("GET", "/v2/openapi.json"),)),
     Endpoint("model.metadata", "infer", "A model's inputs, outputs and versions", _versioned("GET", ""),
              ("ModelMetadata",), target="model", grpc_target="name"),
     Endpoint("model.ready", "infer", "Is a model (version) ready", _versioned("GET", "/ready"), ("ModelReady",),

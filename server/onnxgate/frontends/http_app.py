@@ -31,7 +31,7 @@ from onnxgate.errors import (
     Unauthenticated,
     Unsupported,
 )
-from onnxgate.frontends import http_codec
+from onnxgate.frontends import http_codec, openapi
 from onnxgate.frontends.endpoints import ENDPOINTS, Endpoint, HttpRouter
 from onnxgate.frontends.status import CUT_MESSAGE, http_status
 
@@ -188,6 +188,9 @@ class HttpApp:
 
     async def _server_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         return _ok(orjson.dumps(self.service.server_metadata()))
+
+    async def _api_openapi(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(openapi.document_bytes())  # built from the endpoint table once, then the same bytes
 
     async def _model_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         meta = self.service.model_metadata(params["model"], params.get("version", ""))
