@@ -21,13 +21,13 @@ CLIENT = ROOT / "client" / "onnxgate_client"
 UNITS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("errors", ("onnxgate.errors",), 0),
     ("core vocabulary", ("onnxgate.core.inference", "onnxgate.core.metrics", "onnxgate.core.sections",
-                         "onnxgate.core.urls"), 1),
+                         "onnxgate.core.urls", "onnxgate.core.tracing"), 1),
     ("serving", ("onnxgate.core.serving",), 2),
     ("registry", ("onnxgate.core.registry",), 3),
     ("traffic", ("onnxgate.core.traffic",), 3),
     ("monitoring", ("onnxgate.core.monitoring",), 3),
     ("security", ("onnxgate.core.security",), 3),
-    ("service", ("onnxgate.core.service", "onnxgate.core.admission"), 4),
+    ("service", ("onnxgate.core.service", "onnxgate.core.admission", "onnxgate.core.exchange"), 4),
     ("frontends", ("onnxgate.frontends",), 5),
     ("app", ("onnxgate",), 6),  # cli, lifecycle, listeners, config, supervisor, admin, drift_report, demo
 )

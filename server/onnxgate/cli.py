@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from onnxgate import __version__
 from onnxgate.config import load
+from onnxgate.core.tracing import check_tracing
 from onnxgate.errors import ConfigError, GatewayError
 
 
@@ -241,6 +242,7 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         config = load(args.config, {k: getattr(args, k) for k in _SERVER_KEYS})
+        check_tracing()  # asked for by the OTEL_* environment and impossible: fail before any worker starts
     except ConfigError as exc:
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from onnxgate.core.monitoring.access_log import AccessLogConfig
 from onnxgate.core.monitoring.config import SampleLogConfig
 from onnxgate.core.monitoring.drift import DriftConfig
 from onnxgate.core.registry.config import RegistryConfig
@@ -29,7 +30,7 @@ from onnxgate.core.serving.batch_policy import SCHEDULERS
 from onnxgate.core.traffic.routes import Route, parse_routes
 from onnxgate.errors import ConfigError, InvalidInput
 
-SECTIONS = ("server", "routes", "sample_log", "drift", "registry", "security")
+SECTIONS = ("server", "routes", "sample_log", "access_log", "drift", "registry", "security")
 
 
 # Limits where 0 means "off" (the keepalive pair: gRPC's defaults, 2 h and 20 s; the client-ping
@@ -155,6 +156,7 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     routes: tuple[Route, ...] = ()
     sample_log: SampleLogConfig | None = None
+    access_log: AccessLogConfig | None = None  # None: no access log
     drift: DriftConfig = field(default_factory=DriftConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -230,6 +232,7 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         server=_build(ServerConfig, "server", server),
         routes=routes,
         sample_log=sample_log,
+        access_log=AccessLogConfig.from_dict(doc["access_log"]) if doc.get("access_log") is not None else None,
         drift=drift,
         registry=RegistryConfig.from_dict(doc.get("registry")),
         security=SecurityConfig.from_dict(doc.get("security")),

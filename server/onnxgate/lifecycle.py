@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from onnxgate import config as config_mod
 from onnxgate.config import GatewayConfig
 from onnxgate.core.metrics import Metrics
+from onnxgate.core.monitoring.access_log import AccessLogger
 from onnxgate.core.monitoring.drift import DriftMonitor
 from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.registry.config import open_repository
@@ -39,6 +40,7 @@ from onnxgate.core.serving.model import LoadOptions
 from onnxgate.core.serving.poller import RepositoryPoller
 from onnxgate.core.serving.sessions import available_cores
 from onnxgate.core.serving.stats_share import SharedStats
+from onnxgate.core.tracing import Tracing
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.grpc_access import GrpcAccess
@@ -95,6 +97,9 @@ class Gateway:
             else None
         )
         self.service.attach_sample_log(self.sample_log)
+        self.tracing = Tracing.from_env()  # OTEL_* environment; None: off (raises when asked and impossible)
+        self.access_log = AccessLogger(config.access_log, self.metrics.registry) if config.access_log else None
+        self.service.attach_observers(self.tracing, self.access_log)
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.access = AccessPolicy(config.security, s.host, require_client_cert=bool(s.tls_client_ca_file))
         self.audit = AuditLog(config.security.audit_log)
@@ -122,6 +127,8 @@ class Gateway:
             await self.drift.start()
         if self.sample_log is not None:
             self.sample_log.start()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.start)  # opens its file: a bad path fails the start
         if self.shared_stats is not None:
             self.shared_stats.start()
         if self.worker is None and not self.config.server.listen_after_load:
@@ -266,6 +273,12 @@ class Gateway:
             shared_stats = self.shared_stats
             steps.append(("statistics snapshot", lambda _: shared_stats.close()))
         steps.append(("model versions", self.manager.close))
+        if self.access_log is not None:  # after the versions: the last answers are logged too
+            access_log = self.access_log
+            steps.append(("access log", lambda _: asyncio.to_thread(access_log.close)))
+        if self.tracing is not None:
+            tracing = self.tracing
+            steps.append(("tracing", lambda _: asyncio.to_thread(tracing.shutdown)))
         close = getattr(self.manager.repository, "close", None)
         if close is not None:
             steps.append(("repository", lambda _: asyncio.to_thread(close)))

@@ -56,6 +56,8 @@ class InferRequest:
     protocol: str = ""  # "grpc" | "http", for metrics and logs only
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case HTTP headers / gRPC metadata
     deadline_ns: int = 0  # when its answer is due (time.perf_counter_ns); 0 = none
+    request_id: str = ""  # its one id (``core.exchange``): the client's X-Request-Id, else ``id``, else made
+    exchange: Any = None  # its ``core.exchange.Exchange`` (None for a shadow copy, or called without one)
 
 
 @dataclass(slots=True)
@@ -101,6 +103,8 @@ def timeout_us(request: InferRequest) -> int | None:
 
 
 DEADLINE_HEADER = "x-request-deadline-ms"
+REQUEST_ID_HEADER = "x-request-id"  # the request's one id, given by the client or echoed by the gateway
+TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, read when tracing is on
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 
 

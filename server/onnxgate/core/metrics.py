@@ -102,6 +102,28 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.queued_rows = Gauge(
+            "onnxgate_queued_rows",
+            "Rows waiting in a version's queue (requests are onnxgate_queue_depth): an autoscaling signal.",
+            ["model", "version"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.busy_ratio = Gauge(
+            "onnxgate_instance_busy_ratio",
+            "Share (0..1) of about the last 10 s that a version's instances spent executing, running "
+            "executions included: an autoscaling signal (under --workers N, one series per worker: avg or max it).",
+            ["model", "version"],
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "onnxgate_requests_in_flight",
+            "Inference requests being read, queued, run or answered now: an autoscaling signal (concurrency).",
+            ["protocol"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.rejected = Counter(
             "onnxgate_rejected_requests",
             "Requests shed without running, by reason: queue_full, queue_bytes, timeout, deadline "

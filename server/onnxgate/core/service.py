@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from onnxgate import __version__
 from onnxgate.core.admission import DecodeBudget, Hold
+from onnxgate.core.exchange import Exchange, Exchanges, outcome
 from onnxgate.core.inference import InferRequest, InferResponse, parse_version, timeout_us
 from onnxgate.core.metrics import Metrics
+from onnxgate.core.monitoring.access_log import AccessLogger
 from onnxgate.core.monitoring.records import Sample, ShadowResult
 from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.serving import manager as manager_mod
@@ -26,17 +28,16 @@ from onnxgate.core.serving.memory import held_nbytes
 from onnxgate.core.serving.outputs import classification, make_output
 from onnxgate.core.serving.stats import VersionStats
 from onnxgate.core.serving.stats_share import SharedStats
+from onnxgate.core.tracing import Tracing
 from onnxgate.core.traffic.comparison import Comparator
 from onnxgate.core.traffic.routes import Route, RouteTable, Target, parse_route
 from onnxgate.core.traffic.shadow import Report, ShadowRunner
 from onnxgate.errors import (
-    Draining,
     GatewayError,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     Overloaded,
-    PayloadTooLarge,
     Unavailable,
     Unsupported,
 )
@@ -61,14 +62,6 @@ _NOT_SHARED = (
     "workers one at a time (SIGHUP to the supervisor re-reads the routes in every worker)"
 )
 
-_OUTCOMES: dict[type, str] = {
-    InvalidInput: "invalid_input",
-    PayloadTooLarge: "too_large",
-    ModelNotFound: "not_found",
-    Overloaded: "overloaded",
-    Draining: "draining",
-    Unavailable: "unavailable",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +101,7 @@ class InferenceService:
         self.sample_headers = False  # set when the sample log copies or hashes headers
         self.shadows = ShadowRunner(Comparator(metrics))
         self.sample_log: SampleLogger | None = None
+        self.exchanges = Exchanges(metrics)
         manager.shadowed_by = lambda name: name if name in self.routes.routes else None
 
     # -- health and metadata ---------------------------------------------------------------
@@ -218,6 +212,25 @@ class InferenceService:
         if not self.control_plane_shared:
             raise Unsupported(_NOT_SHARED % what.capitalize())
 
+    def attach_observers(self, tracing: Tracing | None, access_log: AccessLogger | None) -> None:
+        """Trace requests with ``tracing`` and log them to ``access_log`` (either may be None: off)."""
+        self.exchanges = Exchanges(self.metrics, tracing, access_log)
+        self.manager.tracing = tracing
+
+    def begin(self, protocol: str, target: str, client_id: str | None, trace_headers: Mapping[str, str] | None,
+              peer: Any = None, span_name: str = "") -> Exchange:
+        """An inference request has arrived: see :meth:`Exchanges.begin`."""
+        return self.exchanges.begin(protocol, target, client_id, trace_headers, peer, span_name)
+
+    @property
+    def tracing(self) -> Tracing | None:
+        return self.exchanges.tracing
+
+    @property
+    def logs_access(self) -> bool:
+        """Whether requests are access-logged (front ends then pass the peer to :meth:`begin`)."""
+        return self.exchanges.access_log is not None
+
     # -- routes ------------------------------------------------------------------------------
     def _route(self, name: str, version: str) -> Route | None:
         route = self.routes.get(name)
@@ -311,7 +324,7 @@ class InferenceService:
         series, whatever clients send)."""
         known = name in self.manager.models or name in self.routes.routes
         label = name if known else UNKNOWN_MODEL_LABEL
-        self.metrics.request_done(label, version, protocol, _OUTCOMES.get(type(exc), "error"), None)
+        self.metrics.request_done(label, version, protocol, outcome(exc), None)
         if isinstance(exc, Overloaded):
             self.metrics.rejected.labels(label, exc.reason).inc()
 
@@ -322,11 +335,15 @@ class InferenceService:
         ``model_name`` and ``model_version`` say which target answered. Sampled requests are
         handed to the sample logger, with the shadow's answer when mirrored."""
         route = self._route(request.model_name, request.model_version) if self.routes.routes else None
+        if (ex := request.exchange) is not None:
+            request.request_id = ex.identify(request.id)
+            if route is not None:
+                ex.route = route.name
         sampler = self.sample_log
         if route is None:
             sampled = sampler is not None and sampler.should_sample(request.model_name, request.headers)
             if not sampled:
-                return await self._infer(request, request.model_name, request.model_version)
+                return await self._infer(request, request.model_name, request.model_version, span=_span(ex))
             target, route_name = Target(request.model_name, request.model_version), request.model_name
         else:
             target, route_name = self.routes.choose(route, request.headers), route.name
@@ -337,7 +354,7 @@ class InferenceService:
             mirror = self.shadows.start(route, target, request, self._shadow)
         started = time.perf_counter()
         try:
-            response = await self._infer(request, target.model, target.version)
+            response = await self._infer(request, target.model, target.version, span=_span(ex))
         except BaseException as exc:
             if mirror is not None:
                 mirror.primary_failed()
@@ -373,14 +390,29 @@ class InferenceService:
             if scheduler is not None and (default := scheduler.policy.default_deadline_ns):
                 request.deadline_ns = time.perf_counter_ns() + default
 
-    def _shadow(self, request: InferRequest, target: Target) -> Awaitable[InferResponse]:
+    async def _shadow(self, request: InferRequest, target: Target) -> InferResponse:
         mirrored = InferRequest(
             target.model, target.version, request.inputs, [], request.id, request.parameters, "shadow",
-            request.headers, request.deadline_ns,
+            request.headers, request.deadline_ns, request.request_id,
         )
-        return self._infer(mirrored, target.model, target.version, shadow=True)
+        parent, tracing = _span(request.exchange), self.tracing
+        if parent is None or tracing is None:
+            return await self._infer(mirrored, target.model, target.version, shadow=True)
+        attributes = {"onnxgate.model": target.model, "onnxgate.route": request.model_name}
+        span = tracing.child_span(parent, "shadow", attributes)
+        try:
+            response = await self._infer(mirrored, target.model, target.version, shadow=True, span=span)
+        except BaseException as exc:
+            tracing.end(span, error=getattr(exc, "message", None) or type(exc).__name__)
+            raise
+        tracing.end(span, {"onnxgate.version": response.model_version})
+        return response
 
-    async def _infer(self, request: InferRequest, name: str, version_asked: str, shadow: bool = False) -> InferResponse:
+    async def _infer(
+        self, request: InferRequest, name: str, version_asked: str, shadow: bool = False, span: Any = None
+    ) -> InferResponse:
+        """Run one request on one model (version); ``span``, when the request is traced, gets
+        ``queue`` and ``execute`` spans under it, and the batch span links to it."""
         start = time.perf_counter_ns()
         protocol = request.protocol
         ver: VersionEntry | None = None
@@ -394,9 +426,10 @@ class InferenceService:
             # What the queue holds: each tensor's bytes (views of one body add up to the body);
             # BYTES tensors with their strings.
             nbytes = sum(held_nbytes(a) if a.dtype.hasobject else a.nbytes for a in feeds.values())
+            submitted = time.perf_counter_ns()
             results, timing = await scheduler.submit(
                 feeds, rows, wanted, timeout_us(request), shadow, nbytes, request.deadline_ns,
-                request.parameters.get("priority"),
+                request.parameters.get("priority"), span,
             )
             outputs = [make_output(model, n, arr, classify.get(n, 0)) for n, arr in zip(wanted, results, strict=True)]
         except GatewayError as exc:
@@ -409,8 +442,19 @@ class InferenceService:
         elapsed = time.perf_counter_ns() - start
         stats.record_request(rows, elapsed, timing)
         version = str(ver.version)
+        compute_ns = timing.input_ns + timing.infer_ns + timing.output_ns
+        if not shadow and (ex := request.exchange) is not None:
+            ex.served(version, rows, timing.queue_ns, compute_ns)
+        if span is not None and (tracing := self.tracing) is not None:
+            started = submitted + timing.queue_ns
+            tracing.timed_span(span, "queue", submitted, started)
+            tracing.timed_span(span, "execute", started, started + compute_ns, {"onnxgate.version": version})
         self.metrics.request_done(name, version, protocol, "success", elapsed / 1e9)
         return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance)
+
+
+def _span(exchange: Exchange | None) -> Any:
+    return exchange.span if exchange is not None else None
 
 
 def _shadow_logger(sampler: SampleLogger) -> Report:

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES
-from onnxgate.core.inference import InferRequest, InferResponse
+from onnxgate.core.inference import REQUEST_ID_HEADER, TRACE_HEADERS, InferRequest, InferResponse
 from onnxgate.core.service import UNKNOWN_MODEL_LABEL, InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, Overloaded, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
@@ -31,6 +31,8 @@ from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_INFER_SPAN = "inference.GRPCInferenceService/ModelInfer"
+_STREAM_SPAN = "inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -45,7 +47,7 @@ def _mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except GatewayError as exc:
             # A shed request says why (queue_full, deadline, ...) in the trailer onnxgate-reason.
             reason = (("onnxgate-reason", exc.reason),) if isinstance(exc, Overloaded) else ()
-            await context.abort(grpc_code(exc), exc.message, reason)
+            await context.abort(grpc_code(exc), exc.message, (*(context.trailing_metadata() or ()), *reason))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
@@ -125,12 +127,28 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_mapped
     async def ModelInfer(self, request, context):
-        deadline = _deadline_ns(context)
-        decoded = await self._decode(request)
-        decoded.deadline_ns = deadline
-        if self.service.wants_headers:
-            decoded.headers = _metadata(context)
-        return await self._encode(await self.service.infer(decoded))
+        """One unary inference; its request id goes back in the trailing metadata ``x-request-id``."""
+        svc = self.service
+        client_id, trace = _call_ids(context, svc.tracing is not None)
+        peer = context.peer() if svc.logs_access else None
+        exchange = svc.begin("grpc", "", client_id, trace, peer, _INFER_SPAN)
+        try:
+            deadline = _deadline_ns(context)
+            decoded = await self._decode(request)
+            exchange.target = decoded.model_name
+            decoded.deadline_ns = deadline
+            decoded.exchange = exchange
+            if svc.wants_headers:
+                decoded.headers = _metadata(context)
+            reply = await self._encode(await svc.infer(decoded))
+        except BaseException as exc:
+            code = _status_of(exc)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, exchange.identify("")),))
+            exchange.finish(code.name, code.value[0], exc)
+            raise
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, exchange.identify("")),))
+        exchange.finish("OK", 0)
+        return reply
 
     async def _encode(self, response: InferResponse, stream: bool = False) -> bytes:
         """The serialized reply, written straight from the outputs (see ``serialize_infer``); a
@@ -180,15 +198,18 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         With the call metadata ``triton_grpc_error: true`` (Triton's opt-in), the first failure
         instead ends the stream with that status and message; requests still running are
         cancelled and replies not yet sent are dropped."""
-        headers = _metadata(context) if self.service.wants_headers else {}
+        svc = self.service
+        headers = _metadata(context) if svc.wants_headers else {}
         deadline = _deadline_ns(context)  # the stream's: every request's answer is due by it
+        trace = _call_ids(context, svc.tracing is not None)[1]  # the stream's: every request continues it
+        peer = context.peer() if svc.logs_access else None
         close_on_error = _grpc_error_mode(context)
         replies: asyncio.Queue[tuple[bytes, str, grpc.StatusCode | None] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
         async def run_one(req: bytes) -> None:
-            replies.put_nowait(await self._stream_one(req, headers, deadline))
+            replies.put_nowait(await self._stream_one(req, headers, deadline, trace, peer))
 
         async def read() -> None:
             try:
@@ -217,22 +238,36 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(
-        self, req: bytes, headers: dict[str, str], deadline_ns: int = 0
+        self, req: bytes, headers: dict[str, str], deadline_ns: int = 0, trace: dict[str, str] | None = None,
+        peer: str | None = None,
     ) -> tuple[bytes, str, grpc.StatusCode | None]:
         """The serialized reply to one streamed request, and the error message and status it
-        failed with (None: it did not)."""
+        failed with (None: it did not). Each request of a stream is an exchange of its own: its
+        request id is its V2 ``id``, else a new one (the stream's ``x-request-id`` would be the
+        same for all of them)."""
+        svc = self.service
+        exchange = svc.begin("grpc", "", None, trace, peer, _STREAM_SPAN)
         try:
             decoded = await self._decode(req)
+            exchange.target = decoded.model_name
             decoded.headers = headers
             decoded.deadline_ns = deadline_ns
-            response = await self.service.infer(decoded)
-            return await self._encode(response, stream=True), "", None
+            decoded.exchange = exchange
+            response = await svc.infer(decoded)
+            reply = await self._encode(response, stream=True)
+            exchange.finish("OK", 0)
+            return reply, "", None
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
             reason = exc.reason if isinstance(exc, Overloaded) else ""
-        except Exception:
+            exchange.finish(code.name, code.value[0], exc)
+        except asyncio.CancelledError as exc:
+            exchange.finish("CANCELLED", grpc.StatusCode.CANCELLED.value[0], exc)
+            raise
+        except Exception as exc:
             log.exception("unhandled error in ModelStreamInfer")
             code, message, reason = grpc.StatusCode.INTERNAL, "internal error; see the gateway log", ""
+            exchange.finish(code.name, code.value[0], exc)
         name, version, request_id = grpc_codec.peek_target(req) or ("", "", "")
         failed = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
         failed.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
@@ -249,6 +284,29 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int:
     if remaining is None:
         return 0
     return time.perf_counter_ns() + max(1, int(remaining * 1e9))
+
+
+def _call_ids(context: grpc.aio.ServicerContext, traced: bool) -> tuple[str | None, dict[str, str] | None]:
+    """The call's ``x-request-id`` (None: none) and, when ``traced``, its trace context metadata."""
+    client_id = None
+    trace: dict[str, str] | None = {} if traced else None
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            client_id = value if isinstance(value, str) else ""
+        elif trace is not None and key in TRACE_HEADERS and isinstance(value, str):
+            trace[key] = value
+    return client_id, trace
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status a unary call that raised ``exc`` ends with (as ``_mapped`` answers it)."""
+    if isinstance(exc, GatewayError):
+        return grpc_code(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
 
 
 def _grpc_error_mode(context: grpc.aio.ServicerContext) -> bool:

@@ -17,7 +17,15 @@ from urllib.parse import unquote
 import orjson
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
-from onnxgate.core.inference import DEADLINE_HEADER, InferRequest, InferResponse, deadline_from_header, parse_version
+from onnxgate.core.inference import (
+    DEADLINE_HEADER,
+    REQUEST_ID_HEADER,
+    TRACE_HEADERS,
+    InferRequest,
+    InferResponse,
+    deadline_from_header,
+    parse_version,
+)
 from onnxgate.core.security.access import METRICS_REFUSAL, AccessPolicy, Principal
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.security.config import SecurityConfig
@@ -29,6 +37,7 @@ from onnxgate.errors import (
     Overloaded,
     PayloadTooLarge,
     Unauthenticated,
+    Unavailable,
     Unsupported,
 )
 from onnxgate.frontends import http_codec, openapi
@@ -62,6 +71,11 @@ def _ok(body: bytes = b"") -> _Reply:
 
 
 _DEADLINE_HEADER = DEADLINE_HEADER.encode()  # as ASGI gives header names: lower-case bytes
+_REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode()
+_TRACE_HEADERS = tuple(h.encode() for h in TRACE_HEADERS)
+_EXCHANGE = "onnxgate.exchange"  # the scope key of an inference request's exchange
+_INFER_SPAN = "POST /v2/models/{model}/infer"
+_CLIENT_CLOSED = 499  # the access log's status of a request whose client went away (as nginx logs it)
 
 
 def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, reason: str = "") -> _Reply:
@@ -97,30 +111,41 @@ class HttpApp:
             return
         if scope["type"] != "http":
             return
+        error: BaseException | None = None
         try:
             reply = await self._dispatch(scope, receive)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if not self.cut:
+                _finish(scope, _CLIENT_CLOSED, exc)
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            reply = _error(503, CUT_MESSAGE, [(b"connection", b"close")])
-        except ClientGone:
+            reply, error = _error(503, CUT_MESSAGE, [(b"connection", b"close")]), Unavailable(CUT_MESSAGE)
+        except ClientGone as exc:
             log.debug("client gone before %s %s was answered", scope.get("method"), scope.get("path"))
+            _finish(scope, _CLIENT_CLOSED, exc)
             return
         except GatewayError as exc:
+            error = exc
             extra, reason = None, ""
             if isinstance(exc, Overloaded):  # why it was shed: queue_full, deadline, timeout, ...
                 extra, reason = [(b"retry-after", str(max(1, round(exc.retry_after_s))).encode())], exc.reason
             elif isinstance(exc, Unauthenticated):
                 extra = [(b"www-authenticate", b"Bearer")]
             reply = _error(http_status(exc), exc.message, extra, reason)
-        except Exception:  # the process must survive any request
+        except Exception as exc:  # the process must survive any request
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            reply = _error(500, "internal error; see the gateway log")
+            reply, error = _error(500, "internal error; see the gateway log"), exc
         headers = list(reply.headers)
         headers.append((b"content-length", str(len(reply.body)).encode()))
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": reply.body})
+        exchange = scope.get(_EXCHANGE)
+        if exchange is not None:
+            headers.append((b"x-request-id", exchange.identify("").encode()))
+        try:
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            await send({"type": "http.response.body", "body": reply.body})
+        finally:
+            if exchange is not None:
+                exchange.finish(reply.status, reply.status, error)
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> _Reply:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -266,6 +291,15 @@ class HttpApp:
         received = time.perf_counter_ns()
         svc = self.service
         headers = dict(scope["headers"])
+        client_id = headers.get(_REQUEST_ID_HEADER)
+        trace = None
+        if svc.tracing is not None:
+            trace = {h.decode(): v.decode("latin-1") for h in _TRACE_HEADERS if (v := headers.get(h)) is not None}
+        exchange = svc.begin(
+            "http", name, client_id.decode("latin-1") if client_id is not None else None, trace, scope.get("client"),
+            _INFER_SPAN,
+        )
+        scope[_EXCHANGE] = exchange  # answered (and ended) in __call__, whatever happens next
         deadline_text = headers.get(_DEADLINE_HEADER)
         deadline = deadline_from_header(deadline_text.decode("latin-1"), received) if deadline_text else 0
         label, elements = svc.request_bound(name, version, "http")
@@ -301,6 +335,7 @@ class HttpApp:
         if self.service.wants_headers:
             request.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         request.deadline_ns = deadline
+        request.exchange = exchange
         response = await _unless_disconnected(self.service.infer(request), receive)
         accept = headers.get(b"accept-encoding", b"").decode("latin-1")
         if (size := response.nbytes()) < INLINE_DECODE_BYTES:
@@ -343,6 +378,13 @@ def _infer_reply(response: InferResponse, request: InferRequest, binary_default:
         if used:
             reply_headers.append((b"content-encoding", used.encode()))
     return _Reply(200, out, reply_headers)
+
+
+def _finish(scope: Scope, status: int, error: BaseException) -> None:
+    """End the scope's exchange, if it is an inference request's, that got no answer."""
+    exchange = scope.get(_EXCHANGE)
+    if exchange is not None:
+        exchange.finish(status, status, error)
 
 
 def _unsupported(endpoint: Endpoint) -> Callable[[Params, Scope, Receive], Awaitable[_Reply]]:

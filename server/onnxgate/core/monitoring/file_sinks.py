@@ -10,6 +10,7 @@ On a write error the part file is cut back to its last complete record (JSONL) o
 
 - JSONL: one record per line, UTF-8 JSON (record schema: ``records.py``).
 - Parquet: one row per record. Scalar columns ``schema_version`` (int32), ``time``, ``id``,
+  ``request_id``, ``trace_id``,
   ``route``, ``model``, ``version``, ``protocol``, ``status``, ``error`` (string) and
   ``latency_s`` (float64); the nested parts ``headers``, ``inputs``, ``outputs``, ``shadow`` and
   ``model_tags`` are JSON text columns, each holding exactly the JSON value the JSONL line holds (``json.loads``
@@ -35,7 +36,7 @@ from onnxgate.core.monitoring.sinks import Sink, SinkStats, encode_json
 log = logging.getLogger("onnxgate.sample_log")
 
 JSON_COLUMNS = ("headers", "inputs", "outputs", "shadow", "model_tags")  # Parquet: JSON text columns
-_STRING_COLUMNS = ("time", "id", "route", "model", "version", "protocol", "status", "error")
+_STRING_COLUMNS = ("time", "id", "request_id", "trace_id", "route", "model", "version", "protocol", "status", "error")
 
 def _reason(exc: OSError) -> str:
     return "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "io_error"

@@ -5,7 +5,10 @@ Record schema, version 1 (JSON; the Parquet sink stores the same values, see ``f
 
     schema_version  1
     time            RFC 3339 UTC time the gateway finished the request, "2024-05-01T12:00:00.123456Z"
-    id              the request id the client sent ("" if none)
+    id              the V2 request id the client sent ("" if none)
+    request_id      the gateway's request id (the X-Request-Id header, else ``id``, else made:
+                    ``core/exchange.py``), as in the access log and the trace
+    trace_id        the request's trace id (32 hex digits) when it was traced, else ""
     route           the route the request came in on (the model name when no router is in front)
     model, version  the model, and the version that answered ("" when none did)
     protocol        "grpc" | "http" (the only transport-specific field)
@@ -35,6 +38,7 @@ import numpy as np
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.monitoring.config import INCLUDE
 from onnxgate.core.monitoring.sample_memory import SAMPLE_OVERHEAD, headers_nbytes, held_nbytes, owned_copies
+from onnxgate.core.tracing import Tracing
 
 SCHEMA_VERSION = 1
 
@@ -112,6 +116,12 @@ def tensor_json(name: str, datatype: str, shape: Sequence[int], data: Any, max_e
     return {"name": name, "datatype": datatype, "shape": [int(d) for d in shape], "values": values}
 
 
+def _trace_id(request: InferRequest) -> str:
+    exchange = request.exchange
+    span = exchange.span if exchange is not None else None
+    return Tracing.trace_id(span) if span is not None else ""
+
+
 def _status(error: BaseException | None) -> tuple[str, str | None]:
     if error is None:
         return "ok", None
@@ -141,6 +151,8 @@ def make_record(
         "schema_version": SCHEMA_VERSION,
         "time": rfc3339(time.time() if when is None else when),
         "id": request.id,
+        "request_id": request.request_id,
+        "trace_id": _trace_id(request),
         "route": route,
         "model": model,
         "version": version,

@@ -47,12 +47,15 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from onnxgate.core.inference import MAX_DEADLINE_MS
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.serving.batch_policy import BatchPolicy
+from onnxgate.core.serving.busy import TICK_S as BUSY_TICK_S
+from onnxgate.core.serving.busy import BusyMeter
 from onnxgate.core.serving.deadlines import DeadlinePlanner
 from onnxgate.core.serving.forming import BatchForming, Outcome
 from onnxgate.core.serving.instances import (
@@ -64,6 +67,7 @@ from onnxgate.core.serving.instances import (
 from onnxgate.core.serving.model import ModelVersion
 from onnxgate.core.serving.request_queue import Pending, RequestQueue
 from onnxgate.core.serving.stats import ExecutionTiming, VersionStats
+from onnxgate.core.tracing import Tracing
 from onnxgate.errors import InferenceFailed, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -88,10 +92,16 @@ class Batcher(BatchForming):
     and the instance threads, under ``_lock``; futures are only ever touched on the loop."""
 
     def __init__(
-        self, model: ModelVersion, stats: VersionStats, policy: BatchPolicy, metrics: Metrics | None = None
+        self,
+        model: ModelVersion,
+        stats: VersionStats,
+        policy: BatchPolicy,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.model = model
         self.metrics = metrics or Metrics()
+        self.tracing = tracing
         labels = (model.name, str(model.version))
         self._m_batch = self.metrics.batch_rows.labels(*labels)
         self._m_queue_wait = [None] + [  # by level (1..); level 0 does not exist
@@ -102,6 +112,8 @@ class Batcher(BatchForming):
         self._m_per_row = self.metrics.exec_per_row.labels(*labels)
         self._m_compute = self.metrics.compute_latency.labels(*labels)
         self._m_depth = self.metrics.queue_depth.labels(*labels)
+        self._m_rows = self.metrics.queued_rows.labels(*labels)
+        self._m_busy_ratio = self.metrics.busy_ratio.labels(*labels)
         self._m_busy = self.metrics.instance_busy.labels(*labels)
         self._m_misses = self.metrics.deadline_misses.labels(*labels)
         self.stats = stats
@@ -129,6 +141,8 @@ class Batcher(BatchForming):
         self._flush = False  # draining: batches being filled run at once
         self._closed = False
         loop = asyncio.get_running_loop()
+        self.busy = BusyMeter(self.instances)
+        self._busy_timer = loop.call_later(BUSY_TICK_S, self._tick_busy, loop)
         self._threads = [
             start_instance_thread(f"ort-{model.name}-{model.version}-{i}", self._serve, i, loop)
             for i in range(self.instances)
@@ -152,6 +166,7 @@ class Batcher(BatchForming):
         nbytes: int = 0,
         deadline_ns: int = 0,
         priority: int | None = None,
+        trace: Any = None,
     ) -> tuple[list[np.ndarray], ExecutionTiming]:
         """Queue one validated request and wait for its own rows of ``outputs``.
 
@@ -160,7 +175,8 @@ class Batcher(BatchForming):
         ``priority`` its ``priority`` parameter (None: absent). Shadow requests sort below every
         level and are the first shed: refused once the queue is half full, and evicted (newest
         first) to make room for a primary request when it is full; a full queue makes room for a
-        request the same way from the lowest level below its own."""
+        request the same way from the lowest level below its own. ``trace`` is the sampled
+        request's span (tracing on): the span of the batch that serves it links to it."""
         if self._closed:
             raise self._gone()
         p = self.policy
@@ -175,6 +191,7 @@ class Batcher(BatchForming):
             feeds, rows, tuple(outputs), self._key(feeds, outputs), loop.create_future(), now,
             nbytes, shadow, level, deadline_ns,
         )
+        item.trace = trace
         if timeout_ns := p.timeout_ns(level, timeout_us):
             item.timeout_at_ns = now + timeout_ns
         queue = self._queue
@@ -186,7 +203,7 @@ class Batcher(BatchForming):
             if self._edf:
                 self.planner.arrived(rows, now, level)
             queue.insert(index, item)
-            self._m_depth.set(len(queue))
+            self._count_queue()
             if self._parked.filling:
                 self._parked.wake_one()  # a forming batch waits for arrivals: it gets this one now
             elif self._parked and not self._kick_pending:
@@ -253,7 +270,7 @@ class Batcher(BatchForming):
     def _unqueue_locked(self, item: Pending) -> bool:
         """Under the lock: take ``item`` off the queue, if it is still there."""
         if self._queue.remove(item):
-            self._m_depth.set(len(self._queue))
+            self._count_queue()
             return True
         return False
 
@@ -388,12 +405,17 @@ class Batcher(BatchForming):
                 self._m_busy.inc(busy_ns / 1e9)
                 self._learn(rows, busy_ns, started + busy_ns)
                 waits, now = self._m_queue_wait, time.perf_counter_ns()
+                traced = []
                 for b, results in zip(batch, own, strict=True):
+                    if b.trace is not None:
+                        traced.append(b.trace)
                     queue_ns = started - b.enqueued_ns
                     waits[b.level].observe(queue_ns / 1e9)
                     if b.deadline_ns and now > b.deadline_ns and not b.shadow:  # a shadow's answer is nobody's
                         self._m_misses.inc()  # answered late (fifo; or a prediction proved optimistic)
                     set_result(b.future, (results, _with_queue(timing, queue_ns)))
+                if traced and self.tracing is not None:
+                    self._batch_span(traced, rows, len(batch), started, started + busy_ns)
         except BaseException:  # a bug: whoever is not answered yet is answered with it
             self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
             raise
@@ -404,6 +426,20 @@ class Batcher(BatchForming):
                     b.timer = None
             self._check_idle()
 
+    def _batch_span(self, traced: list[Any], rows: int, requests: int, started: int, ended: int) -> None:
+        """The span of one execution that served sampled requests, linked to each of them."""
+        assert self.tracing is not None
+        attributes = {
+            "onnxgate.model": self.model.name,
+            "onnxgate.version": str(self.model.version),
+            "onnxgate.batch.rows": rows,
+            "onnxgate.batch.requests": requests,
+        }
+        try:
+            self.tracing.batch_span(traced, started, ended, attributes)
+        except Exception:  # tracing never fails a request
+            log.exception("batch span of %s version %s", self.model.name, self.model.version)
+
     def _learn(self, rows: int, busy_ns: int, ended_ns: int) -> None:
         """Refresh the execution-time model (and its gauges) from one execution, and the
         loop's lag in answering a batch once it has run (from ``ended_ns``)."""
@@ -413,6 +449,13 @@ class Batcher(BatchForming):
         if model.fit is not None:
             self._m_fixed.set(model.fit[0] / 1e9)
             self._m_per_row.set(model.fit[1] / 1e9)
+
+    def _tick_busy(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Once a second on the loop: the busy-ratio gauge, until the version closes."""
+        if self._closed:
+            return
+        self._m_busy_ratio.set(self.busy.ratio())
+        self._busy_timer = loop.call_later(BUSY_TICK_S, self._tick_busy, loop)
 
     def _gone(self) -> Unavailable:
         return Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
@@ -441,9 +484,11 @@ class Batcher(BatchForming):
         running with :class:`Unavailable`, release the sessions."""
         with self._lock:
             self._closed = True
+            self._busy_timer.cancel()
+            self._m_busy_ratio.set(0)
             self._parked.wake_all()
             left = self._queue.clear()
-            self._m_depth.set(0)
+            self._count_queue()
             held = [b for batch in self._taken.values() for b in batch]
         for item in left + held:
             if item.timer is not None:

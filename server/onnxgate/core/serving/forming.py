@@ -25,6 +25,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from onnxgate.core.serving.batch_policy import BatchPolicy
+from onnxgate.core.serving.busy import BusyMeter
 from onnxgate.core.serving.deadlines import DeadlinePlanner
 from onnxgate.core.serving.instances import ParkedThreads, hand_back, one_run
 from onnxgate.core.serving.model import ModelVersion
@@ -59,6 +60,8 @@ class BatchForming:
     _taken: dict[int, list[Pending]]
     _batch_ids: itertools.count
     _m_depth: Gauge
+    _m_rows: Gauge
+    busy: BusyMeter
     _answer: Callable[..., None]
     _refuse_late: Callable[[list[Pending]], None]
 
@@ -105,9 +108,14 @@ class BatchForming:
             if rows >= limit:
                 break
         self._queue.remove_taken(taken)
-        self._m_depth.set(len(self._queue))
+        self._count_queue()
         batch.extend(taken)
         return rows
+
+    def _count_queue(self) -> None:
+        """Under the lock (or once closed): the queue gauges follow the queue."""
+        self._m_depth.set(len(self._queue))
+        self._m_rows.set(self._queue.rows)
 
     def _batch_done(self, rows: int) -> bool:
         p = self.policy
@@ -208,7 +216,7 @@ class BatchForming:
                 hopeless.append(item)
         if hopeless:
             self._queue.remove_taken(hopeless)
-            self._m_depth.set(len(self._queue))
+            self._count_queue()
             batch.extend(hopeless)  # refused with the batch's late ones, before it runs
 
     @staticmethod
@@ -239,12 +247,14 @@ class BatchForming:
     def _execute(self, batch: list[Pending], slot: int) -> Outcome:
         """In the instance thread: one execution, and each request's own rows of it."""
         t0 = time.perf_counter_ns()
+        self.busy.start(slot, t0)
         if self._edf:
             self.planner.busy_until[slot] = t0 + self.planner.predict_ns(sum(b.rows for b in batch))
         try:
             return self._run(batch, slot, t0)
         finally:
             self.planner.busy_until[slot] = 0
+            self.busy.stop(slot, time.perf_counter_ns())
 
     def _run(self, batch: list[Pending], slot: int, t0: int) -> Outcome:
         outputs = batch[0].outputs

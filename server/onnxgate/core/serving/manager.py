@@ -31,6 +31,7 @@ from onnxgate.core.serving.batcher import Batcher
 from onnxgate.core.serving.model import LoadOptions, ModelVersion
 from onnxgate.core.serving.source import Fingerprint, ModelSource, ModelStore, fingerprint
 from onnxgate.core.serving.stats import VersionStats
+from onnxgate.core.tracing import Tracing
 from onnxgate.errors import GatewayError, InvalidInput, ModelNotFound, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 
@@ -119,6 +120,7 @@ class ModelManager:
         self.repository = repository
         self.options = options
         self.metrics = metrics or Metrics()
+        self.tracing: Tracing | None = None  # batch spans, when tracing is on
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
@@ -218,7 +220,7 @@ class ModelManager:
                     policy = policy_from_config(
                         ver.model.config, max_queue_bytes=self.options.max_queue_bytes, scheduler=self.options.scheduler
                     )
-                    ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics)
+                    ver.scheduler = Batcher(ver.model, ver.stats, policy, self.metrics, self.tracing)
             self._swap(entry, new)
             if not entry.last_failures:
                 entry.override = planned

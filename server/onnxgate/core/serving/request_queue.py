@@ -19,6 +19,7 @@ import itertools
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class Pending:
     late: bool = False  # taken but refused: its deadline could no longer be met
     hopeless: bool = False  # late, found behind a batch just taken
     probe: bool = False  # admitted to start at once although predicted late: it checks the fit
+    trace: Any = None  # its sampled request's span (tracing on), for the batch span's links
 
 
 class RequestQueue:

@@ -1,0 +1,204 @@
+"""The access log: one JSON line per inference request, written off the event loop.
+
+Opt-in, by the ``access_log:`` section of gateway.yaml::
+
+    access_log:
+      path: "-"            # "-" = standard output; else a file, appended to (and reopened when
+                           # it is moved or deleted, e.g. by logrotate)
+      queue_size: 10000    # lines waiting for the writer; past it lines are dropped and counted
+                           # (onnxgate_access_log_dropped_total): the request path never waits
+
+A line (keys always present; ``null`` where there is nothing)::
+
+    {"time": "2026-05-01T12:00:00.123456Z", "request_id": "...", "trace_id": "4bf9...", "peer": "127.0.0.1:53312",
+     "protocol": "http", "model": "fraud", "route": "fraud", "version": "2", "status": 200, "outcome": "ok",
+     "rows": 4, "queue_ms": 0.41, "compute_ms": 1.2, "latency_ms": 2.9, "reason": null, "error": null}
+
+``time`` is when the answer was sent; ``model`` is the name asked for (a model or a route),
+``route`` the route (null when the name is a model) and ``version`` the version that answered;
+``status`` is the HTTP status, or the gRPC status code's name; ``outcome`` is ``ok`` or the
+failure's kind; ``reason`` why a shed request (429 / RESOURCE_EXHAUSTED) was shed; ``error`` its
+message (at most 200 characters). Under ``--workers N`` every worker appends to the same file,
+a line per write.
+
+The event loop only appends a tuple of raw values to a bounded queue; the writer thread formats
+and writes them in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter
+
+from onnxgate.core.monitoring.records import rfc3339
+from onnxgate.core.sections import check, parse_fields
+
+log = logging.getLogger(__name__)
+
+STDOUT = "-"
+MAX_ERROR_CHARS = 200
+REOPEN_CHECK_S = 1.0  # how often the writer checks that its file is still there
+_FIELDS = (
+    "time", "request_id", "trace_id", "peer", "protocol", "model", "route", "version", "status", "outcome",
+    "rows", "queue_ms", "compute_ms", "latency_ms", "reason", "error",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """The ``access_log:`` section (module docstring)."""
+
+    path: str = STDOUT
+    queue_size: int = 10000
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AccessLogConfig:
+        """Parse the section; raises ``ConfigError``."""
+        c = cls(**parse_fields(cls, d, "access_log"))
+        check(bool(c.path), "access_log.path must be '-' (standard output) or a file path")
+        check(c.queue_size >= 1, f"access_log.queue_size must be >= 1, got {c.queue_size}")
+        return c
+
+
+def _peer(peer: Any) -> str | None:
+    """An ASGI client (host, port), a gRPC peer ("ipv4:1.2.3.4:5"), or None, as text."""
+    if peer is None:
+        return None
+    if isinstance(peer, tuple | list) and len(peer) == 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def format_line(entry: tuple) -> bytes:
+    """One access-log line (with its newline) from the tuple :meth:`AccessLogger.offer` takes."""
+    (when, request_id, trace_id, peer, protocol, model, route, version, status, outcome, rows, queue_ns,
+     compute_ns, latency_ns, reason, error) = entry
+    values = (
+        rfc3339(when), request_id, trace_id or None, _peer(peer), protocol, model, route or None, version or None,
+        status, outcome, rows, _ms(queue_ns), _ms(compute_ns), _ms(latency_ns), reason or None,
+        error[:MAX_ERROR_CHARS] if error else None,
+    )
+    return orjson.dumps(dict(zip(_FIELDS, values, strict=True))) + b"\n"
+
+
+def _ms(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e6, 3)
+
+
+class AccessLogger:
+    """A bounded queue of access-log entries and the thread that writes them."""
+
+    def __init__(self, config: AccessLogConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._size = 0  # entries queued (SimpleQueue has no bound of its own); under the GIL
+        self._lock = threading.Lock()
+        self.written = Counter("onnxgate_access_log_lines", "Access-log lines written.", registry=registry)
+        self.dropped = Counter(
+            "onnxgate_access_log_dropped",
+            "Access-log lines dropped: the writer was access_log.queue_size lines behind, or writing failed.",
+            registry=registry,
+        )
+        self._thread: threading.Thread | None = None
+        self._file: TextIO | Any = None
+        self._inode: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        """Open the output (raises OSError when a file cannot be opened) and start the writer."""
+        self._open()
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def offer(self, entry: tuple) -> None:
+        """On the loop: queue one entry (see :func:`format_line`), or drop it when the writer is
+        ``queue_size`` lines behind. Never blocks."""
+        if self._size >= self.config.queue_size or self._thread is None:
+            self.dropped.inc()
+            return
+        with self._lock:
+            self._size += 1
+        self._queue.put(entry)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer and close the file."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self._thread = None
+        if self._file is not None and self.config.path != STDOUT:
+            self._file.close()
+        self._file = None
+
+    # -- the writer thread -------------------------------------------------------------------
+    def _open(self) -> None:
+        if self.config.path == STDOUT:
+            self._file = sys.stdout.buffer
+            return
+        self._file = open(self.config.path, "ab")  # noqa: SIM115 - lives as long as the logger
+        st = os.fstat(self._file.fileno())
+        self._inode = (st.st_dev, st.st_ino)
+
+    def _reopen_if_moved(self) -> None:
+        """Reopen the file when it was moved or deleted (log rotation)."""
+        if self.config.path == STDOUT:
+            return
+        try:
+            st = os.stat(self.config.path)
+            moved = (st.st_dev, st.st_ino) != self._inode
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self._file.close()
+            self._open()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                first = self._queue.get(timeout=REOPEN_CHECK_S)
+            except queue.Empty:
+                self._guarded(self._reopen_if_moved, 0)
+                continue
+            batch = [first]
+            while len(batch) < 1024:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in batch:
+                stop = True
+                batch = [e for e in batch if e is not None]
+            with self._lock:
+                self._size -= len(batch)
+            self._guarded(lambda b=batch: self._write(b), len(batch))
+        self._guarded(self._flush, 0)
+
+    def _write(self, batch: list[tuple]) -> None:
+        self._reopen_if_moved()
+        lines = b"".join(map(format_line, batch))
+        self._file.write(lines)
+        self._file.flush()
+        self.written.inc(len(batch))
+
+    def _flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def _guarded(self, step: Any, lines: int) -> None:
+        """Run a writer step; a failure (disk full, a bad value) drops its lines, never the thread."""
+        try:
+            step()
+        except Exception as exc:
+            if lines:
+                self.dropped.inc(lines)
+            log.warning("access log: %s", exc)

@@ -1,0 +1,185 @@
+"""OpenTelemetry tracing, when it is configured; nothing at all when it is not.
+
+Off by default. It is on when the standard environment asks for an exporter:
+``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``; ``none`` turns it off) or an OTLP endpoint
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), unless
+``OTEL_SDK_DISABLED=true``. Everything else is the SDK's own reading of the ``OTEL_*``
+variables: the service name (``OTEL_SERVICE_NAME``, default ``onnxgate``) and resource
+attributes, the sampler (``OTEL_TRACES_SAMPLER``/``_ARG``: e.g. ``parentbased_traceidratio``
+with ``0.01``), the OTLP protocol (``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf``,
+the default, or ``grpc``), headers, timeouts, the batch processor's queue
+(``OTEL_BSP_*``: spans are exported off the event loop, and dropped past its bound), and the
+propagators (``OTEL_PROPAGATORS``, default W3C ``tracecontext,baggage``). It needs the
+``onnxgate[otel]`` extra.
+
+What is traced (README "Tracing"): one SERVER span per inference request, continuing the
+caller's ``traceparent``; under it a ``queue`` and an ``execute`` span from the scheduler's
+timings; one ``batch`` span per execution that served a sampled request, linked to every sampled
+request in it; a ``shadow`` span for each mirrored call. An unsampled request costs one sampler
+decision and nothing else: no child span, no link, no attribute.
+
+Scheduler timings are ``perf_counter_ns``; spans want the epoch: :meth:`Tracing.epoch_ns`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from onnxgate.errors import ConfigError
+
+DEFAULT_SERVICE_NAME = "onnxgate"
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+
+
+class TracingUnavailable(ConfigError):
+    """Tracing was asked for, and cannot be set up (the extra is missing, a bad setting)."""
+
+
+def wanted(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the environment asks for traces (see the module docstring)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = env.get("OTEL_TRACES_EXPORTER")
+    if exporters is not None:
+        return any(e.strip().lower() not in ("", "none") for e in exporters.split(","))
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+class Tracing:
+    """The gateway's tracer. Spans it returns are the SDK's; callers treat them as opaque."""
+
+    def __init__(self, provider: Any, propagator: Any = None) -> None:
+        from opentelemetry import trace
+        from opentelemetry.propagate import get_global_textmap
+
+        self.provider = provider
+        self._tracer = provider.get_tracer("onnxgate")
+        self._propagator = propagator if propagator is not None else get_global_textmap()
+        self._trace = trace
+        self._link = trace.Link
+        self._server = trace.SpanKind.SERVER
+        self._error = trace.Status(trace.StatusCode.ERROR)
+        self._offset_ns = time.time_ns() - time.perf_counter_ns()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Tracing | None:
+        """The tracer the environment asks for, or None (off). Raises :class:`TracingUnavailable`."""
+        if not wanted(env):
+            return None
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        except ImportError as exc:
+            raise TracingUnavailable(
+                f"tracing is configured (OTEL_* environment) but OpenTelemetry is not installed ({exc.name}): "
+                "pip install 'onnxgate[otel]'"
+            ) from None
+        attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": DEFAULT_SERVICE_NAME}
+        provider = TracerProvider(resource=Resource.create(attributes))  # sampler: OTEL_TRACES_SAMPLER
+        for exporter in _exporters(env):
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        return cls(provider)
+
+    def epoch_ns(self, perf_ns: int) -> int:
+        """A ``perf_counter_ns`` time as epoch ns, what spans carry."""
+        return perf_ns + self._offset_ns
+
+    def request_span(self, name: str, carrier: Mapping[str, str] | None, start_perf_ns: int,
+                     attributes: Mapping[str, Any]) -> Any:
+        """A SERVER span for one request (continuing ``carrier``'s ``traceparent``), or None
+        when it is not sampled: nothing more is then spent on it."""
+        context = self._propagator.extract(carrier) if carrier else None
+        span = self._tracer.start_span(
+            name, context=context, kind=self._server, attributes=attributes, start_time=self.epoch_ns(start_perf_ns)
+        )
+        return span if span.is_recording() else None
+
+    def child_span(self, parent: Any, name: str, attributes: Mapping[str, Any] | None = None,
+                   start_perf_ns: int | None = None) -> Any:
+        """An INTERNAL span under ``parent``, started now (or at ``start_perf_ns``); end it with
+        :meth:`end`."""
+        start = self.epoch_ns(start_perf_ns) if start_perf_ns is not None else None
+        context = self._trace.set_span_in_context(parent)
+        return self._tracer.start_span(name, context=context, attributes=attributes, start_time=start)
+
+    def timed_span(self, parent: Any, name: str, start_perf_ns: int, end_perf_ns: int,
+                   attributes: Mapping[str, Any] | None = None) -> None:
+        """A finished INTERNAL span under ``parent`` for a time already measured."""
+        span = self.child_span(parent, name, attributes, start_perf_ns)
+        span.end(end_time=self.epoch_ns(end_perf_ns))
+
+    def batch_span(self, parents: Sequence[Any], start_perf_ns: int, end_perf_ns: int,
+                   attributes: Mapping[str, Any]) -> None:
+        """One execution that served the sampled requests ``parents``: a span under the first,
+        linked to every one of them (a batch has many parents; links say so)."""
+        links = [self._link(p.get_span_context()) for p in parents]
+        context = self._trace.set_span_in_context(parents[0])
+        span = self._tracer.start_span(
+            "batch", context=context, links=links, attributes=attributes, start_time=self.epoch_ns(start_perf_ns)
+        )
+        span.end(end_time=self.epoch_ns(end_perf_ns))
+
+    def end(self, span: Any, attributes: Mapping[str, Any] | None = None, error: str | None = None,
+            end_perf_ns: int | None = None) -> None:
+        """End ``span`` with ``attributes``; ``error`` (a message) marks it failed."""
+        if attributes:
+            span.set_attributes(attributes)
+        if error is not None:
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
+        span.end(end_time=self.epoch_ns(end_perf_ns) if end_perf_ns is not None else None)
+
+    @staticmethod
+    def trace_id(span: Any) -> str:
+        """The span's trace id as 32 hex digits (the access log's and sample log's ``trace_id``)."""
+        return format(span.get_span_context().trace_id, "032x")
+
+    def shutdown(self) -> None:
+        """Export what is still buffered (bounded by the processor's timeout) and stop."""
+        self.provider.shutdown()
+
+
+def check_tracing(env: Mapping[str, str] = os.environ) -> None:
+    """Raise :class:`TracingUnavailable` when the environment asks for tracing that cannot be set
+    up (each process sets up its own; this is the early check of a whole gateway's start)."""
+    tracing = Tracing.from_env(env)
+    if tracing is not None:
+        tracing.shutdown()
+
+
+def _exporters(env: Mapping[str, str]) -> list[Any]:
+    names = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
+    out: list[Any] = []
+    for name in names:
+        if name in ("", "none"):
+            continue
+        if name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            out.append(ConsoleSpanExporter())
+        elif name == "otlp":
+            out.append(_otlp(env))
+        else:
+            raise TracingUnavailable(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none")
+    return out
+
+
+def _otlp(env: Mapping[str, str]) -> Any:
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    ).strip()
+    if protocol not in OTLP_PROTOCOLS:
+        raise TracingUnavailable(f"OTLP protocol {protocol!r} is not supported; use one of {', '.join(OTLP_PROTOCOLS)}")
+    try:
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise TracingUnavailable(
+            f"the OTLP {protocol} exporter is not installed ({exc.name}): pip install 'onnxgate[otel]'"
+        ) from None
+    return OTLPSpanExporter()  # endpoint, headers, timeout, compression: from the OTEL_* environment
