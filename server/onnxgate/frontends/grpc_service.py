@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES
 from onnxgate.core.inference import REQUEST_ID_HEADER, TRACE_HEADERS, InferRequest, InferResponse
-from onnxgate.core.service import UNKNOWN_MODEL_LABEL, InferenceService
+from onnxgate.core.service import UNKNOWN_MODEL_LABEL, Exchange, InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, Overloaded, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
 from onnxgate.frontends.endpoints import grpc_endpoints
@@ -143,6 +143,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reply = await self._encode(await svc.infer(decoded))
         except BaseException as exc:
             code = _status_of(exc)
+            _identify_refused(exchange, request)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, exchange.identify("")),))
             exchange.finish(code.name, code.value[0], exc)
             raise
@@ -260,6 +261,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
             reason = exc.reason if isinstance(exc, Overloaded) else ""
+            _identify_refused(exchange, req)
             exchange.finish(code.name, code.value[0], exc)
         except asyncio.CancelledError as exc:
             exchange.finish("CANCELLED", grpc.StatusCode.CANCELLED.value[0], exc)
@@ -296,6 +298,14 @@ def _call_ids(context: grpc.aio.ServicerContext, traced: bool) -> tuple[str | No
         elif trace is not None and key in TRACE_HEADERS and isinstance(value, str):
             trace[key] = value
     return client_id, trace
+
+
+def _identify_refused(exchange: Exchange, raw: object) -> None:
+    """A request refused before it was decoded: its model and V2 id from the message's leading
+    fields, when they can be read."""
+    if not exchange.target and isinstance(raw, bytes) and (target := grpc_codec.peek_target(raw)) is not None:
+        exchange.target = target[0]
+        exchange.identify(target[2])
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
