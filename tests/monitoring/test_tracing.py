@@ -1,0 +1,248 @@
+"""OpenTelemetry tracing through a real gateway, exported over OTLP/HTTP to a collector the test
+runs: the caller's trace is continued on both transports, each request has its queue and execute
+spans, the batch span links every sampled request it served, a shadow call is a span of its own,
+and an unsampled request exports nothing."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+import modelzoo
+from gateway import GatewayProcess, wait_until
+from onnxgate.core import tracing
+from onnxgate_client.pb import grpc_service_pb2 as pb
+from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver: every span it was sent, with its attributes as a dict."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self._lock = threading.Lock()
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                with collector._lock:
+                    for resource in request.resource_spans:
+                        service = _attributes(resource.resource.attributes).get("service.name")
+                        for scope in resource.scope_spans:
+                            collector.spans += [_span(s, service) for s in scope.spans]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def trace(self, trace_id: str) -> list[dict]:
+        with self._lock:
+            return [s for s in self.spans if s["trace_id"] == trace_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _attributes(kvs) -> dict:
+    out = {}
+    for kv in kvs:
+        value = kv.value
+        out[kv.key] = getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
+    return out
+
+
+def _span(s, service: str | None) -> dict:
+    return {
+        "name": s.name,
+        "trace_id": s.trace_id.hex(),
+        "span_id": s.span_id.hex(),
+        "parent": s.parent_span_id.hex(),
+        "kind": s.kind,
+        "start": s.start_time_unix_nano,
+        "end": s.end_time_unix_nano,
+        "attributes": _attributes(s.attributes),
+        "links": [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+        "status": s.status.code,
+        "service": service,
+    }
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[Collector]:
+    c = Collector()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, collector: Collector):
+    root = tmp_path_factory.mktemp("tracing")
+    repo = root / "repo"
+    modelzoo.build_scaled(repo, "primary", scale=2.0)
+    modelzoo.build_scaled(repo, "candidate", scale=3.0)
+    config = root / "gateway.yaml"
+    config.write_text(
+        """
+routes:
+  - name: scoring
+    split: [{target: primary, weight: 1}]
+    shadow: {target: candidate, fraction: 1.0}
+access_log: {path: "%s"}
+""" % (root / "access.jsonl"),
+        encoding="utf-8",
+    )
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_SERVICE_NAME": "gateway-under-test",
+        # only what the caller sampled: a request without a sampled traceparent exports nothing
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    with GatewayProcess(repo, ["--config", str(config)], env=env) as g:
+        g.root = root  # type: ignore[attr-defined]
+        yield g
+
+
+def _traceparent(n: int, sampled: bool = True) -> tuple[str, str, str]:
+    trace_id = f"{n:032x}"
+    parent = f"{n + 1:016x}"
+    return f"00-{trace_id}-{parent}-{'01' if sampled else '00'}", trace_id, parent
+
+
+def _by_name(spans: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for s in spans:
+        out.setdefault(s["name"], []).append(s)
+    return out
+
+
+def _http_infer(gw: GatewayProcess, model: str, headers: dict) -> dict:
+    client = httpclient.InferenceServerClient(gw.http_url)
+    inp = httpclient.InferInput("x", [2, 4], "FP32")
+    inp.set_data_from_numpy(X)
+    return client.infer(model, [inp], headers=headers).get_response()
+
+
+def test_http_request_continues_the_callers_trace_with_queue_execute_and_batch(gw, collector):
+    traceparent, trace_id, parent = _traceparent(0xABC1)
+    _http_infer(gw, "primary", {"traceparent": traceparent, "tracestate": "vendor=1", "X-Request-Id": "traced-1"})
+    assert wait_until(lambda: {"queue", "execute", "batch"} <= set(_by_name(collector.trace(trace_id))), timeout=15)
+    spans = _by_name(collector.trace(trace_id))
+    (server,) = spans["POST /v2/models/{model}/infer"]
+    assert server["parent"] == parent and server["kind"] == 2  # SPAN_KIND_SERVER
+    assert server["service"] == "gateway-under-test"
+    a = server["attributes"]
+    assert a["onnxgate.model"] == "primary" and a["onnxgate.version"] == "1" and a["onnxgate.protocol"] == "http"
+    assert a["onnxgate.request_id"] == "traced-1" and a["http.response.status_code"] == 200
+    assert a["onnxgate.rows"] == 2 and a["http.route"] == "/v2/models/{model}/infer"
+    (queue,), (execute,), (batch,) = spans["queue"], spans["execute"], spans["batch"]
+    assert queue["parent"] == execute["parent"] == server["span_id"]
+    assert server["start"] <= queue["start"] <= queue["end"] <= execute["start"] <= execute["end"] <= server["end"]
+    assert (trace_id, server["span_id"]) in batch["links"]
+    assert batch["attributes"]["onnxgate.batch.rows"] >= 2
+    # the access log names the same trace
+    lines = (gw.root / "access.jsonl").read_text()  # type: ignore[attr-defined]
+    assert f'"request_id":"traced-1","trace_id":"{trace_id}"' in lines
+
+
+def test_grpc_request_continues_the_trace_from_metadata_and_failures_are_marked(gw, collector):
+    traceparent, trace_id, parent = _traceparent(0xABC3)
+    channel = grpc.insecure_channel(gw.grpc_url)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name="primary", id="g-1")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    tensor.contents.fp32_contents.extend(X.ravel().tolist())
+    stub.ModelInfer(request, metadata=(("traceparent", traceparent),))
+    assert wait_until(lambda: "execute" in _by_name(collector.trace(trace_id)), timeout=15)
+    (server,) = _by_name(collector.trace(trace_id))["inference.GRPCInferenceService/ModelInfer"]
+    assert server["parent"] == parent
+    a = server["attributes"]
+    assert a["rpc.system"] == "grpc" and a["rpc.grpc.status_code"] == 0 and a["onnxgate.request_id"] == "g-1"
+    # a request the model cannot run (wrong shape): INVALID_ARGUMENT, the caller's fault, not the span's error
+    traceparent, trace_id, _ = _traceparent(0xABC5)
+    bad = pb.ModelInferRequest(model_name="primary")
+    bad.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1, 2, 3])
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(bad, metadata=(("traceparent", traceparent),))
+    assert wait_until(lambda: bool(collector.trace(trace_id)), timeout=15)
+    (server,) = collector.trace(trace_id)
+    assert server["attributes"]["rpc.grpc.status_code"] == 3 and server["status"] == 0  # INVALID_ARGUMENT; UNSET
+    assert server["attributes"]["onnxgate.outcome"] == "invalid_input"
+    channel.close()
+
+
+def test_a_shadow_call_is_a_span_of_its_own(gw, collector):
+    traceparent, trace_id, _ = _traceparent(0xABC7)
+    response = _http_infer(gw, "scoring", {"traceparent": traceparent})
+    assert response["model_name"] == "primary"
+    assert wait_until(lambda: len(_by_name(collector.trace(trace_id)).get("execute", [])) == 2, timeout=15)
+    spans = _by_name(collector.trace(trace_id))
+    (server,), (shadow,) = spans["POST /v2/models/{model}/infer"], spans["shadow"]
+    assert server["attributes"]["onnxgate.route"] == "scoring"
+    assert shadow["parent"] == server["span_id"]
+    assert shadow["attributes"]["onnxgate.model"] == "candidate" and shadow["attributes"]["onnxgate.version"] == "1"
+    assert {e["parent"] for e in spans["execute"]} == {server["span_id"], shadow["span_id"]}
+
+
+def test_an_unsampled_request_exports_nothing(gw, collector):
+    unsampled, trace_id, _ = _traceparent(0xABC9, sampled=False)
+    _http_infer(gw, "primary", {"traceparent": unsampled})
+    _http_infer(gw, "primary", {})  # no parent: the ratio sampler (0) decides
+    # a sampled request sent after them is exported; by then the others would have been too
+    sampled, marker, _ = _traceparent(0xABCB)
+    _http_infer(gw, "primary", {"traceparent": sampled})
+    assert wait_until(lambda: "batch" in _by_name(collector.trace(marker)), timeout=15)
+    assert collector.trace(trace_id) == []
+    known = {f"{n:032x}" for n in (0xABC1, 0xABC3, 0xABC5, 0xABC7, 0xABCB)}
+    assert {s["trace_id"] for s in collector.spans} <= known
+
+
+# -- the environment -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"}, False),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, False),
+    ],
+)
+def test_tracing_is_on_only_when_the_environment_asks(env, on):
+    assert tracing.wanted(env) is on
+
+
+def test_a_bad_setting_fails_the_start_with_a_clear_message(tmp_path: Path):
+    with pytest.raises(tracing.TracingUnavailable, match="zipkin"):
+        tracing.check_tracing({"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(tracing.TracingUnavailable, match="http/json"):
+        tracing.check_tracing({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "primary")
+    gw = GatewayProcess(repo, env={**os.environ, "OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(RuntimeError):
+        gw.start(timeout=30)
+    assert gw.proc is not None and gw.proc.wait(30) == 2
