@@ -21,8 +21,8 @@ class BusyMeter:
 
     def __init__(self, instances: int) -> None:
         self.instances = max(1, instances)
-        # per instance: (busy ns of ended executions, start of the running one or 0)
-        self._state: list[tuple[int, int]] = [(0, 0)] * self.instances
+        # per instance: (busy ns of ended executions, start of the running one or None)
+        self._state: list[tuple[int, int | None]] = [(0, None)] * self.instances
         self._samples: deque[tuple[int, int]] = deque()  # (when, total busy ns then), oldest first
 
     def start(self, slot: int, now_ns: int) -> None:
@@ -32,13 +32,13 @@ class BusyMeter:
     def stop(self, slot: int, now_ns: int) -> None:
         """In instance ``slot``'s thread: its execution has ended."""
         done, since = self._state[slot]
-        self._state[slot] = (done + (now_ns - since if since else 0), 0)
+        self._state[slot] = (done + (now_ns - since if since is not None else 0), None)
 
     def total_ns(self, now_ns: int) -> int:
         """Busy ns of every instance so far, running executions up to ``now_ns``."""
         total = 0
         for done, since in list(self._state):
-            total += done + (max(0, now_ns - since) if since else 0)
+            total += done + (max(0, now_ns - since) if since is not None else 0)
         return total
 
     def ratio(self, now_ns: int | None = None) -> float:
