@@ -24,6 +24,9 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE} AS builder
 ARG VARIANT=cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# The apt-get branch runs only on a base without Python (CUDA images), and its packages come
+# from whichever distribution BASE_IMAGE is: a version pin would hold for one base only.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
         && rm -rf /var/lib/apt/lists/*; \
@@ -54,6 +57,8 @@ LABEL org.opencontainers.image.title="onnxgate" \
       org.opencontainers.image.description="ONNX models over the Open Inference Protocol (gRPC + HTTP)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       ai.onnxgate.variant="${VARIANT}"
+# No version pins on the distribution python3, as in the builder stage.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends python3 \
         && rm -rf /var/lib/apt/lists/*; \
