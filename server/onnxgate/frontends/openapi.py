@@ -70,6 +70,11 @@ def _responses(endpoint: Endpoint, spec: dict[str, Any]) -> dict[str, Any]:
         statuses["503"] = {"description": "Not live / not ready", "content": {"application/json": {"schema": body}}}
     else:
         statuses["503"] = ref("Unavailable", "responses")
+    if extra := spec.get("reply_headers"):  # inline copies of the shared responses, with these headers
+        for status, response in statuses.items():
+            if "$ref" in response:
+                response = RESPONSES[response["$ref"].rsplit("/", 1)[1]]
+            statuses[status] = {**response, "headers": {**response.get("headers", {}), **extra}}
     return dict(sorted(statuses.items()))
 
 

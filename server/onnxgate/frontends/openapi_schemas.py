@@ -275,11 +275,11 @@ HEADERS: dict[str, Schema] = {
                    "schema": {"type": "integer", "minimum": 1}},
     "RequestId": {"description": "The request's id: the client's X-Request-Id, else the body's id, else a "
                   "generated one", "schema": _STR},
-    "HeaderLength": {"description": "The length of the JSON header; the binary outputs follow it, in order",
-                     "required": True, "schema": _COUNT},
+    "HeaderLength": {"description": "With an application/octet-stream reply: the length of the JSON header; the "
+                     "binary outputs follow it, in order", "schema": _COUNT},
     "ContentEncoding": {"description": "gzip or deflate, when the request's Accept-Encoding asked for it",
                         "schema": {"type": "string", "enum": ["gzip", "deflate"]}},
-    "WwwAuthenticate": {"description": "Bearer", "schema": _STR},
+    "WwwAuthenticate": {"description": "Bearer", "required": True, "schema": _STR},
 }
 
 
@@ -309,7 +309,7 @@ RESPONSES: dict[str, Schema] = {
     "InferenceFailed": _error("ONNX Runtime failed on valid inputs"),
 }
 
-_INFER_REPLY_HEADERS = {"X-Request-Id": ref("RequestId", "headers"),
+_INFER_REPLY_HEADERS = {"Inference-Header-Content-Length": ref("HeaderLength", "headers"),
                         "Content-Encoding": ref("ContentEncoding", "headers")}
 
 
@@ -336,7 +336,8 @@ _MODEL = ("NotFound", "Unavailable")
 
 # endpoint name -> the operation's description parts: "ok" (the 200 response), "body", "headers"
 # (parameter names), "errors" (responses beyond those every operation of its scope has: 401, 403,
-# 429 for guarded scopes, 503 for all: a request cut by the drain).
+# 429 for guarded scopes, 503 for all: a request cut by the drain), "unavailable" (the body of its
+# own 503), "reply_headers" (headers of every answer).
 OPERATIONS: dict[str, dict[str, Any]] = {
     "health.live": {"ok": _ok(ref("Live"), "Live"), "unavailable": ref("Live")},
     "health.ready": {"ok": _ok(ref("Ready"), "Ready: every model loaded and not draining"),
@@ -357,6 +358,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         "headers": ("deadline", "requestId", "headerLength", "contentEncoding", "acceptEncoding"),
         "errors": ("BadRequest", "NotFound", "PayloadTooLarge", "TooManyRequests", "Unsupported", "Unavailable",
                    "InferenceFailed"),
+        "reply_headers": {"X-Request-Id": ref("RequestId", "headers")},  # on every answer, errors too
     },
     "stats.all": {"ok": _ok(ref("Statistics"))},
     "stats.model": {"ok": _ok(ref("Statistics")), "errors": ("NotFound",)},
