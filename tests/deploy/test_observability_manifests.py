@@ -318,6 +318,9 @@ KNATIVE_AUTOSCALING = {"class", "metric", "target", "target-utilization-percenta
                        "initial-scale", "scale-down-delay", "window", "panic-window-percentage",
                        "panic-threshold-percentage", "target-burst-capacity", "activation-scale",
                        "scale-to-zero-pod-retention-period", "metric-aggregation-algorithm"}
+# knative/serving pkg/apis/serving/k8s_validation.go reservedPorts: queue-proxy HTTP, HTTP/2, admin,
+# autoscaler metrics, user metrics, profiling
+KNATIVE_RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091, 8008}
 
 
 def test_knative_service_scales_on_concurrency_with_a_hard_limit():
@@ -350,6 +353,8 @@ def test_knative_container_is_the_deployments():
     assert port["name"] in ("http1", "h2c") and port.get("protocol", "TCP") == "TCP"
     deployment_ports = {p["name"]: p["containerPort"] for p in d["ports"]}
     assert port["containerPort"] == deployment_ports["http" if port["name"] == "http1" else "grpc"]
+    # the queue-proxy shares the pod's network: none of the gateway's listeners may take its ports
+    assert not set(deployment_ports.values()) & KNATIVE_RESERVED_PORTS
     for key in ("image", "args", "resources"):
         assert c[key] == d[key], key
     for key in ("startupProbe", "livenessProbe", "readinessProbe"):
