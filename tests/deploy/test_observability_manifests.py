@@ -14,6 +14,7 @@ Knative container is the Deployment's.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -202,14 +203,16 @@ def _npm_validators() -> Path:
     lock = (source / "package-lock.json").read_bytes()
     base = Path(os.environ.get("ONNXGATE_NPM_CACHE", Path.home() / ".cache" / "onnxgate" / "crd-validators"))
     target = base / hashlib.sha256(lock + (source / "package.json").read_bytes()).hexdigest()[:16]
-    if not (target / "node_modules" / ".package-lock.json").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("package.json", "package-lock.json"):
-            shutil.copy(source / name, target / name)
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=target,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"npm ci failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    shutil.copy(source / "validate.js", target / "validate.js")
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run installing it: wait, then reuse it
+        if not (target / "node_modules" / ".package-lock.json").exists():
+            for name in ("package.json", "package-lock.json"):
+                shutil.copy(source / name, target / name)
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=target,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"npm ci failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        shutil.copy(source / "validate.js", target / "validate.js")
     return target
 
 
