@@ -5,8 +5,10 @@ The document is valid OpenAPI and has every HTTP route of ``endpoints.ENDPOINTS`
 without a schema fails its build. Schemathesis then generates requests from the served document
 (a bounded, seeded number per operation) against a gateway with tokens, routes and explicit model
 control, and checks every answer: no 5xx but the documented 501 and 503, and status, content
-type, headers and body as the document says. Answers a generator rarely reaches (binary replies,
-413, 401) are sent here directly and checked against the same document.
+type, headers and body as the document says; an operation that lists the bearer scheme refuses a
+request without the token, and a method a path does not serve is 405. Answers a generator rarely
+reaches (binary replies, 413, 429, 501) are sent here directly and checked against the same
+document.
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ include-operation-id-regex = "^aimed[.]"
 generation.max-examples = {AIMED_EXAMPLES}
 """
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
-          "response_schema_conformance", "response_headers_conformance")
+          "response_schema_conformance", "response_headers_conformance", "ignored_auth", "unsupported_method")
 
 
 def test_schemathesis_finds_nothing(gw):
@@ -298,8 +300,11 @@ def test_unload_and_load_match_the_document(gw, schema):
 
     _conforms(schema, "POST", "/v2/repository/models/{model}/unload", post("unload"), 200)
     ready = requests.get(f"{gw.base}/v2/models/spare/ready", headers=_auth(), timeout=30)
-    assert ready.status_code in (404, 503)
-    _conforms(schema, "GET", "/v2/models/{model}/ready", ready, ready.status_code)
+    _conforms(schema, "GET", "/v2/models/{model}/ready", ready, 503)
+    assert ready.json()["ready"] is False
+    index = requests.post(f"{gw.base}/v2/repository/index", json={}, headers=_auth(), timeout=30)
+    _conforms(schema, "POST", "/v2/repository/index", index, 200)
+    assert {"name": "spare", "state": "UNAVAILABLE", "reason": "unloaded"} in index.json()
     _conforms(schema, "POST", "/v2/repository/models/{model}/load", post("load"), 200)
     _conforms(schema, "GET", "/v2/models/{model}/ready",
               requests.get(f"{gw.base}/v2/models/spare/ready", headers=_auth(), timeout=30), 200)

@@ -252,8 +252,9 @@ PARAMETERS["deadline"] = {
 }
 PARAMETERS["requestId"] = {
     "name": "X-Request-Id", "in": "header", "required": False,
-    "description": "The request's id, echoed in the reply's X-Request-Id (else the body's id, else a generated one)",
-    "schema": _STR,
+    "description": "The request's id, echoed in the reply's X-Request-Id (else the body's id, else a generated one): "
+    "1-128 visible ASCII characters, anything else is 400",
+    "schema": {"type": "string", "pattern": "^[!-~]{1,128}$"},
 }
 PARAMETERS["headerLength"] = {
     "name": "Inference-Header-Content-Length", "in": "header", "required": False,
@@ -274,7 +275,7 @@ HEADERS: dict[str, Schema] = {
     "RetryAfter": {"description": "Seconds to wait before a retry", "required": True,
                    "schema": {"type": "integer", "minimum": 1}},
     "RequestId": {"description": "The request's id: the client's X-Request-Id, else the body's id, else a "
-                  "generated one", "schema": _STR},
+                  "generated one", "schema": {"type": "string", "pattern": "^[!-~]{1,128}$"}},
     "HeaderLength": {"description": "With an application/octet-stream reply: the length of the JSON header; the "
                      "binary outputs follow it, in order", "schema": _COUNT},
     "ContentEncoding": {"description": "gzip or deflate, when the request's Accept-Encoding asked for it",
