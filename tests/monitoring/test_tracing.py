@@ -246,3 +246,64 @@ def test_a_bad_setting_fails_the_start_with_a_clear_message(tmp_path: Path):
     with pytest.raises(RuntimeError):
         gw.start(timeout=30)
     assert gw.proc is not None and gw.proc.wait(30) == 2
+
+
+# -- the sampling decisions made before the SDK is asked -------------------------------------------
+def _in_memory(sampler) -> tuple[tracing.Tracing, object]:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler, id_generator=tracing._preset_ids())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return tracing.Tracing(provider), exporter
+
+
+@pytest.mark.parametrize(
+    ("header", "flag"),
+    [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", False),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03", True),
+        ("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-future", False),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-extra", None),  # version 00 has 4 parts
+        ("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", None),
+        ("00-00000000000000000000000000000000-b7ad6b7169203331-00", None),
+        ("00-0af7651916cd43dd8448eb211c80319c-0000000000000000-00", None),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333g-00", None),
+        ("00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-00", None),  # upper case: not W3C
+        ("garbage", None),
+    ],
+)
+def test_the_sampled_flag_is_read_as_the_propagator_reads_the_header(header, flag):
+    assert tracing._sampled_flag(header) is flag
+
+
+def test_root_requests_are_sampled_as_the_sdk_sampler_would_by_their_trace_id():
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    ratio = TraceIdRatioBased(0.25)
+    tr, exporter = _in_memory(ParentBased(ratio))
+    kept = [tr.request_span("s", None, 0, {}) for _ in range(4000)]
+    for span in kept:
+        if span is not None:
+            span.end()
+    spans = exporter.get_finished_spans()
+    assert 700 < len(spans) < 1300  # ~25% of 4000
+    assert all(s.context.trace_id & tracing._TRACE_ID_LOW < ratio.bound for s in spans)
+    assert len({s.context.trace_id for s in spans}) == len(spans)
+
+
+def test_a_parents_sampled_flag_decides_under_a_parent_based_sampler():
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    tr, exporter = _in_memory(ParentBased(ALWAYS_OFF))
+    sampled, trace_id, parent = _traceparent(0xF00D)
+    span = tr.request_span("s", {"traceparent": sampled}, 0, {})
+    assert span is not None
+    span.end()
+    assert tr.request_span("s", {"traceparent": _traceparent(0xF00F, sampled=False)[0]}, 0, {}) is None
+    assert tr.request_span("s", None, 0, {}) is None  # a root under ALWAYS_OFF
+    (only,) = exporter.get_finished_spans()
+    assert format(only.context.trace_id, "032x") == trace_id and format(only.parent.span_id, "016x") == parent

@@ -32,6 +32,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -39,7 +40,6 @@ from typing import Any, TextIO
 import orjson
 from prometheus_client import CollectorRegistry, Counter
 
-from onnxgate.core.monitoring.records import rfc3339
 from onnxgate.core.sections import check, parse_fields
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 STDOUT = "-"
 MAX_ERROR_CHARS = 200
 REOPEN_CHECK_S = 1.0  # how often the writer checks that its file is still there
-_FIELDS = (
-    "time", "request_id", "trace_id", "peer", "protocol", "model", "route", "version", "status", "outcome",
-    "rows", "queue_ms", "compute_ms", "latency_ms", "reason", "error",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +78,24 @@ def format_line(entry: tuple) -> bytes:
     """One access-log line (with its newline) from the tuple :meth:`AccessLogger.offer` takes."""
     (when, request_id, trace_id, peer, protocol, model, route, version, status, outcome, rows, queue_ns,
      compute_ns, latency_ns, reason, error) = entry
-    values = (
-        rfc3339(when), request_id, trace_id or None, _peer(peer), protocol, model, route or None, version or None,
-        status, outcome, rows, _ms(queue_ns), _ms(compute_ns), _ms(latency_ns), reason or None,
-        error[:MAX_ERROR_CHARS] if error else None,
-    )
-    return orjson.dumps(dict(zip(_FIELDS, values, strict=True))) + b"\n"
+    return orjson.dumps({
+        "time": _time(when), "request_id": request_id, "trace_id": trace_id or None, "peer": _peer(peer),
+        "protocol": protocol, "model": model, "route": route or None, "version": version or None,
+        "status": status, "outcome": outcome, "rows": rows, "queue_ms": _ms(queue_ns),
+        "compute_ms": _ms(compute_ns), "latency_ms": _ms(latency_ns), "reason": reason or None,
+        "error": error[:MAX_ERROR_CHARS] if error else None,
+    }) + b"\n"
+
+
+_second: list = [None, ""]  # the last whole second formatted, and its text: one strftime a second
+
+
+def _time(t: float) -> str:
+    """``t`` as RFC 3339 UTC with microseconds, as the sample log writes it."""
+    sec, micro = divmod(round(t * 1e6), 1_000_000)
+    if _second[0] != sec:
+        _second[:] = [sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))]
+    return f"{_second[1]}.{micro:06d}Z"
 
 
 def _ms(ns: int | None) -> float | None:
