@@ -119,21 +119,27 @@ class DriftMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.psi = Gauge(
-            "onnxgate_drift_psi", "PSI of recent inputs against the reference.", ["model", "feature"], registry=registry
+            "onnxgate_drift_psi", "PSI of recent inputs against the reference.", ["model", "feature"],
+            multiprocess_mode="liveall", registry=registry,  # a dead worker's window is gone with it
         )
         self.ks = Gauge(
             "onnxgate_drift_ks",
             "KS statistic of recent inputs against the reference.",
             ["model", "feature"],
+            multiprocess_mode="liveall",
             registry=registry,
         )
         self.alert = Gauge(
             "onnxgate_drift_alert",
             "1 while a feature of the model crosses its drift threshold.",
             ["model"],
+            multiprocess_mode="liveall",
             registry=registry,
         )
-        self.rows = Gauge("onnxgate_drift_window_rows", "Rows in the live drift window.", ["model"], registry=registry)
+        self.rows = Gauge(
+            "onnxgate_drift_window_rows", "Rows in the live drift window.", ["model"], multiprocess_mode="liveall",
+            registry=registry,
+        )
         self.webhook_failures = Counter(
             "onnxgate_drift_webhook_failures",
             "Drift alerts the webhook did not take (retried).",

@@ -70,7 +70,8 @@ class SampleLogMetrics:
         for reason in DROP_REASONS:
             self.dropped_records.labels(reason)
         self.queue_depth = Gauge(
-            "onnxgate_sample_log_queue_depth", "Samples waiting for the sample-log writer.", registry=registry
+            "onnxgate_sample_log_queue_depth", "Samples waiting for the sample-log writer.",
+            multiprocess_mode="livesum", registry=registry,
         )
 
     def written(self, n: int) -> None:
