@@ -11,8 +11,9 @@ Capabilities, one package each (ARCHITECTURE.md has the map and the import rule,
 - ``monitoring``: the sample log (records, sinks) and drift;
 - ``security``: tokens, scopes, the failure limit and the audit log.
 
-At the top: ``service`` (the one entry point for front ends) and ``admission`` (the request
-memory budget) above the capabilities; ``inference`` (the request and response), ``metrics``
-(the Prometheus families), ``sections`` (config-section parsing) and ``urls`` (redacting URLs for
-the log) below them, imported by all.
+At the top: ``service`` (the one entry point for front ends), ``admission`` (the request
+memory budget) and ``exchange`` (one request's id, in-flight count, span and access-log entry)
+above the capabilities; ``inference`` (the request and response), ``metrics`` (the Prometheus
+families), ``tracing`` (OpenTelemetry, when configured), ``sections`` (config-section parsing)
+and ``urls`` (redacting URLs for the log) below them, imported by all.
 """
