@@ -256,7 +256,10 @@ def test_infer_answers_match_the_document(gw, schema):
     path = "/v2/models/{model}/infer"
     json_reply = _infer(gw, "mlp", {**_json_request(), "id": "r-1"})
     _conforms(schema, "POST", path, json_reply, 200)
-    assert json_reply.json()["id"] == "r-1"
+    assert json_reply.json()["id"] == "r-1" and json_reply.headers["x-request-id"] == "r-1"
+    echoed = _infer(gw, "mlp", {**_json_request(), "id": "r-2"}, {"X-Request-Id": "client-7"})
+    _conforms(schema, "POST", path, echoed, 200)
+    assert echoed.headers["x-request-id"] == "client-7"
 
     binary = _infer(gw, "mlp", _json_request(binary_data_output=True))
     _conforms(schema, "POST", path, binary, 200)

@@ -74,7 +74,7 @@ def _responses(endpoint: Endpoint, spec: dict[str, Any]) -> dict[str, Any]:
         for status, response in statuses.items():
             if "$ref" in response:
                 response = RESPONSES[response["$ref"].rsplit("/", 1)[1]]
-            statuses[status] = {**response, "headers": {**response.get("headers", {}), **extra}}
+            statuses[status] = {**response, "headers": {**extra, **response.get("headers", {})}}
     return dict(sorted(statuses.items()))
 
 

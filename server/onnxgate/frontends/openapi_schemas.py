@@ -311,7 +311,8 @@ RESPONSES: dict[str, Schema] = {
 }
 
 _INFER_REPLY_HEADERS = {"Inference-Header-Content-Length": ref("HeaderLength", "headers"),
-                        "Content-Encoding": ref("ContentEncoding", "headers")}
+                        "Content-Encoding": ref("ContentEncoding", "headers"),
+                        "X-Request-Id": {**HEADERS["RequestId"], "required": True}}
 
 
 def _ok(schema: Schema | None, description: str = "OK") -> Schema:
@@ -359,7 +360,8 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         "headers": ("deadline", "requestId", "headerLength", "contentEncoding", "acceptEncoding"),
         "errors": ("BadRequest", "NotFound", "PayloadTooLarge", "TooManyRequests", "Unsupported", "Unavailable",
                    "InferenceFailed"),
-        "reply_headers": {"X-Request-Id": ref("RequestId", "headers")},  # on every answer, errors too
+        # errors too, once the request is the front end's (not on a refused token, nor an invalid X-Request-Id)
+        "reply_headers": {"X-Request-Id": ref("RequestId", "headers")},
     },
     "stats.all": {"ok": _ok(ref("Statistics"))},
     "stats.model": {"ok": _ok(ref("Statistics")), "errors": ("NotFound",)},
