@@ -143,11 +143,18 @@ done
 # -- 3. build ---------------------------------------------------------------------------------
 step "build: podman build --build-arg BASE_IMAGE=$BASE -t $IMAGE"
 # --format docker keeps HEALTHCHECK (the OCI format has none); --pull=never: no registry at all.
-if ! nice -n 10 podman build --format docker --pull=never "${ENGINE[@]}" \
-        --build-arg "BASE_IMAGE=$BASE" -t "$IMAGE" "$ROOT" > "$CACHE/build.log" 2>&1; then
-    tail -n 30 "$CACHE/build.log" >&2
-    die "podman build failed (log: $CACHE/build.log)"
-fi
+# The builder stage is tagged too (the same build, from the layer cache), so that pruning the
+# images earlier builds left untagged keeps the layers the next build can reuse.
+: > "$CACHE/build.log"
+for target in builder runtime; do
+    tag="$IMAGE"; [ "$target" = builder ] && tag="$IMAGE-builder"
+    if ! nice -n 10 podman build --format docker --pull=never "${ENGINE[@]}" --target "$target" \
+            --build-arg "BASE_IMAGE=$BASE" -t "$tag" "$ROOT" >> "$CACHE/build.log" 2>&1; then
+        tail -n 30 "$CACHE/build.log" >&2
+        die "podman build failed (log: $CACHE/build.log)"
+    fi
+done
+podman image prune -f >/dev/null
 echo "build: $(grep -c 'Using cache' "$CACHE/build.log" || true) steps from the layer cache"
 podman image inspect --format 'image: {{.Id}} {{.Size}} bytes, user {{.Config.User}}' "$IMAGE" | cut -c1-120
 
