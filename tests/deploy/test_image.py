@@ -181,3 +181,19 @@ def test_make_serve_installs_serving_dependencies_and_test_adds_the_test_extra(t
     _touch(tmp_path / "pyproject.toml", 1400)  # dependencies changed
     assert _installs(_make(tmp_path, "serve")) == ["venv/bin/pip install -q -e ."]
     assert _installs(_make(tmp_path, "test")) == ["venv/bin/pip install -q -e '.[test]'"]
+
+
+# -- README: one table of the extras --------------------------------------------------------------
+
+
+def test_readme_documents_every_extra_in_one_table():
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Optional capabilities (extras)", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `([a-z0-9_-]+)` \|", section, re.MULTILINE)
+    assert sorted(rows) == sorted(extras), f"README's extras table: {rows}, pyproject.toml: {sorted(extras)}"
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            assert len([cell for cell in row.strip("|").split("|") if cell.strip()]) == 4, row
