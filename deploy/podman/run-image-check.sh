@@ -117,7 +117,9 @@ fi
 #   runc cannot set without CAP_SYS_RESOURCE ("setrlimit `RLIMIT_NOFILE`: Operation not permitted");
 #   so this host's hard limits instead (podman itself runs with RLIMIT_NPROC at most 32768);
 # - runc with those limits: crun refuses a hybrid cgroup v1 + v2 host whose v2 hierarchy has a
-#   controller ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2").
+#   controller ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2"), even
+#   with --cgroups=disabled. (Where step 1 installed podman and runc together, runc is podman's
+#   runtime already and the second attempt is the one that works.)
 step "engine: probing what runs here"
 nofile="$(ulimit -Hn)"; [ "$nofile" = unlimited ] && nofile=1048576
 nproc="$(ulimit -Hu)"; { [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; } && nproc=32768
