@@ -18,6 +18,7 @@
 # BASE_IMAGE is the base of both stages, so the venv's interpreter is the same in each; a base
 # without Python (CUDA images) gets the distribution's python3 (>= 3.11) and venv module.
 # VARIANT=gpu installs `onnxgate[gpu]` and keeps onnxruntime-gpu as the only `onnxruntime`.
+# No registry to pull a base from: deploy/README.md, "Podman (no registry)" (a local debootstrap base).
 
 ARG BASE_IMAGE=python:3.11-slim
 

@@ -1,8 +1,8 @@
 """The tritonclient half of deploy/podman/run-image-check.sh: checks a running onnxgate container.
 
     check_image.py prepare DIR
-        DIR/models: the bundled demo repository plus ``slow`` (a chain of 256x256 MatMuls, tens of
-        ms a request, so requests are in flight when the signal comes); DIR/token: a fresh token;
+        DIR/models: the bundled demo repository plus ``slow`` (a chain of 120 256x256 MatMuls, some
+        50-100 ms a request, so requests are in flight when the signal comes); DIR/token: a fresh token;
         DIR/tokens/tokens.yaml: its digest, the file the image's default config names.
     check_image.py serve --http PORT --grpc PORT --metrics PORT --token-file FILE
         waits for readiness, then infers on both transports (answers checked against ONNX Runtime
@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "server" / "onnxgate" / "demo" / "models"
-N, LAYERS, ROWS = 256, 40, 16
+N, LAYERS, ROWS = 256, 120, 16
 REFUSED = {"503", "StatusCode.UNAVAILABLE"}
 # grpcio's server cancels calls that reach it while it stops, before any handler saw them: the client
 # sees CANCELLED for a request that was never accepted. A refusal only once the signal was sent.
@@ -324,7 +324,9 @@ def drain(args: argparse.Namespace) -> None:
     calls = list(calls)
     ok = sum(c.outcome == "ok" for c in calls)
     refused = sum(c.outcome in ("refused", "racing", "conn") for c in calls)
-    print(f"drain: {len(calls)} requests, {ok} answered, {refused} refused after the signal; "
+    in_flight = sum(c.start < t_signal - 0.05 and c.end > t_signal for c in calls)
+    print(f"drain: {len(calls)} requests, {ok} answered ({in_flight} in flight at the signal), {refused} refused "
+          "after the signal; "
           f"container exited {t_exit - t_signal:.2f}s after SIGTERM with code {code}")
     problems = verdict(calls, t_signal, t_exit)
     if code != "0":

@@ -134,6 +134,7 @@ for attempt in default limits runc; do
     esac
     if out="$(podman run --rm "${opts[@]}" "$BASE" python3 -c 'import venv' 2>&1)"; then
         ENGINE=("${opts[@]}")
+        [ -z "$errors" ] || echo "engine: what failed before:$errors"
         echo "engine: ${attempt}${opts[*]:+ (${opts[*]})}"
         break
     fi
