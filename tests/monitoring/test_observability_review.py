@@ -263,3 +263,29 @@ def test_a_hostile_tracestate_does_not_write_a_log_line_per_request(tmp_path: Pa
     assert wait_until(lambda: " stopped" in g.log, timeout=30)  # the whole log has been read
     warnings = [line for line in g.lines if "w3c identifiers format" in line]
     assert len(warnings) <= 1, warnings[:3]
+
+
+@pytest.mark.xfail(strict=True, reason="the drain's cut answers a unary gRPC call UNAVAILABLE (RpcCutter, outside "
+                                       "ModelInfer) after ModelInfer has logged it CANCELLED")
+def test_the_drain_cut_is_logged_with_the_status_the_client_got(tmp_path: Path):
+    repo = tmp_path / "repo"
+    modelzoo.build_slow(repo, "slow", layers=768)
+    modelzoo.write_config(repo / "slow", SLOW)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f'access_log: {{path: "{tmp_path / "access.jsonl"}"}}\n', encoding="utf-8")
+    g = GatewayProcess(repo, ["--config", str(config), "--drain-timeout-s", "1"]).start()
+    g.root = tmp_path  # type: ignore[attr-defined]
+    try:
+        with grpc.insecure_channel(g.grpc_url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            future = stub.ModelInfer.future(_slow_grpc_request("cut-grpc"), timeout=120)
+            assert wait_until(lambda: _in_flight(g, "grpc") >= 1, timeout=20)
+            g.signal()
+            with pytest.raises(grpc.RpcError) as err:
+                future.result()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert g.stop(timeout=60) == 0
+    finally:
+        g.kill()
+    line = _line(g, "cut-grpc")
+    assert line["status"] == "UNAVAILABLE" and line["outcome"] == "unavailable", line
