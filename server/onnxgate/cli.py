@@ -243,6 +243,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         config = load(args.config, {k: getattr(args, k) for k in _SERVER_KEYS})
         check_tracing()  # asked for by the OTEL_* environment and impossible: fail before any worker starts
+        if config.access_log is not None:
+            config.access_log.check_writable()
     except ConfigError as exc:
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2

@@ -278,7 +278,7 @@ class Gateway:
             steps.append(("access log", lambda _: asyncio.to_thread(access_log.close)))
         if self.tracing is not None:
             tracing = self.tracing
-            steps.append(("tracing", lambda _: asyncio.to_thread(tracing.shutdown)))
+            steps.append(("tracing", lambda budget: asyncio.to_thread(tracing.shutdown, budget)))
         close = getattr(self.manager.repository, "close", None)
         if close is not None:
             steps.append(("repository", lambda _: asyncio.to_thread(close)))

@@ -97,12 +97,14 @@ class Exchange:
         """The service's part: which version answered, with how many rows, after what times."""
         self.version, self.rows, self.queue_ns, self.compute_ns = version, rows, queue_ns, compute_ns
 
-    def finish(self, status: int | str, code: int, error: BaseException | None = None) -> None:
+    def finish(self, status: int | str, code: int, error: BaseException | None = None, kind: str = "") -> None:
         """The answer went out with ``status`` (HTTP status, or gRPC code name) and ``code`` (the
-        number: HTTP status or gRPC code) after ``error`` (None: success). Only the first call counts."""
+        number: HTTP status or gRPC code) after ``error`` (None: success); ``kind`` names the
+        outcome when the error's class does not say it (a client gone: "cancelled"). Only the
+        first call counts."""
         owner, self._owner = self._owner, None
         if owner is not None:
-            owner.finished(self, status, code, error)
+            owner.finished(self, status, code, error, kind)
 
 
 class Exchanges:
@@ -132,12 +134,12 @@ class Exchanges:
         self._in_flight[protocol].inc()
         return ex
 
-    def finished(self, ex: Exchange, status: int | str, code: int, error: BaseException | None) -> None:
+    def finished(self, ex: Exchange, status: int | str, code: int, error: BaseException | None, kind: str) -> None:
         now = time.perf_counter_ns()
         self._in_flight[ex.protocol].dec()
         request_id = ex.identify("")
         refused = code >= 400 if ex.protocol == "http" else code != 0
-        outcome_ = outcome(error) if error is not None else f"status_{code}" if refused else "ok"
+        outcome_ = kind or (outcome(error) if error is not None else f"status_{code}" if refused else "ok")
         reason = error.reason if isinstance(error, Overloaded) else ""
         message = error.message if isinstance(error, GatewayError) else (str(error) if error is not None else "")
         trace_id = ""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -89,7 +90,11 @@ class Tracing:
             ) from None
         attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": DEFAULT_SERVICE_NAME}
         # the sampler: OTEL_TRACES_SAMPLER; trace ids: drawn here for root requests (see above)
-        provider = TracerProvider(resource=Resource.create(attributes), id_generator=_preset_ids())
+        # shutdown_on_exit off: the drain shuts it down within its budget (shutdown); the SDK's
+        # exit hook would wait out an unanswering collector (its export timeout, retries)
+        provider = TracerProvider(
+            resource=Resource.create(attributes), id_generator=_preset_ids(), shutdown_on_exit=False
+        )
         for exporter in _exporters(env):
             provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider)
@@ -107,6 +112,10 @@ class Tracing:
         if traceparent is not None:
             if self._drops_unsampled_parent and _sampled_flag(traceparent) is False:
                 return None
+            state = carrier.get("tracestate")  # type: ignore[union-attr]
+            if state is not None and not _valid_tracestate(state):
+                # the SDK would drop it too, with a log line per request quoting the client's text
+                carrier = {"traceparent": traceparent}
             context = self._propagator.extract(carrier)
         elif self._root_bound is not None and self._ids is not None:
             trace_id = random.getrandbits(128)
@@ -157,9 +166,14 @@ class Tracing:
         """The span's trace id as 32 hex digits (the access log's and sample log's ``trace_id``)."""
         return format(span.get_span_context().trace_id, "032x")
 
-    def shutdown(self) -> None:
-        """Export what is still buffered (bounded by the processor's timeout) and stop."""
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float | None = None) -> bool:
+        """Export what is still buffered and stop, waiting at most ``timeout_s`` (None: as long as
+        the SDK takes); False when that was not enough: what is left is given up (the SDK's
+        threads are daemons and do not hold the exit)."""
+        worker = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        return not worker.is_alive()
 
 
 _TRACE_ID_LOW = (1 << 64) - 1  # the bits TraceIdRatioBased compares with its bound
@@ -167,6 +181,22 @@ _TRACE_ID_LOW = (1 << 64) - 1  # the bits TraceIdRatioBased compares with its bo
 
 # W3C trace context, as the SDK's propagator matches it (lower-case hex; more fields after a newer version)
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
+
+
+# A W3C tracestate list member (key=value), as the SDK's TraceState accepts it; 32 members, 8192 bytes at most
+_TRACESTATE_MEMBER = re.compile(
+    r"(?:[a-z][_0-9a-z\-\*\/]{0,255}|[a-z0-9][_0-9a-z\-\*\/]{0,240}@[a-z][_0-9a-z\-\*\/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+
+
+def _valid_tracestate(header: str) -> bool:
+    """Whether the SDK would keep ``header`` (it drops the whole of an invalid one, logging it)."""
+    if len(header) > 8192:
+        return False
+    members = [m.strip(" \t") for m in header.split(",")]
+    members = [m for m in members if m]
+    return len(members) <= 32 and all(_TRACESTATE_MEMBER.fullmatch(m) for m in members)
 
 
 def _sampled_flag(traceparent: str) -> bool | None:
@@ -221,7 +251,7 @@ def check_tracing(env: Mapping[str, str] = os.environ) -> None:
     up (each process sets up its own; this is the early check of a whole gateway's start)."""
     tracing = Tracing.from_env(env)
     if tracing is not None:
-        tracing.shutdown()
+        tracing.shutdown(5.0)
 
 
 def _exporters(env: Mapping[str, str]) -> list[Any]:

@@ -24,7 +24,7 @@ from onnxgate.errors import GatewayError, InvalidInput, Overloaded, PayloadTooLa
 from onnxgate.frontends import grpc_codec
 from onnxgate.frontends.endpoints import grpc_endpoints
 from onnxgate.frontends.grpc_access import GrpcAccess
-from onnxgate.frontends.status import grpc_code
+from onnxgate.frontends.status import CUT_MESSAGE, grpc_code
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -142,10 +142,10 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 decoded.headers = _metadata(context)
             reply = await self._encode(await svc.infer(decoded))
         except BaseException as exc:
-            code = _status_of(exc)
+            code, kind = _status_of(exc, context)
             _identify_refused(exchange, request)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, exchange.identify("")),))
-            exchange.finish(code.name, code.value[0], exc)
+            exchange.finish(code.name, code.value[0], exc, kind)
             raise
         context.set_trailing_metadata(((REQUEST_ID_HEADER, exchange.identify("")),))
         exchange.finish("OK", 0)
@@ -308,15 +308,22 @@ def _identify_refused(exchange: Exchange, raw: object) -> None:
         exchange.identify(target[2])
 
 
-def _status_of(exc: BaseException) -> grpc.StatusCode:
-    """The status a unary call that raised ``exc`` ends with (as ``_mapped`` answers it)."""
+def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    """The status a unary call that raised ``exc`` ends with, as the client sees it (``_mapped``
+    answers core errors; the drain's cut, UNAVAILABLE; a deadline the client set, its own
+    DEADLINE_EXCEEDED), and the outcome to log when the error's class does not say it."""
     if isinstance(exc, GatewayError):
-        return grpc_code(exc)
+        return grpc_code(exc), ""
     if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+        if exc.args and exc.args[0] == CUT_MESSAGE:  # RpcCutter.cut: answered UNAVAILABLE
+            return grpc.StatusCode.UNAVAILABLE, "unavailable"
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded"
+        return grpc.StatusCode.CANCELLED, "cancelled"
     if isinstance(exc, grpc.aio.AbortError):
-        return grpc.StatusCode.UNKNOWN
-    return grpc.StatusCode.INTERNAL
+        return grpc.StatusCode.UNKNOWN, ""
+    return grpc.StatusCode.INTERNAL, ""
 
 
 def _grpc_error_mode(context: grpc.aio.ServicerContext) -> bool:

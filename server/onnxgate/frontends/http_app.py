@@ -349,7 +349,7 @@ class HttpApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise InvalidInput("client disconnected before sending the whole body")
+                raise ClientGone()  # nobody to answer: logged 499, counted nowhere else
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -381,10 +381,11 @@ def _infer_reply(response: InferResponse, request: InferRequest, binary_default:
 
 
 def _finish(scope: Scope, status: int, error: BaseException) -> None:
-    """End the scope's exchange, if it is an inference request's, that got no answer."""
+    """End the scope's exchange, if it is an inference request's, that got no answer: its
+    client went away (or cancelled it)."""
     exchange = scope.get(_EXCHANGE)
     if exchange is not None:
-        exchange.finish(status, status, error)
+        exchange.finish(status, status, error, "cancelled")
 
 
 def _unsupported(endpoint: Endpoint) -> Callable[[Params, Scope, Receive], Awaitable[_Reply]]:

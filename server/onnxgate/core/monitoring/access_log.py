@@ -64,6 +64,18 @@ class AccessLogConfig:
         check(c.queue_size >= 1, f"access_log.queue_size must be >= 1, got {c.queue_size}")
         return c
 
+    def check_writable(self) -> None:
+        """Raise ``ConfigError`` when the file cannot be opened for appending: the early check
+        of a whole gateway's start (under ``--workers N`` a worker that cannot open it would
+        only exit, and be restarted, again and again)."""
+        if self.path == STDOUT:
+            return
+        try:
+            with open(self.path, "ab"):
+                pass
+        except OSError as exc:
+            check(False, f"access_log.path {self.path!r} cannot be opened for appending: {exc.strerror}")
+
 
 def _peer(peer: Any) -> str | None:
     """An ASGI client (host, port), a gRPC peer ("ipv4:1.2.3.4:5"), or None, as text."""
