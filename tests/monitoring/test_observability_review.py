@@ -284,3 +284,57 @@ def test_the_drain_cut_is_logged_with_the_status_the_client_got(tmp_path: Path):
         g.kill()
     line = _line(g, "cut-grpc")
     assert line["status"] == "UNAVAILABLE" and line["outcome"] == "unavailable", line
+
+
+# -- still open -----------------------------------------------------------------------------------------
+def _idle(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """One row of "slow" answered: its instance is idle (an execution a cancelled request left runs on)."""
+    idle = pb.ModelInferRequest(model_name="slow")
+    idle.inputs.add(name="x", datatype="FP32", shape=[1, 1024]).contents.fp32_contents.extend([0.0] * 1024)
+    stub.ModelInfer(idle, timeout=120)
+
+
+@pytest.mark.xfail(strict=True, reason="_stream_one logs every CancelledError as CANCELLED: a stream past its "
+                                       "deadline (the client got DEADLINE_EXCEEDED)")
+def test_a_stream_message_past_the_streams_deadline_is_logged_deadline_exceeded(gw):
+    with grpc.insecure_channel(gw.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        _idle(stub)
+
+        def stream() -> Iterator[pb.ModelInferRequest]:
+            yield _slow_grpc_request("stream-past-deadline")
+            wait_until(lambda: False, timeout=5)  # keeps the request side open
+
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ModelStreamInfer(stream(), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _line(gw, "stream-past-deadline")["status"] == "DEADLINE_EXCEEDED"
+
+
+@pytest.mark.xfail(strict=True, reason="ModelStreamInfer cancels its running messages without the cut's message "
+                                       "and _stream_one logs them CANCELLED; the client got UNAVAILABLE")
+def test_a_stream_message_cut_by_the_drain_is_logged_unavailable(tmp_path: Path):
+    repo = tmp_path / "repo"
+    modelzoo.build_slow(repo, "slow", layers=768)
+    modelzoo.write_config(repo / "slow", SLOW)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f'access_log: {{path: "{tmp_path / "access.jsonl"}"}}\n', encoding="utf-8")
+    g = GatewayProcess(repo, ["--config", str(config), "--drain-timeout-s", "1"]).start()
+    g.root = tmp_path  # type: ignore[attr-defined]
+    try:
+        with grpc.insecure_channel(g.grpc_url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def stream() -> Iterator[pb.ModelInferRequest]:
+                yield _slow_grpc_request("cut-stream")
+                assert wait_until(lambda: _in_flight(g, "grpc") >= 1, timeout=20)
+                g.signal()
+                wait_until(lambda: False, timeout=20)  # keeps the request side open
+
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.ModelStreamInfer(stream(), timeout=120))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert g.stop(timeout=60) == 0
+    finally:
+        g.kill()
+    assert _line(g, "cut-stream")["status"] == "UNAVAILABLE"
