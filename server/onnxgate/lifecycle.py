@@ -275,7 +275,7 @@ class Gateway:
         steps.append(("model versions", self.manager.close))
         if self.access_log is not None:  # after the versions: the last answers are logged too
             access_log = self.access_log
-            steps.append(("access log", lambda _: asyncio.to_thread(access_log.close)))
+            steps.append(("access log", lambda budget: asyncio.to_thread(access_log.close, budget)))
         if self.tracing is not None:
             tracing = self.tracing
             steps.append(("tracing", lambda budget: asyncio.to_thread(tracing.shutdown, budget)))

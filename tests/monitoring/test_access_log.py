@@ -250,3 +250,40 @@ def test_line_format_is_json_with_every_field():
     assert line["time"] == "2023-11-14T22:13:20.500000Z"
     assert line["latency_ms"] == 7.5 and line["queue_ms"] is None and line["reason"] == "queue_full"
     assert len(line["error"]) == 200
+
+
+def test_close_keeps_to_its_budget_and_counts_the_lines_a_stuck_output_did_not_take(tmp_path: Path):
+    import os
+
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads: the pipe fills
+    try:
+        logger = AccessLogger(AccessLogConfig(path=str(fifo), queue_size=5000))
+        logger.start()
+        offered = 2000
+        for i in range(offered):
+            logger.offer(_entry(f"stuck-{i:05d}-" + "p" * 200))
+        logger.close(0.2)  # returns although the writer is blocked in write()
+        written, dropped = logger.written._value.get(), logger.dropped._value.get()
+        assert dropped > 0
+        assert written + dropped <= offered
+        assert written + dropped >= offered - 1024  # at most the batch in the blocked write is in neither
+    finally:
+        os.close(reader)
+
+
+def test_an_entry_that_cannot_be_formatted_is_dropped_alone(tmp_path: Path):
+    path = tmp_path / "a.log"
+    logger = AccessLogger(AccessLogConfig(path=str(path)))
+    bad = list(_entry("bad"))
+    bad[0] = "not a time"  # format_line raises on it
+    logger._thread = object()  # type: ignore[assignment]  # taking entries, its writer not yet started
+    for entry in (_entry("one"), tuple(bad), _entry("two")):
+        logger.offer(entry)
+    logger._thread = None
+    logger.start()  # after the offers: all three go in one batch
+    logger.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["request_id"] for line in lines] == ["one", "two"]
+    assert logger.written._value.get() == 2 and logger.dropped._value.get() == 1

@@ -1,8 +1,9 @@
 """Review of the request-id / access-log / tracing change, on real gateways: the paths where an
 exchange could be left open or logged with the wrong status, hostile request ids, and the
 shutdown with tracing's collector unreachable. The tests under "defects" failed before 2548f62
-(they were committed as xfail(strict) in f95169e / 1c9bf91); the others pin behaviour that was
-checked and found right."""
+(they were committed as xfail(strict) in f95169e / 1c9bf91), and the stuck-stdout and stream-status
+tests before the change that removed their xfail(strict) marks (cbb2497 / 7f884cf); the others pin
+behaviour that was checked and found right."""
 
 from __future__ import annotations
 
@@ -301,8 +302,6 @@ class _StdoutPipeGateway(GatewayProcess):
         return self
 
 
-@pytest.mark.xfail(strict=True, reason="AccessLogger.close ignores the drain budget: it joins its writer for a "
-                                       "fixed 10 s, and the lines still queued are neither written nor counted")
 def test_a_stuck_stdout_does_not_hold_the_drain_past_its_budget(tmp_path: Path):
     repo = tmp_path / "repo"
     modelzoo.build_scaled(repo, "primary")
@@ -334,8 +333,6 @@ def _idle(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     stub.ModelInfer(idle, timeout=120)
 
 
-@pytest.mark.xfail(strict=True, reason="_stream_one logs every CancelledError as CANCELLED: a stream past its "
-                                       "deadline (the client got DEADLINE_EXCEEDED)")
 def test_a_stream_message_past_the_streams_deadline_is_logged_deadline_exceeded(gw):
     with grpc.insecure_channel(gw.grpc_url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -351,8 +348,6 @@ def test_a_stream_message_past_the_streams_deadline_is_logged_deadline_exceeded(
     assert _line(gw, "stream-past-deadline")["status"] == "DEADLINE_EXCEEDED"
 
 
-@pytest.mark.xfail(strict=True, reason="ModelStreamInfer cancels its running messages without the cut's message "
-                                       "and _stream_one logs them CANCELLED; the client got UNAVAILABLE")
 def test_a_stream_message_cut_by_the_drain_is_logged_unavailable(tmp_path: Path):
     repo = tmp_path / "repo"
     modelzoo.build_slow(repo, "slow", layers=768)

@@ -210,7 +210,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task] = set()
 
         async def run_one(req: bytes) -> None:
-            replies.put_nowait(await self._stream_one(req, headers, deadline, trace, peer))
+            replies.put_nowait(await self._stream_one(req, context, headers, deadline, trace, peer))
 
         async def read() -> None:
             try:
@@ -233,14 +233,16 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield reply
                 window.release()
             await reader
+        except asyncio.CancelledError as exc:  # the drain's cut (with its message) or the client
+            _cancel_all(running, exc.args[0] if exc.args else None)
+            raise
         finally:
             reader.cancel()
-            for task in list(running):
-                task.cancel()
+            _cancel_all(running, None)
 
     async def _stream_one(
-        self, req: bytes, headers: dict[str, str], deadline_ns: int = 0, trace: dict[str, str] | None = None,
-        peer: str | None = None,
+        self, req: bytes, context: grpc.aio.ServicerContext, headers: dict[str, str], deadline_ns: int = 0,
+        trace: dict[str, str] | None = None, peer: str | None = None,
     ) -> tuple[bytes, str, grpc.StatusCode | None]:
         """The serialized reply to one streamed request, and the error message and status it
         failed with (None: it did not). Each request of a stream is an exchange of its own: its
@@ -263,8 +265,9 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reason = exc.reason if isinstance(exc, Overloaded) else ""
             _identify_refused(exchange, req)
             exchange.finish(code.name, code.value[0], exc)
-        except asyncio.CancelledError as exc:
-            exchange.finish("CANCELLED", grpc.StatusCode.CANCELLED.value[0], exc)
+        except asyncio.CancelledError as exc:  # logged with the status the stream ends with
+            code, kind = _status_of(exc, context)
+            exchange.finish(code.name, code.value[0], exc, kind)
             raise
         except Exception as exc:
             log.exception("unhandled error in ModelStreamInfer")
@@ -278,6 +281,12 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reply = pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
         return reply.SerializeToString(), message, code
 
+
+
+def _cancel_all(tasks: set[asyncio.Task], message: str | None) -> None:
+    """Cancels the stream's running requests, passing on the cut's message (see ``_status_of``)."""
+    for task in list(tasks):
+        task.cancel(message)
 
 
 def _deadline_ns(context: grpc.aio.ServicerContext) -> int:

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter
@@ -115,21 +115,26 @@ def _ms(ns: int | None) -> float | None:
 
 
 class AccessLogger:
-    """A bounded queue of access-log entries and the thread that writes them."""
+    """A bounded queue of access-log entries and the thread that writes them.
+
+    The writer writes to a file descriptor of its own (standard output's is duplicated): a
+    write blocked on a stuck pipe holds no Python-level lock, so the drain can give up on it
+    (``close``) and the process still exits."""
 
     def __init__(self, config: AccessLogConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._size = 0  # entries queued (SimpleQueue has no bound of its own); under the GIL
+        self._size = 0  # entries queued (SimpleQueue has no bound of its own)
         self._lock = threading.Lock()
         self.written = Counter("onnxgate_access_log_lines", "Access-log lines written.", registry=registry)
         self.dropped = Counter(
             "onnxgate_access_log_dropped",
-            "Access-log lines dropped: the writer was access_log.queue_size lines behind, or writing failed.",
+            "Access-log lines dropped: the writer was access_log.queue_size lines behind, writing failed, "
+            "or the drain ended before they were written.",
             registry=registry,
         )
         self._thread: threading.Thread | None = None
-        self._file: TextIO | Any = None
+        self._fd: int | None = None
         self._inode: tuple[int, int] | None = None
 
     def start(self) -> None:
@@ -148,24 +153,33 @@ class AccessLogger:
             self._size += 1
         self._queue.put(entry)
 
-    def close(self) -> None:
-        """Write what is queued, then stop the writer and close the file."""
-        if self._thread is None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued within ``timeout_s``, then stop the writer and close the output.
+        Lines the writer could not write by then (its output is stuck) are counted as dropped;
+        the writer, a daemon thread, is left blocked and the output open."""
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
         self._queue.put(None)
-        self._thread.join(timeout=10)
-        self._thread = None
-        if self._file is not None and self.config.path != STDOUT:
-            self._file.close()
-        self._file = None
+        thread.join(max(0.0, timeout_s))
+        if thread.is_alive():
+            with self._lock:
+                left, self._size = self._size, 0
+            self.dropped.inc(left)
+            log.warning("access log: the output did not take the last %d lines in %.2fs; dropped", left, timeout_s)
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     # -- the writer thread -------------------------------------------------------------------
     def _open(self) -> None:
         if self.config.path == STDOUT:
-            self._file = sys.stdout.buffer
+            sys.stdout.flush()
+            self._fd = os.dup(sys.stdout.fileno())
             return
-        self._file = open(self.config.path, "ab")  # noqa: SIM115 - lives as long as the logger
-        st = os.fstat(self._file.fileno())
+        self._fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        st = os.fstat(self._fd)
         self._inode = (st.st_dev, st.st_ino)
 
     def _reopen_if_moved(self) -> None:
@@ -178,7 +192,9 @@ class AccessLogger:
         except FileNotFoundError:
             moved = True
         if moved:
-            self._file.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             self._open()
 
     def _run(self) -> None:
@@ -198,24 +214,35 @@ class AccessLogger:
             if None in batch:
                 stop = True
                 batch = [e for e in batch if e is not None]
-            with self._lock:
-                self._size -= len(batch)
-            self._guarded(lambda b=batch: self._write(b), len(batch))
-        self._guarded(self._flush, 0)
+            lines = self._format(batch)
+            self._guarded(lambda data=lines: self._write(data), lines.count(b"\n"))
+            with self._lock:  # after the write: close counts what is still unwritten
+                self._size = max(0, self._size - len(batch))
 
-    def _write(self, batch: list[tuple]) -> None:
+    def _format(self, batch: list[tuple]) -> bytes:
+        """The batch's lines; an entry that cannot be formatted is dropped alone."""
+        try:
+            return b"".join(map(format_line, batch))
+        except Exception:
+            out = []
+            for entry in batch:
+                try:
+                    out.append(format_line(entry))
+                except Exception as exc:
+                    self.dropped.inc()
+                    log.warning("access log: an entry could not be written: %s", exc)
+            return b"".join(out)
+
+    def _write(self, data: bytes) -> None:
         self._reopen_if_moved()
-        lines = b"".join(map(format_line, batch))
-        self._file.write(lines)
-        self._file.flush()
-        self.written.inc(len(batch))
-
-    def _flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        view = memoryview(data)
+        while view:
+            assert self._fd is not None
+            view = view[os.write(self._fd, view):]
+        self.written.inc(data.count(b"\n"))
 
     def _guarded(self, step: Any, lines: int) -> None:
-        """Run a writer step; a failure (disk full, a bad value) drops its lines, never the thread."""
+        """Run a writer step; a failure (disk full) drops its lines, never the thread."""
         try:
             step()
         except Exception as exc:
