@@ -307,3 +307,72 @@ def test_a_parents_sampled_flag_decides_under_a_parent_based_sampler():
     assert tr.request_span("s", None, 0, {}) is None  # a root under ALWAYS_OFF
     (only,) = exporter.get_finished_spans()
     assert format(only.context.trace_id, "032x") == trace_id and format(only.parent.span_id, "016x") == parent
+
+
+# -- the settings read at the start: propagators and the sampler -------------------------------------
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1%"}, "'1%'"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"}, "'1.5'"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "nan"}, "'nan'"),
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "'sometimes'"),
+        ({"OTEL_PROPAGATORS": "tracecontext,xray-ish"}, "'xray-ish'"),
+    ],
+)
+def test_a_setting_the_sdk_would_replace_by_a_default_fails_the_start(env, match):
+    # the SDK logs a bad ratio and samples every request instead; an unknown propagator, at import
+    with pytest.raises(tracing.TracingUnavailable, match=match):
+        tracing.check_tracing({"OTEL_TRACES_EXPORTER": "console", **env})
+
+
+def test_the_sampler_is_the_one_the_environment_names():
+    from opentelemetry.sdk.trace import sampling
+
+    ratio = tracing._sampler({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"})
+    assert isinstance(ratio, sampling.ParentBased) and ratio._root.rate == 0.01  # type: ignore[attr-defined]
+    assert tracing._sampler({"OTEL_TRACES_SAMPLER": "always_off"}) is sampling.ALWAYS_OFF
+    assert isinstance(tracing._sampler({}), sampling.ParentBased)  # the SDK's default, parentbased_always_on
+
+
+@pytest.fixture(scope="module")
+def b3_gw(tmp_path_factory: pytest.TempPathFactory, collector: Collector):
+    repo = tmp_path_factory.mktemp("b3") / "repo"
+    modelzoo.build_scaled(repo, "primary", scale=2.0)
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_SERVICE_NAME": "b3-gateway",
+        "OTEL_PROPAGATORS": "b3multi",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    with GatewayProcess(repo, env=env) as g:
+        yield g
+
+
+def test_the_propagators_the_environment_names_are_the_ones_read_on_both_transports(b3_gw, collector):
+    trace_id, parent = f"{0xB3B3:032x}", f"{0xB3B4:016x}"
+    b3 = {"X-B3-TraceId": trace_id, "X-B3-SpanId": parent, "X-B3-Sampled": "1"}
+    _http_infer(b3_gw, "primary", b3)
+    assert wait_until(lambda: "POST /v2/models/{model}/infer" in _by_name(collector.trace(trace_id)), timeout=15)
+    (server,) = _by_name(collector.trace(trace_id))["POST /v2/models/{model}/infer"]
+    assert server["parent"] == parent and server["service"] == "b3-gateway"
+
+    grpc_trace, grpc_parent = f"{0xB3C3:032x}", f"{0xB3C4:016x}"
+    with grpc.insecure_channel(b3_gw.grpc_url) as channel:
+        request = pb.ModelInferRequest(model_name="primary")
+        request.inputs.add(name="x", datatype="FP32", shape=[2, 4]).contents.fp32_contents.extend(X.ravel().tolist())
+        metadata = (("x-b3-traceid", grpc_trace), ("x-b3-spanid", grpc_parent), ("x-b3-sampled", "1"))
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata)
+        # W3C trace context is not one of the propagators here: its traceparent starts no continuation
+        w3c, w3c_trace, _ = _traceparent(0xB3D3)
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=(("traceparent", w3c),))
+    assert wait_until(lambda: bool(collector.trace(grpc_trace)), timeout=15)
+    (server,) = _by_name(collector.trace(grpc_trace))["inference.GRPCInferenceService/ModelInfer"]
+    assert server["parent"] == grpc_parent
+    grpc_servers = lambda: [  # noqa: E731
+        s for s in list(collector.spans)
+        if s["service"] == "b3-gateway" and s["name"] == "inference.GRPCInferenceService/ModelInfer"
+    ]
+    assert wait_until(lambda: len(grpc_servers()) == 2, timeout=15)
+    assert collector.trace(w3c_trace) == []

@@ -104,7 +104,6 @@ def timeout_us(request: InferRequest) -> int | None:
 
 DEADLINE_HEADER = "x-request-deadline-ms"
 REQUEST_ID_HEADER = "x-request-id"  # the request's one id, given by the client or echoed by the gateway
-TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, read when tracing is on
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 
 

@@ -227,6 +227,12 @@ class InferenceService:
         return self.exchanges.tracing
 
     @property
+    def trace_headers(self) -> tuple[str, ...] | None:
+        """The request headers (metadata keys) tracing reads, or None when tracing is off."""
+        tracing = self.exchanges.tracing
+        return tracing.headers if tracing is not None else None
+
+    @property
     def logs_access(self) -> bool:
         """Whether requests are access-logged (front ends then pass the peer to :meth:`begin`)."""
         return self.exchanges.access_log is not None

@@ -7,10 +7,14 @@ Off by default. It is on when the standard environment asks for an exporter:
 variables: the service name (``OTEL_SERVICE_NAME``, default ``onnxgate``) and resource
 attributes, the sampler (``OTEL_TRACES_SAMPLER``/``_ARG``: e.g. ``parentbased_traceidratio``
 with ``0.01``), the OTLP protocol (``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf``,
-the default, or ``grpc``), headers, timeouts, the batch processor's queue
-(``OTEL_BSP_*``: spans are exported off the event loop, and dropped past its bound), and the
-propagators (``OTEL_PROPAGATORS``, default W3C ``tracecontext,baggage``). It needs the
-``onnxgate[otel]`` extra.
+the default, or ``grpc``), headers, timeouts, and the batch processor's queue
+(``OTEL_BSP_*``: spans are exported off the event loop, and dropped past its bound). Read here,
+so that a mistake fails the start instead of being logged and replaced by a default: the
+sampler and its ratio (an unknown sampler, or a ratio that is not a number in [0, 1], is an
+error: the SDK would trace every request instead), and the propagators (``OTEL_PROPAGATORS``,
+default W3C ``tracecontext,baggage``; ``b3``, ``b3multi`` or ``jaeger`` with their package,
+e.g. ``pip install opentelemetry-propagator-b3``; ``none``): the front ends read the headers the
+propagators name. It needs the ``onnxgate[otel]`` extra.
 
 What is traced (README "Tracing"): one SERVER span per inference request, continuing the
 caller's ``traceparent``; under it a ``queue`` and an ``execute`` span from the scheduler's
@@ -67,6 +71,11 @@ class Tracing:
         self.provider = provider
         self._tracer = provider.get_tracer("onnxgate")
         self._propagator = propagator if propagator is not None else get_global_textmap()
+        #: the headers (metadata keys) the propagators read: what the front ends hand to request_span
+        self.headers: tuple[str, ...] = tuple(sorted({f.lower() for f in self._propagator.fields}))
+        self.raw_headers: tuple[bytes, ...] = tuple(h.encode("latin-1") for h in self.headers)
+        # the traceparent's own flag may decide only when W3C trace context is what reads it
+        self._w3c = "traceparent" in self.headers
         self._trace = trace
         self._link = trace.Link
         self._server = trace.SpanKind.SERVER
@@ -92,12 +101,13 @@ class Tracing:
         # the sampler: OTEL_TRACES_SAMPLER; trace ids: drawn here for root requests (see above)
         # shutdown_on_exit off: the drain shuts it down within its budget (shutdown); the SDK's
         # exit hook would wait out an unanswering collector (its export timeout, retries)
+        sampler, propagator = _sampler(env), _propagator(env)
         provider = TracerProvider(
-            resource=Resource.create(attributes), id_generator=_preset_ids(), shutdown_on_exit=False
+            sampler=sampler, resource=Resource.create(attributes), id_generator=_preset_ids(), shutdown_on_exit=False
         )
         for exporter in _exporters(env):
             provider.add_span_processor(BatchSpanProcessor(exporter))
-        return cls(provider)
+        return cls(provider, propagator)
 
     def epoch_ns(self, perf_ns: int) -> int:
         """A ``perf_counter_ns`` time as epoch ns, what spans carry."""
@@ -105,17 +115,19 @@ class Tracing:
 
     def request_span(self, name: str, carrier: Mapping[str, str] | None, start_perf_ns: int,
                      attributes: Mapping[str, Any]) -> Any:
-        """A SERVER span for one request (continuing ``carrier``'s ``traceparent``), or None
-        when it is not sampled: nothing more is then spent on it."""
+        """A SERVER span for one request (continuing the trace ``carrier``, the request's
+        propagation headers of :attr:`headers`, names), or None when it is not sampled: nothing
+        more is then spent on it."""
         context = None
-        traceparent = carrier.get("traceparent") if carrier else None
-        if traceparent is not None:
-            if self._drops_unsampled_parent and _sampled_flag(traceparent) is False:
-                return None
-            state = carrier.get("tracestate")  # type: ignore[union-attr]
-            if state is not None and not _valid_tracestate(state):
-                # the SDK would drop it too, with a log line per request quoting the client's text
-                carrier = {"traceparent": traceparent}
+        if carrier:
+            traceparent = carrier.get("traceparent") if self._w3c else None
+            if traceparent is not None and carrier.keys() <= _W3C_KEYS:  # no other propagator's header
+                if self._drops_unsampled_parent and _sampled_flag(traceparent) is False:
+                    return None
+                state = carrier.get("tracestate")
+                if state is not None and not _valid_tracestate(state):
+                    # the SDK would drop it too, with a log line per request quoting the client's text
+                    carrier = {k: v for k, v in carrier.items() if k != "tracestate"}
             context = self._propagator.extract(carrier)
         elif self._root_bound is not None and self._ids is not None:
             trace_id = random.getrandbits(128)
@@ -188,6 +200,68 @@ _TRACESTATE_MEMBER = re.compile(
     r"(?:[a-z][_0-9a-z\-\*\/]{0,255}|[a-z0-9][_0-9a-z\-\*\/]{0,240}@[a-z][_0-9a-z\-\*\/]{0,13})"
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 )
+
+
+_W3C_KEYS = frozenset(("traceparent", "tracestate", "baggage"))
+_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+             "parentbased_traceidratio")
+
+
+def _sampler(env: Mapping[str, str]) -> Any:
+    """The sampler ``OTEL_TRACES_SAMPLER``/``_ARG`` name (default ``parentbased_always_on``); a
+    sampler installed as an ``opentelemetry_traces_sampler`` entry point is built with its arg."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG")
+    if name not in _SAMPLERS:
+        factory = _entry_point("opentelemetry_traces_sampler", name)
+        if factory is None:
+            known = ', '.join(_SAMPLERS)
+            raise TracingUnavailable(f"OTEL_TRACES_SAMPLER: unknown sampler {name!r}; use one of {known}")
+        return factory(arg)
+    if name.endswith("always_on"):
+        root = sampling.ALWAYS_ON
+    elif name.endswith("always_off"):
+        root = sampling.ALWAYS_OFF
+    else:
+        try:
+            rate = 1.0 if arg is None or not arg.strip() else float(arg)
+        except ValueError:
+            rate = float("nan")
+        if not 0.0 <= rate <= 1.0:
+            raise TracingUnavailable(f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1 for {name}, got {arg!r}")
+        root = sampling.TraceIdRatioBased(rate)
+    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def _propagator(env: Mapping[str, str]) -> Any:
+    """The propagators ``OTEL_PROPAGATORS`` names (entry points, as the SDK loads them)."""
+    from opentelemetry.propagators.composite import CompositePropagator
+
+    names = [n.strip().lower() for n in env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")]
+    names = [n for n in names if n]
+    if "none" in names:
+        return CompositePropagator([])
+    found = []
+    for name in names:
+        factory = _entry_point("opentelemetry_propagator", name)
+        if factory is None:
+            raise TracingUnavailable(
+                f"OTEL_PROPAGATORS: propagator {name!r} is not installed (tracecontext and baggage come with "
+                "onnxgate[otel]; b3, b3multi: pip install opentelemetry-propagator-b3; jaeger: "
+                "opentelemetry-propagator-jaeger)"
+            )
+        found.append(factory())
+    return CompositePropagator(found)
+
+
+def _entry_point(group: str, name: str) -> Any:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group, name=name):
+        return ep.load()
+    return None
 
 
 def _valid_tracestate(header: str) -> bool:

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import TypeVar
 
 import grpc
@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onnxgate.core.admission import INLINE_DECODE_BYTES
-from onnxgate.core.inference import REQUEST_ID_HEADER, TRACE_HEADERS, InferRequest, InferResponse
+from onnxgate.core.inference import REQUEST_ID_HEADER, InferRequest, InferResponse
 from onnxgate.core.service import UNKNOWN_MODEL_LABEL, Exchange, InferenceService
 from onnxgate.errors import GatewayError, InvalidInput, Overloaded, PayloadTooLarge
 from onnxgate.frontends import grpc_codec
@@ -129,7 +129,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         """One unary inference; its request id goes back in the trailing metadata ``x-request-id``."""
         svc = self.service
-        client_id, trace = _call_ids(context, svc.tracing is not None)
+        client_id, trace = _call_ids(context, svc.trace_headers)
         peer = context.peer() if svc.logs_access else None
         exchange = svc.begin("grpc", "", client_id, trace, peer, _INFER_SPAN)
         try:
@@ -202,7 +202,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         svc = self.service
         headers = _metadata(context) if svc.wants_headers else {}
         deadline = _deadline_ns(context)  # the stream's: every request's answer is due by it
-        trace = _call_ids(context, svc.tracing is not None)[1]  # the stream's: every request continues it
+        trace = _call_ids(context, svc.trace_headers)[1]  # the stream's: every request continues it
         peer = context.peer() if svc.logs_access else None
         close_on_error = _grpc_error_mode(context)
         replies: asyncio.Queue[tuple[bytes, str, grpc.StatusCode | None] | None] = asyncio.Queue()
@@ -297,14 +297,17 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int:
     return time.perf_counter_ns() + max(1, int(remaining * 1e9))
 
 
-def _call_ids(context: grpc.aio.ServicerContext, traced: bool) -> tuple[str | None, dict[str, str] | None]:
-    """The call's ``x-request-id`` (None: none) and, when ``traced``, its trace context metadata."""
+def _call_ids(
+    context: grpc.aio.ServicerContext, trace_headers: Collection[str] | None
+) -> tuple[str | None, dict[str, str] | None]:
+    """The call's ``x-request-id`` (None: none) and, when tracing is on, the metadata of its
+    ``trace_headers`` (the keys the propagators read)."""
     client_id = None
-    trace: dict[str, str] | None = {} if traced else None
+    trace: dict[str, str] | None = {} if trace_headers is not None else None
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER:
             client_id = value if isinstance(value, str) else ""
-        elif trace is not None and key in TRACE_HEADERS and isinstance(value, str):
+        elif trace is not None and key in trace_headers and isinstance(value, str):  # type: ignore[operator]
             trace[key] = value
     return client_id, trace
 

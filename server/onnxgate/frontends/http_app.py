@@ -20,7 +20,6 @@ from onnxgate.core.admission import INLINE_DECODE_BYTES, Hold
 from onnxgate.core.inference import (
     DEADLINE_HEADER,
     REQUEST_ID_HEADER,
-    TRACE_HEADERS,
     InferRequest,
     InferResponse,
     deadline_from_header,
@@ -72,7 +71,6 @@ def _ok(body: bytes = b"") -> _Reply:
 
 _DEADLINE_HEADER = DEADLINE_HEADER.encode()  # as ASGI gives header names: lower-case bytes
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode()
-_TRACE_HEADERS = tuple(h.encode() for h in TRACE_HEADERS)
 _EXCHANGE = "onnxgate.exchange"  # the scope key of an inference request's exchange
 _INFER_SPAN = "POST /v2/models/{model}/infer"
 _CLIENT_CLOSED = 499  # the access log's status of a request whose client went away (as nginx logs it)
@@ -293,8 +291,12 @@ class HttpApp:
         headers = dict(scope["headers"])
         client_id = headers.get(_REQUEST_ID_HEADER)
         trace = None
-        if svc.tracing is not None:
-            trace = {h.decode(): v.decode("latin-1") for h in _TRACE_HEADERS if (v := headers.get(h)) is not None}
+        if (tracing := svc.tracing) is not None:
+            trace = {
+                h: v.decode("latin-1")
+                for h, raw in zip(tracing.headers, tracing.raw_headers, strict=True)
+                if (v := headers.get(raw)) is not None
+            }
         exchange = svc.begin(
             "http", name, client_id.decode("latin-1") if client_id is not None else None, trace, scope.get("client"),
             _INFER_SPAN,
