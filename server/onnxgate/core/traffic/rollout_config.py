@@ -39,8 +39,19 @@ from onnxgate.errors import InvalidInput
 SHADOW = "shadow"  # the user's name of step 0: candidate weight 0, mirrored only
 DEFAULT_STEPS = (0, 5, 25, 50, 100)
 _KEYS = frozenset(
-    {"candidate", "steps", "min_dwell_s", "max_step_s", "min_comparisons", "confidence", "gates", "on_fail",
-     "on_timeout", "webhook", "mlflow"}
+    {
+        "candidate",
+        "steps",
+        "min_dwell_s",
+        "max_step_s",
+        "min_comparisons",
+        "confidence",
+        "gates",
+        "on_fail",
+        "on_timeout",
+        "webhook",
+        "mlflow",
+    }
 )
 _ACTIONS = ("rollback", "hold")
 
@@ -213,8 +224,12 @@ def _gates(doc: Any, where: str) -> Gates:
             "latency_p99_ratio_max": value > 0,
         }[key]
         if not ok:
-            rule = {"agreement_min": "within 0..1", "abs_diff_p99_max": ">= 0", "error_rate_max": "within 0..1",
-                    "latency_p99_ratio_max": "> 0"}[key]
+            rule = {
+                "agreement_min": "within 0..1",
+                "abs_diff_p99_max": ">= 0",
+                "error_rate_max": "within 0..1",
+                "latency_p99_ratio_max": "> 0",
+            }[key]
             raise InvalidInput(f"{where}: gates.{key} must be {rule}, got {value}")
         values[key] = value
     if not values:
