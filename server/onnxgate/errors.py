@@ -6,6 +6,7 @@
     ├── InvalidInput        the request is malformed or does not match the model
     │   └── PayloadTooLarge the request is larger than its model can accept
     ├── ModelNotFound       unknown model or version
+    ├── Conflict            the change conflicts with the gateway's state (a route under a rollout)
     ├── Unauthenticated     no credentials, or credentials the gateway does not know
     ├── PermissionDenied    known credentials without the scope the endpoint needs
     ├── Unavailable         the model, version or server cannot serve now
@@ -54,6 +55,11 @@ class ModelNotFound(GatewayError):
         ``Request for unknown model: 'm' is not found`` / ``... 'm' version 3 is not found``."""
         what = f"'{name}'" + (f" version {version}" if version else "")
         return cls(f"Request for unknown model: {what} is not found" + (f" ({why})" if why else ""))
+
+
+class Conflict(GatewayError):
+    """The change conflicts with the gateway's current state (a route a rollout controls, an
+    action its rollout's phase does not allow)."""
 
 
 class Unauthenticated(GatewayError):

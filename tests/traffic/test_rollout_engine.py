@@ -19,7 +19,7 @@ from onnxgate.core.traffic.rollout_config import RolloutConfig
 from onnxgate.core.traffic.rollout_gates import Evidence
 from onnxgate.core.traffic.rollout_state import StateStore
 from onnxgate.core.traffic.routes import Target
-from onnxgate.errors import InvalidInput
+from onnxgate.errors import Conflict, InvalidInput
 
 WHERE = "route 'fraud' rollout"
 V1, V2 = Target("fraud_v1"), Target("fraud_v2")
@@ -81,13 +81,14 @@ def test_an_agreeing_candidate_walks_every_step_to_completion():
             splits.append(r.split(BASE))
         if r.phase == "completed":
             break
-    assert [d["decision"] for d in decisions] == ["advance", "advance", "advance", "advance", "complete"]
-    assert [(d["from_step"], d["to_step"]) for d in decisions] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 4)]
-    assert weights == [d["weight"] for d in decisions] == [5, 25, 50, 100, 100]
+    # passing the 50 % step completes: at 100 % the candidate is the primary, nothing is left to compare
+    assert [d["decision"] for d in decisions] == ["advance", "advance", "advance", "complete"]
+    assert [(d["from_step"], d["to_step"]) for d in decisions] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert weights == [d["weight"] for d in decisions] == [5, 25, 50, 100]
     assert splits[1] == ((V1, 75.0), (V2, 25.0)) and splits[3] == ((V2, 100.0),)
     assert r.split(BASE) == ((V2, 100.0),) and not r.mirroring and not r.active
     # each step dwelt min_dwell_s: 3 ticks of 1000 requests (the error-rate gate needs ~3000)
-    times = [clock.t - 60 * 5 + 60 * (i + 1) for i in range(5)]
+    times = [clock.t - 60 * 4 + 60 * (i + 1) for i in range(4)]
     assert [d["time"] for d in decisions] == times
     for d in decisions:
         assert d["by"] == "gates" and not d["alert"] and len(d["gates"]) == 4
@@ -172,7 +173,7 @@ def test_pause_resume_promote_abort():
     assert r.evidence.comparisons == 10_000
     with pytest.raises(RolloutConflict, match="paused: cannot pause") as info:
         r.pause()
-    assert isinstance(info.value, InvalidInput)
+    assert isinstance(info.value, Conflict)  # 409 at the API
     clock.t += 5
     r.resume()
     assert r.phase == "running" and r.step_started == clock.t and r.evidence.comparisons == 10_000
@@ -210,8 +211,8 @@ def test_split_scales_the_base_into_the_rest():
     a, b = Target("a"), Target("b", "3")
     assert r.split(((a, 9.0), (b, 1.0))) == ((a, 81.0), (b, 9.0), (V2, 10.0))
     assert r.split(((a, 1.0), (V2, 1.0))) == ((a, 45.0), (V2, 55.0))  # a candidate already there: one entry
-    r.promote()
-    assert r.candidate_weight == 100 and r.phase == "running"
+    r.promote()  # into the 100 % step: completed, the candidate alone
+    assert r.candidate_weight == 100 and r.phase == "completed"
     assert r.split(((a, 9.0), (b, 1.0))) == ((V2, 100.0),)
 
 

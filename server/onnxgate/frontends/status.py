@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from onnxgate.errors import (
+    Conflict,
     Draining,
     GatewayError,
     InferenceFailed,
@@ -27,6 +28,7 @@ _TABLE: tuple[tuple[type[GatewayError], int, grpc.StatusCode], ...] = (
     (PayloadTooLarge, 413, grpc.StatusCode.INVALID_ARGUMENT),  # no valid request is this large: do not retry
     (InvalidInput, 400, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, 404, grpc.StatusCode.NOT_FOUND),
+    (Conflict, 409, grpc.StatusCode.FAILED_PRECONDITION),
     (Unauthenticated, 401, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, 403, grpc.StatusCode.PERMISSION_DENIED),
     (Draining, 503, grpc.StatusCode.UNAVAILABLE),

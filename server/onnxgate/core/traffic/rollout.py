@@ -38,7 +38,7 @@ from typing import Any
 from onnxgate.core.traffic.rollout_config import RolloutConfig
 from onnxgate.core.traffic.rollout_gates import Evidence, GateResult, evaluate
 from onnxgate.core.traffic.routes import Target
-from onnxgate.errors import InvalidInput
+from onnxgate.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ HISTORY_KEEP = 100  # decisions kept in memory and in the state
 STATE_VERSION = 1
 
 
-class RolloutConflict(InvalidInput):
+class RolloutConflict(Conflict):
     """An operator action the rollout's phase does not allow (a conflict with its state)."""
 
 
@@ -235,6 +235,8 @@ class Rollout:
         return f"step {self.step_index} ({'shadow' if step == 0 else f'{step} %'})"
 
     def _step(self, now: float, decision: str, reason: str, gates: list[GateResult], by: str) -> dict:
+        if self.config.steps[self.step_index + 1] == 100:  # the candidate takes all: it is the primary now
+            return self._complete(now, "complete" if by == "gates" else decision, reason, gates, by)
         start = self.step_index
         self.step_index += 1
         self.phase, self.hold_cause, self.reason = "running", None, ""
