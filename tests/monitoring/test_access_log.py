@@ -264,7 +264,7 @@ def test_close_keeps_to_its_budget_and_counts_the_lines_a_stuck_output_did_not_t
         offered = 2000
         for i in range(offered):
             logger.offer(_entry(f"stuck-{i:05d}-" + "p" * 200))
-        logger.close(0.2)  # returns although the writer is blocked in write()
+        logger.close(0.2)  # returns (after MIN_CLOSE_S) although the writer is blocked in write()
         written, dropped = logger.written._value.get(), logger.dropped._value.get()
         assert dropped > 0
         assert written + dropped <= offered

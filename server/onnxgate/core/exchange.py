@@ -27,6 +27,7 @@ from onnxgate.core.metrics import Metrics
 from onnxgate.core.monitoring.access_log import AccessLogger
 from onnxgate.core.tracing import Tracing
 from onnxgate.errors import (
+    Conflict,
     Draining,
     GatewayError,
     InvalidInput,
@@ -129,7 +130,8 @@ class Exchanges:
             )
         span = None
         if self.tracing is not None:
-            span = self.tracing.request_span(span_name, trace_headers, now, _attributes(protocol, span_name))
+            attributes = _FIRST_ATTRIBUTES.get((protocol, span_name)) or _attributes(protocol, span_name)
+            span = self.tracing.request_span(span_name, trace_headers, now, attributes)
         ex = Exchange(self, protocol, target, client_id or "", peer, now, span)
         self._in_flight[protocol].inc()
         return ex
@@ -174,12 +176,20 @@ class Exchanges:
 
 
 def _attributes(protocol: str, span_name: str) -> dict[str, Any]:
-    """A request span's first attributes, from its name ("POST /v2/...", "package.Service/Method")."""
+    """A request span's first attributes, from its name ("POST /v2/...", "package.Service/Method"),
+    made once per name (the SDK copies them into each span)."""
     if protocol == "http":
         method, _, route = span_name.partition(" ")
-        return {"onnxgate.protocol": protocol, "http.request.method": method, "http.route": route}
-    service, _, method = span_name.partition("/")
-    return {"onnxgate.protocol": protocol, "rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        attributes = {"onnxgate.protocol": protocol, "http.request.method": method, "http.route": route}
+    else:
+        service, _, method = span_name.partition("/")
+        attributes = {"onnxgate.protocol": protocol, "rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    if len(_FIRST_ATTRIBUTES) < 64:  # span names are the front ends' constants
+        _FIRST_ATTRIBUTES[protocol, span_name] = attributes
+    return attributes
+
+
+_FIRST_ATTRIBUTES: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 # gRPC codes a server span does not count as its own error (OpenTelemetry's semantic conventions
@@ -199,6 +209,7 @@ _OUTCOMES: dict[type, str] = {
     InvalidInput: "invalid_input",
     PayloadTooLarge: "too_large",
     ModelNotFound: "not_found",
+    Conflict: "conflict",
     Overloaded: "overloaded",
     Draining: "draining",
     Unavailable: "unavailable",

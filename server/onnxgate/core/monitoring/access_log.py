@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 STDOUT = "-"
 MAX_ERROR_CHARS = 200
 REOPEN_CHECK_S = 1.0  # how often the writer checks that its file is still there
+FLUSH_INTERVAL_S = 0.05  # how often the writer takes what is queued: a line is written within it
+MIN_CLOSE_S = 0.5  # what closing waits for the last lines at least
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +125,11 @@ class AccessLogger:
 
     def __init__(self, config: AccessLogConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._size = 0  # entries queued (SimpleQueue has no bound of its own)
-        self._lock = threading.Lock()
+        # entries waiting for the writer: appended on the loop, taken by the writer (deque's append
+        # and popleft are atomic); the writer wakes every FLUSH_INTERVAL_S, not per entry, so a
+        # busy gateway pays no thread switch per request
+        self._pending: deque[tuple] = deque()
+        self._stop = threading.Event()
         self.written = Counter("onnxgate_access_log_lines", "Access-log lines written.", registry=registry)
         self.dropped = Counter(
             "onnxgate_access_log_dropped",
@@ -146,25 +150,25 @@ class AccessLogger:
     def offer(self, entry: tuple) -> None:
         """On the loop: queue one entry (see :func:`format_line`), or drop it when the writer is
         ``queue_size`` lines behind. Never blocks."""
-        if self._size >= self.config.queue_size or self._thread is None:
+        if len(self._pending) >= self.config.queue_size or self._thread is None:
             self.dropped.inc()
             return
-        with self._lock:
-            self._size += 1
-        self._queue.put(entry)
+        self._pending.append(entry)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued within ``timeout_s``, then stop the writer and close the output.
+        """Write what is queued within ``timeout_s`` (at least ``MIN_CLOSE_S``: a drain that used
+        its whole budget still logs its last answers), then stop the writer and close the output.
         Lines the writer could not write by then (its output is stuck) are counted as dropped;
         the writer, a daemon thread, is left blocked and the output open."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        self._queue.put(None)
-        thread.join(max(0.0, timeout_s))
+        self._stop.set()
+        timeout_s = max(MIN_CLOSE_S, timeout_s)
+        thread.join(timeout_s)
         if thread.is_alive():
-            with self._lock:
-                left, self._size = self._size, 0
+            left = len(self._pending)
+            self._pending.clear()
             self.dropped.inc(left)
             log.warning("access log: the output did not take the last %d lines in %.2fs; dropped", left, timeout_s)
             return
@@ -198,26 +202,21 @@ class AccessLogger:
             self._open()
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            try:
-                first = self._queue.get(timeout=REOPEN_CHECK_S)
-            except queue.Empty:
+        checked = time.monotonic()
+        while not self._stop.wait(FLUSH_INTERVAL_S):
+            self._drain()
+            if time.monotonic() - checked >= REOPEN_CHECK_S:
+                checked = time.monotonic()
                 self._guarded(self._reopen_if_moved, 0)
-                continue
-            batch = [first]
-            while len(batch) < 1024:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if None in batch:
-                stop = True
-                batch = [e for e in batch if e is not None]
+        self._drain()
+
+    def _drain(self) -> None:
+        """Write every pending entry, in batches of at most 1024 lines."""
+        pending = self._pending
+        while pending:
+            batch = [pending.popleft() for _ in range(min(len(pending), 1024))]
             lines = self._format(batch)
             self._guarded(lambda data=lines: self._write(data), lines.count(b"\n"))
-            with self._lock:  # after the write: close counts what is still unwritten
-                self._size = max(0, self._size - len(batch))
 
     def _format(self, batch: list[tuple]) -> bytes:
         """The batch's lines; an entry that cannot be formatted is dropped alone."""
