@@ -245,6 +245,11 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         check_tracing()  # asked for by the OTEL_* environment and impossible: fail before any worker starts
         if config.access_log is not None:
             config.access_log.check_writable()
+        if config.server.workers > 1 and any(r.rollout is not None for r in config.routes):
+            raise ConfigError(
+                "routes with a rollout: section need --workers 1: each worker would judge only its own share "
+                "of the traffic (README \"Rollouts\")"
+            )
     except ConfigError as exc:
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2

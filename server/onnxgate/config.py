@@ -27,10 +27,11 @@ from onnxgate.core.monitoring.drift import DriftConfig
 from onnxgate.core.registry.config import RegistryConfig
 from onnxgate.core.security.config import SecurityConfig
 from onnxgate.core.serving.batch_policy import SCHEDULERS
+from onnxgate.core.traffic.rollouts import RolloutsConfig
 from onnxgate.core.traffic.routes import Route, parse_routes
 from onnxgate.errors import ConfigError, InvalidInput
 
-SECTIONS = ("server", "routes", "sample_log", "access_log", "drift", "registry", "security")
+SECTIONS = ("server", "routes", "rollouts", "sample_log", "access_log", "drift", "registry", "security")
 
 
 # Limits where 0 means "off" (the keepalive pair: gRPC's defaults, 2 h and 20 s; the client-ping
@@ -155,6 +156,7 @@ class GatewayConfig:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     routes: tuple[Route, ...] = ()
+    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     sample_log: SampleLogConfig | None = None
     access_log: AccessLogConfig | None = None  # None: no access log
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -231,6 +233,7 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
     return GatewayConfig(
         server=_build(ServerConfig, "server", server),
         routes=routes,
+        rollouts=RolloutsConfig.from_dict(doc.get("rollouts")),
         sample_log=sample_log,
         access_log=AccessLogConfig.from_dict(doc["access_log"]) if doc.get("access_log") is not None else None,
         drift=drift,

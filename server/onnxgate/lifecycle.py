@@ -42,6 +42,7 @@ from onnxgate.core.serving.poller import RepositoryPoller
 from onnxgate.core.serving.sessions import available_cores
 from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.core.tracing import Tracing
+from onnxgate.core.traffic.rollout_webhook import RolloutWebhooks
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.grpc_access import GrpcAccess
@@ -101,6 +102,9 @@ class Gateway:
         self.tracing = Tracing.from_env()  # OTEL_* environment; None: off (raises when asked and impossible)
         self.access_log = AccessLogger(config.access_log, self.metrics.registry) if config.access_log else None
         self.service.attach_observers(self.tracing, self.access_log)
+        self.webhooks = RolloutWebhooks(self.metrics.registry)
+        self.service.configure_rollouts(config.rollouts, self.webhooks.notify)
+        self._rollout_task: asyncio.Task | None = None
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.access = AccessPolicy(config.security, s.host, require_client_cert=bool(s.tls_client_ca_file))
         self.audit = AuditLog(config.security.audit_log)
@@ -192,7 +196,10 @@ class Gateway:
             await self.manager.load_all(s.load_model)
         else:
             await self.manager.load_all()
+        await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
         self.service.set_routes(self.config.routes)  # validated against the repository's models
+        if self.service.rollouts:
+            self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
         if self.poller is not None:
             await self.poller.prime()
             self.poller.start()
@@ -234,7 +241,9 @@ class Gateway:
             return
         try:
             routes = await asyncio.to_thread(config_mod.load_routes, self.config.path)
-            self.service.set_routes(routes)
+            self.service.set_routes(routes, what="SIGHUP")  # refused for a route under an active rollout
+            if self.service.rollouts and self._rollout_task is None:
+                self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
         except GatewayError as exc:
             log.error("SIGHUP: routes not changed: %s", exc.message)
             return
@@ -271,7 +280,13 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.drain_timeout_s
         await self._stop_listeners(deadline)
+        if self._rollout_task is not None:
+            self._rollout_task.cancel()
         steps: list[tuple[str, Callable[[float], Awaitable[object]]]] = [("shadows", self.service.shadows.close)]
+        if self.service.rollouts:  # after the shadows: their last comparisons are judged and saved
+            rollouts = self.service.rollouts
+            steps.append(("rollouts", lambda _: rollouts.close()))
+            steps.append(("rollout webhooks", self.webhooks.close))
         if self.sample_log is not None:
             steps.append(("sample log", self.sample_log.close))
         if self.drift is not None:

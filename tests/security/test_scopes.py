@@ -41,7 +41,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory):
     for name in ("scaled", "victim", "spare"):
         modelzoo.build_scaled(repo, name)
     config = {
-        "routes": [{"name": "r1", **ROUTE}],
+        "routes": [{"name": "r1", **ROUTE},
+                   {"name": "ro", **ROUTE, "rollout": {"candidate": "spare", "gates": {"agreement_min": 0.99}}}],
         "security": {
             "tokens": [{"name": n, "sha256": sha(t), "scopes": SCOPES[n]} for n, t in TOKENS.items()],
             "audit_log": str(root / "audit.jsonl"),
@@ -84,6 +85,8 @@ HTTP = {
     ("PUT", "/v2/routes/{route}"): ("/v2/routes/r2", json.dumps(ROUTE), 200),
     ("DELETE", "/v2/routes/{route}"): ("/v2/routes/doomed", "", 200),
     ("GET", "/v2/routes/{route}/comparison"): ("/v2/routes/r1/comparison", "", 200),
+    ("GET", "/v2/routes/{route}/rollout"): ("/v2/routes/ro/rollout", "", 200),
+    ("POST", "/v2/routes/{route}/rollout/{action}"): ("/v2/routes/ro/rollout/pause", '{"reason": "scopes"}', 200),
     **{("GET", f"/v2/{k}sharedmemory{p}/status"): (f"/v2/{k}sharedmemory{p.replace('{region}', 'r')}/status", "", 501)
        for k in ("system", "cuda") for p in ("", "/region/{region}")},
     **{("POST", f"/v2/{k}sharedmemory{p}"): (f"/v2/{k}sharedmemory{p.replace('{region}', 'r')}", "{}", 501)
@@ -146,6 +149,8 @@ def _setup(gw: GatewayProcess, name: str) -> None:
         assert _http(gw, "PUT", "/v2/routes/doomed", json.dumps(ROUTE), TOKENS["admin"])[0] == 200
     if name == "repository.unload":
         assert _http(gw, "POST", "/v2/repository/models/victim/load", "{}", TOKENS["admin"])[0] == 200
+    if name == "routes.rollout_action":  # running again, so that it can be paused (409 when it runs already)
+        assert _http(gw, "POST", "/v2/routes/ro/rollout/resume", "", TOKENS["admin"])[0] in (200, 409)
 
 
 def _http(gw: GatewayProcess, method: str, path: str, body: str, token: str | None) -> tuple[int, str]:

@@ -81,6 +81,7 @@ class InferResponse:
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
     provenance: Mapping[str, str] = field(default_factory=dict)  # not on the wire: e.g. the MLflow run
+    compute_ns: int = 0  # not on the wire: its batch's execution time, without the queue wait
 
     def nbytes(self) -> int:
         """The outputs' array bytes (a BYTES element counts as its pointer): what encoding costs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from onnxgate.core.serving.stats import VersionStats
 from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.core.tracing import Tracing
 from onnxgate.core.traffic.comparison import Comparator
+from onnxgate.core.traffic.rollouts import Rollouts, RolloutsConfig
 from onnxgate.core.traffic.routes import Route, RouteTable, Target, parse_route
 from onnxgate.core.traffic.shadow import Report, ShadowRunner
 from onnxgate.errors import (
@@ -97,6 +98,9 @@ class InferenceService:
         self.control_plane_shared = True  # False in one of --workers N: changes would reach only it
         self.shared_stats: SharedStats | None = None  # under --workers N: the other workers' counts
         self.routes = RouteTable()
+        self._base_routes: tuple[Route, ...] = ()  # as configured; self.routes serves their effective form
+        self.rollouts = Rollouts(metrics)
+        self.rollouts.on_change = self._apply_routes
         self._route_headers = False
         self.sample_headers = False  # set when the sample log copies or hashes headers
         self.shadows = ShadowRunner(Comparator(metrics))
@@ -244,10 +248,33 @@ class InferenceService:
             raise ModelNotFound(f"'{name}' is a route; routes have no versions")
         return route
 
-    def set_routes(self, routes: Iterable[Route]) -> None:
-        """Replace the whole route table in one step, after validating it."""
-        table = RouteTable(routes)
-        table.validate({n: list(e.versions) for n, e in self.manager.models.items()})
+    def set_routes(self, routes: Iterable[Route], abort_rollouts: bool = False, what: str = "") -> None:
+        """Replace the whole route table in one step, after validating it. A change to a route
+        whose rollout is active raises :class:`Conflict` (``what`` names the change), unless
+        ``abort_rollouts``: its rollout is then aborted and the change made."""
+        routes = tuple(routes)
+        if any(r.rollout is not None for r in routes) and not self.control_plane_shared:
+            raise Unsupported(
+                "routes with a rollout: section need --workers 1: each worker would judge only its own share "
+                "of the traffic (README \"Rollouts\")"
+            )
+        RouteTable(routes).validate({n: list(e.versions) for n, e in self.manager.models.items()})
+        if what and not abort_rollouts:
+            current = {r.name: r for r in self._base_routes}
+            self.rollouts.check_change(current, {r.name: r for r in routes}, what)
+        self._base_routes = routes
+        self.rollouts.configure(routes)
+        self._apply_routes()
+
+    def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None]) -> None:
+        """Run the routes' rollouts by the ``rollouts:`` section (the state directory), telling
+        ``notify`` of every decision (webhooks). Before the routes are first set."""
+        self.rollouts.use(config)
+        self.rollouts.notify.extend(notify)
+
+    def _apply_routes(self) -> None:
+        """Serve the configured routes in their effective form (their rollouts' splits)."""
+        table = RouteTable(self.rollouts.effective(r) for r in self._base_routes)
         self.routes = table
         self._route_headers = any(r.sticky_header for r in table.routes.values())
 
@@ -263,18 +290,50 @@ class InferenceService:
         cfg = sampler.config if sampler is not None else None
         self.sample_headers = bool(cfg and (cfg.headers or cfg.hash_header))
 
-    def put_route(self, doc: Mapping[str, Any]) -> Route:
-        """Add or replace one route from its JSON form (validated; the others stay as they are)."""
+    async def put_route(self, doc: Mapping[str, Any], abort_rollout: bool = False) -> Route:
+        """Add or replace one route from its JSON form (validated; the others stay as they are).
+        A route under an active rollout is refused (Conflict) unless ``abort_rollout``."""
         route = parse_route(doc)
         self._check_shared("changing a route")
-        self.set_routes([*(r for n, r in self.routes.routes.items() if n != route.name), route])
+        if abort_rollout:
+            await self._abort_rollout(route.name, "aborted by a route PUT with abort_rollout=true")
+        others = (r for r in self._base_routes if r.name != route.name)
+        self.set_routes([*others, route], what=f"PUT /v2/routes/{route.name}")
         return route
 
-    def delete_route(self, name: str) -> None:
+    async def delete_route(self, name: str, abort_rollout: bool = False) -> None:
         self._check_shared("deleting a route")
         if name not in self.routes.routes:
             raise ModelNotFound(f"unknown route '{name}'")
-        self.set_routes(r for n, r in self.routes.routes.items() if n != name)
+        if abort_rollout:
+            await self._abort_rollout(name, "aborted by a route DELETE with abort_rollout=true")
+        self.set_routes((r for r in self._base_routes if r.name != name), what=f"DELETE /v2/routes/{name}")
+
+    def route(self, name: str) -> Route:
+        """A route as configured (its ``split`` the configured one; see :meth:`rollout`)."""
+        for route in self._base_routes:
+            if route.name == name:
+                return route
+        raise ModelNotFound(f"unknown route '{name}'")
+
+    def configured_routes(self) -> tuple[Route, ...]:
+        return self._base_routes
+
+    async def _abort_rollout(self, name: str, reason: str) -> None:
+        with contextlib.suppress(ModelNotFound):
+            if self.rollouts.get(name).active:
+                await self.rollouts.act(name, "abort", reason)
+
+    async def rollout(self, name: str) -> dict:
+        """The route's rollout: state, step, gates with their bounds, decisions."""
+        self.route(name)
+        return await self.rollouts.summary(name)
+
+    async def rollout_action(self, name: str, action: str, reason: str = "", full: bool = False) -> dict:
+        """An operator's pause, resume, promote or abort of the route's rollout."""
+        self.route(name)
+        self._check_shared(f"{action} of a rollout")
+        return await self.rollouts.act(name, action, reason, full)
 
     def comparison(self, name: str) -> dict:
         """The route's shadow comparison summary."""
@@ -358,10 +417,22 @@ class InferenceService:
         if route is not None and self.routes.mirror(route):
             self._inherit_deadline(request, target)
             mirror = self.shadows.start(route, target, request, self._shadow)
+        candidate = self.rollouts.mirror_target(route.name) if route is not None and self.rollouts else None
+        rollout_mirror = None
+        if candidate is not None and candidate != target:  # the primary answers: its candidate is compared
+            self._inherit_deadline(request, target)
+            rollout_mirror = self.shadows.mirror(
+                route.name, target, candidate, self.rollouts.config.mirror_max_in_flight, request, self._shadow,
+                self.rollouts.observer(route.name),
+            )
         started = time.perf_counter()
         try:
             response = await self._infer(request, target.model, target.version, span=_span(ex))
         except BaseException as exc:
+            if rollout_mirror is not None:
+                rollout_mirror.primary_failed()
+            elif candidate is not None:  # the candidate answered live
+                self.rollouts.live_result(route.name, exc)
             if mirror is not None:
                 mirror.primary_failed()
             if sampled and isinstance(exc, GatewayError):
@@ -371,6 +442,10 @@ class InferenceService:
                 )
             raise
         latency = time.perf_counter() - started
+        if rollout_mirror is not None:
+            rollout_mirror.primary_done(response, latency)
+        elif candidate is not None:
+            self.rollouts.live_result(route.name, None)
         sample = None
         if sampled:
             sample = Sample(
@@ -456,7 +531,7 @@ class InferenceService:
             tracing.timed_span(span, "queue", submitted, started)
             tracing.timed_span(span, "execute", started, started + compute_ns, {"onnxgate.version": version})
         self.metrics.request_done(name, version, protocol, "success", elapsed / 1e9)
-        return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance)
+        return InferResponse(name, version, outputs, id=request.id, provenance=model.provenance, compute_ns=compute_ns)
 
 
 def _span(exchange: Exchange | None) -> Any:

@@ -78,6 +78,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              target="route"),
     Endpoint("routes.comparison", "read", "A route's shadow comparison", (("GET", "/v2/routes/{route}/comparison"),),
              target="route"),
+    Endpoint("routes.rollout", "read", "A route's rollout: phase, step, gates with their bounds, decisions",
+             (("GET", "/v2/routes/{route}/rollout"),), target="route"),
+    Endpoint("routes.rollout_action", "admin", "Pause, resume, promote or abort a route's rollout",
+             (("POST", "/v2/routes/{route}/rollout/{action}"),), read_only=False, target="route"),
     Endpoint("unsupported.shared_memory_status", "read", "the shared memory extension",
              tuple(("GET", f"/v2/{kind}sharedmemory{path}/status") for kind in ("system", "cuda")
                    for path in ("", "/region/{region}")),

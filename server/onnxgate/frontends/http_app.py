@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import orjson
 
@@ -259,25 +259,36 @@ class HttpApp:
         return params
 
     async def _routes_list(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(orjson.dumps([r.to_dict() for r in self.service.routes.routes.values()]))
+        return _ok(orjson.dumps([r.to_dict() for r in self.service.configured_routes()]))
 
     async def _routes_get(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        route = self.service.routes.get(params["route"])
-        if route is None:
-            raise ModelNotFound(f"unknown route '{params['route']}'")
-        return _ok(orjson.dumps(route.to_dict()))
+        return _ok(orjson.dumps(self.service.route(params["route"]).to_dict()))
 
     async def _routes_put(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         name = params["route"]
         doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
         if doc.get("name", name) != name:
             raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
-        route = self.service.put_route({**doc, "name": name})
+        route = await self.service.put_route({**doc, "name": name}, _flag(scope, "abort_rollout"))
         return _ok(orjson.dumps(route.to_dict()))
 
     async def _routes_delete(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        self.service.delete_route(params["route"])
+        await self.service.delete_route(params["route"], _flag(scope, "abort_rollout"))
         return _ok()
+
+    async def _routes_rollout(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        return _ok(orjson.dumps(await self.service.rollout(params["route"])))
+
+    async def _routes_rollout_action(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+        raw = await self._body(receive, CONTROL_BODY_LIMIT)
+        doc = http_codec.parse_json_object(raw) if raw else {}
+        reason, full = doc.get("reason", ""), doc.get("full", False)
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise InvalidInput("'reason' must be a string of at most 500 characters")
+        if not isinstance(full, bool):
+            raise InvalidInput("'full' must be true or false")
+        decision = await self.service.rollout_action(params["route"], params["action"], reason, full)
+        return _ok(orjson.dumps(decision))
 
     async def _routes_comparison(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
         return _ok(orjson.dumps(self.service.comparison(params["route"])))
@@ -493,6 +504,16 @@ def guarded_metrics(app: Callable[[Scope, Receive, Send], Awaitable[None]], acce
         await app(scope, receive, send)
 
     return guarded
+
+
+def _flag(scope: Scope, name: str) -> bool:
+    """A boolean query parameter (``?name=true``; absent: false)."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    if not values:
+        return False
+    if values[-1].lower() not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"query parameter '{name}' must be true or false, got {values[-1]!r:.40}")
+    return values[-1].lower() in ("true", "1")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -79,7 +79,8 @@ def _responses(endpoint: Endpoint, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 _STATUS = {"BadRequest": "400", "Unauthenticated": "401", "PermissionDenied": "403", "NotFound": "404",
-           "PayloadTooLarge": "413", "TooManyRequests": "429", "InferenceFailed": "500", "Unsupported": "501",
+           "Conflict": "409", "PayloadTooLarge": "413", "TooManyRequests": "429", "InferenceFailed": "500",
+           "Unsupported": "501",
            "Unavailable": "503"}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS
 from onnxgate.core.serving.tensors import DATATYPES
+from onnxgate.frontends import openapi_rollouts
 
 Schema = dict[str, Any]
 
@@ -374,9 +375,18 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                           "errors": ("BadRequest", "NotFound", "PayloadTooLarge", "Unsupported")},
     "routes.list": {"ok": _ok(_array(ref("Route")))},
     "routes.get": {"ok": _ok(ref("Route")), "errors": ("NotFound",)},
-    "routes.put": {"ok": _ok(ref("Route"), "The route, as it now serves"), "body": _body(ref("RouteBody"), True),
-                   "errors": ("BadRequest", "PayloadTooLarge", "Unsupported")},
-    "routes.delete": {"ok": _ok(None, "Deleted"), "errors": ("NotFound", "Unsupported")},
+    "routes.put": {"ok": _ok(ref("Route"), "The route, as configured now"), "body": _body(ref("RouteBody"), True),
+                   "headers": ("abortRollout",),
+                   "errors": ("BadRequest", "Conflict", "PayloadTooLarge", "Unsupported")},
+    "routes.delete": {"ok": _ok(None, "Deleted"), "headers": ("abortRollout",),
+                      "errors": ("BadRequest", "NotFound", "Conflict", "Unsupported")},
     "routes.comparison": {"ok": _ok(ref("Comparison")), "errors": ("NotFound",)},
     "api.openapi": {"ok": _ok(ref("OpenApi"), "This document")},
 }
+
+# The rollout endpoints (openapi_rollouts): their schemas, a route's rollout section, the 409.
+SCHEMAS.update(openapi_rollouts.SCHEMAS)
+SCHEMAS["Route"]["properties"]["rollout"] = ref("RolloutConfig")  # RouteBody shares the properties
+PARAMETERS.update(openapi_rollouts.PARAMETERS)
+RESPONSES["Conflict"] = openapi_rollouts.CONFLICT
+OPERATIONS.update(openapi_rollouts.operations(_ok, _body))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from onnxgate.core.traffic.routes import Target
+from onnxgate.core.traffic.targets import Target
 from onnxgate.errors import InvalidInput
 
 SHADOW = "shadow"  # the user's name of step 0: candidate weight 0, mirrored only

@@ -9,6 +9,7 @@
           - {target: fraud_b:3, weight: 10}
         sticky: header:x-user-id             # same key -> same target (HTTP header / gRPC metadata)
         shadow: {target: fraud_c, fraction: 0.25, max_in_flight: 64}
+        rollout: {candidate: fraud_d, steps: [shadow, 5, 25, 50, 100], ...}   # rollout_config
 
 The split is deterministic by a stable hash of the sticky key when one is configured and
 present, random otherwise. A route table is replaced in one step, after validation.
@@ -22,28 +23,11 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from onnxgate.core.inference import parse_version
+from onnxgate.core.traffic.rollout_config import RolloutConfig
+from onnxgate.core.traffic.targets import Target
 from onnxgate.errors import InvalidInput
 
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A model, optionally at a fixed version ("" = the highest ready)."""
-
-    model: str
-    version: str = ""
-
-    @classmethod
-    def parse(cls, text: Any, where: str) -> Target:
-        if not isinstance(text, str) or not text or text.count(":") > 1:
-            raise InvalidInput(f"{where}: target must be 'model' or 'model:version', got {text!r}")
-        model, _, version = text.partition(":")
-        if not model or (version and not ((number := parse_version(version)) is not None and number > 0)):
-            raise InvalidInput(f"{where}: target must be 'model' or 'model:version', got {text!r}")
-        return cls(model, version)
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.version}" if self.version else self.model
+__all__ = ["Route", "RouteTable", "Shadow", "Target", "parse_route", "parse_routes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +43,7 @@ class Route:
     split: tuple[tuple[Target, float], ...]  # (target, weight), weights relative
     sticky_header: str = ""  # lower-case header / metadata key
     shadow: Shadow | None = None
+    rollout: RolloutConfig | None = None  # the candidate walked in by evidence (core.traffic.rollouts)
 
     @property
     def primary(self) -> Target:
@@ -67,7 +52,11 @@ class Route:
 
     def targets(self) -> list[Target]:
         out = [t for t, _ in self.split]
-        return [*out, self.shadow.target] if self.shadow else out
+        if self.shadow:
+            out.append(self.shadow.target)
+        if self.rollout is not None and self.rollout.candidate not in out:
+            out.append(self.rollout.candidate)
+        return out
 
     def to_dict(self) -> dict:
         doc: dict[str, Any] = {
@@ -82,6 +71,8 @@ class Route:
                 "fraction": self.shadow.fraction,
                 "max_in_flight": self.shadow.max_in_flight,
             }
+        if self.rollout is not None:
+            doc["rollout"] = self.rollout.to_dict()
         return doc
 
 
@@ -95,7 +86,7 @@ def parse_route(doc: Any) -> Route:
     """One route from its YAML/JSON form; raises InvalidInput naming what is wrong."""
     if not isinstance(doc, Mapping):
         raise InvalidInput(f"a route must be a mapping, got {doc!r}")
-    unknown = sorted(map(str, set(doc) - {"name", "split", "sticky", "shadow"}))
+    unknown = sorted(map(str, set(doc) - {"name", "split", "sticky", "shadow", "rollout"}))
     if unknown:
         raise InvalidInput(f"route {doc.get('name')!r}: unknown key(s) {unknown}")
     name = doc.get("name")
@@ -137,7 +128,11 @@ def parse_route(doc: Any) -> Route:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidInput(f"{where}: max_in_flight must be a positive integer, got {limit!r}")
         shadow = Shadow(Target.parse(s.get("target"), where), fraction, limit)
-    return Route(name, tuple(split), sticky, shadow)
+    rollout = None
+    if doc.get("rollout") is not None:
+        rollout = RolloutConfig.from_dict(doc["rollout"], f"route '{name}' rollout")
+        rollout.check_split(tuple(split), f"route '{name}' rollout")
+    return Route(name, tuple(split), sticky, shadow, rollout)
 
 
 def parse_routes(docs: Any) -> tuple[Route, ...]:

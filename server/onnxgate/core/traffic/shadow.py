@@ -26,6 +26,11 @@ RunShadow = Callable[[InferRequest, Target], Awaitable[InferResponse]]
 # (the primary's note, shadow target, its answer or error, the comparison or None): a mirrored
 # request that the caller noted is reported back once both answers are in (the sample log's hook).
 Report = Callable[[Any, str, InferResponse | None, BaseException | None, Mapping[str, Any] | None], None]
+# (the primary's answer or None when it failed, the shadow's answer, its error, whether it was shed
+# rather than failed, the comparison or None): every mirrored request's end, for a rollout's evidence.
+Observe = Callable[
+    [InferResponse | None, InferResponse | None, BaseException | None, bool, Mapping[str, Any] | None], None
+]
 
 
 class Mirror:
@@ -53,27 +58,38 @@ class ShadowRunner:
         self.comparator = comparator
         self.report = report  # where noted mirrored requests go (the service's sample-log hook)
         self._tasks: set[asyncio.Task] = set()
-        self._in_flight: dict[str, int] = {}
+        self._in_flight: dict[tuple[str, Target], int] = {}
 
     def start(self, route: Route, primary: Target, request: InferRequest, run: RunShadow) -> Mirror | None:
-        """Start mirroring ``request``; None when the route's budget is used up (counted)."""
+        """Start mirroring ``request`` to the route's shadow; None when the route's budget is used
+        up (counted)."""
         assert route.shadow is not None
-        shadow = route.shadow.target
-        if self._in_flight.get(route.name, 0) >= route.shadow.max_in_flight:
-            self.comparator.record_failure(route.name, str(primary), str(shadow), "dropped")
+        return self.mirror(route.name, primary, route.shadow.target, route.shadow.max_in_flight, request, run)
+
+    def mirror(
+        self, route: str, primary: Target, shadow: Target, max_in_flight: int, request: InferRequest, run: RunShadow,
+        observe: Observe | None = None,
+    ) -> Mirror | None:
+        """Start mirroring ``request`` to ``shadow`` on a budget of ``max_in_flight`` for that
+        route and target; None when it is used up (counted). ``observe`` hears how it ended."""
+        key = (route, shadow)
+        if self._in_flight.get(key, 0) >= max_in_flight:
+            self.comparator.record_failure(route, str(primary), str(shadow), "dropped")
             return None
         loop = asyncio.get_running_loop()
         mirror = Mirror(loop)
-        self._in_flight[route.name] = self._in_flight.get(route.name, 0) + 1
-        task = loop.create_task(self._run(route, primary, shadow, request, run, mirror))
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        task = loop.create_task(self._run(route, primary, shadow, request, run, mirror, observe))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return mirror
 
     async def _run(
-        self, route: Route, primary: Target, shadow: Target, request: InferRequest, run: RunShadow, mirror: Mirror
+        self, route: str, primary: Target, shadow: Target, request: InferRequest, run: RunShadow, mirror: Mirror,
+        observe: Observe | None,
     ) -> None:
-        pair = (route.name, str(primary), str(shadow))
+        pair = (route, str(primary), str(shadow))
+        shed = False
         try:
             started = time.perf_counter()
             answer: InferResponse | None = None
@@ -94,6 +110,8 @@ class ShadowRunner:
             if outcome is None:  # the primary failed: nothing to compare with
                 if answer is not None:
                     self.comparator.record_failure(*pair, "primary_failed")
+                if observe is not None:
+                    observe(None, answer, error, shed, None)
                 return
             response, primary_latency, note = outcome
             result = None
@@ -104,15 +122,17 @@ class ShadowRunner:
                     {o.name: o.data for o in answer.outputs},
                     shadow_latency - primary_latency,
                 )
+            if observe is not None:
+                observe(response, answer, error, shed, result)
             if note is not None and self.report is not None:
                 self.report(note, str(shadow), answer, error, result)
         except asyncio.CancelledError:
             raise
         except Exception:  # a shadow must never take anything down
-            log.exception("shadow request on route %s failed unexpectedly", route.name)
+            log.exception("shadow request on route %s failed unexpectedly", route)
             self.comparator.record_failure(*pair, "failed")
         finally:
-            self._in_flight[route.name] -= 1
+            self._in_flight[(route, shadow)] -= 1
 
     async def close(self, timeout: float) -> None:
         """Let running shadows finish for up to ``timeout`` seconds, then cancel the rest."""
