@@ -29,9 +29,9 @@ from onnxgate.core.serving.outputs import classification, make_output
 from onnxgate.core.serving.stats import VersionStats
 from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.core.tracing import Tracing
-from onnxgate.core.traffic.comparison import Comparator
+from onnxgate.core.traffic.control import TrafficControl
 from onnxgate.core.traffic.rollouts import Rollouts, RolloutsConfig
-from onnxgate.core.traffic.routes import Route, RouteTable, Target, parse_route
+from onnxgate.core.traffic.routes import Route, RouteTable, Target
 from onnxgate.core.traffic.shadow import Report, ShadowRunner
 from onnxgate.errors import (
     GatewayError,
@@ -97,13 +97,10 @@ class InferenceService:
         self.control_mode = "none"  # none | poll | explicit
         self.control_plane_shared = True  # False in one of --workers N: changes would reach only it
         self.shared_stats: SharedStats | None = None  # under --workers N: the other workers' counts
-        self.routes = RouteTable()
-        self._base_routes: tuple[Route, ...] = ()  # as configured; self.routes serves their effective form
-        self.rollouts = Rollouts(metrics)
-        self.rollouts.on_change = self._apply_routes
-        self._route_headers = False
+        self.traffic = TrafficControl(
+            metrics, lambda: {n: list(e.versions) for n, e in self.manager.models.items()}, self._check_shared
+        )
         self.sample_headers = False  # set when the sample log copies or hashes headers
-        self.shadows = ShadowRunner(Comparator(metrics))
         self.sample_log: SampleLogger | None = None
         self.exchanges = Exchanges(metrics)
         manager.shadowed_by = lambda name: name if name in self.routes.routes else None
@@ -241,47 +238,59 @@ class InferenceService:
         """Whether requests are access-logged (front ends then pass the peer to :meth:`begin`)."""
         return self.exchanges.access_log is not None
 
-    # -- routes ------------------------------------------------------------------------------
+    # -- routes (core.traffic.control) --------------------------------------------------------
+    @property
+    def routes(self) -> RouteTable:
+        """The routes as they serve now."""
+        return self.traffic.table
+
+    @property
+    def rollouts(self) -> Rollouts:
+        return self.traffic.rollouts
+
+    @property
+    def shadows(self) -> ShadowRunner:
+        return self.traffic.shadows
+
     def _route(self, name: str, version: str) -> Route | None:
-        route = self.routes.get(name)
+        route = self.traffic.table.get(name)
         if route is not None and version:
             raise ModelNotFound(f"'{name}' is a route; routes have no versions")
         return route
 
-    def set_routes(self, routes: Iterable[Route], abort_rollouts: bool = False, what: str = "") -> None:
-        """Replace the whole route table in one step, after validating it. A change to a route
-        whose rollout is active raises :class:`Conflict` (``what`` names the change), unless
-        ``abort_rollouts``: its rollout is then aborted and the change made."""
-        routes = tuple(routes)
-        if any(r.rollout is not None for r in routes) and not self.control_plane_shared:
-            raise Unsupported(
-                "routes with a rollout: section need --workers 1: each worker would judge only its own share "
-                "of the traffic (README \"Rollouts\")"
-            )
-        RouteTable(routes).validate({n: list(e.versions) for n, e in self.manager.models.items()})
-        if what and not abort_rollouts:
-            current = {r.name: r for r in self._base_routes}
-            self.rollouts.check_change(current, {r.name: r for r in routes}, what)
-        self._base_routes = routes
-        self.rollouts.configure(routes)
-        self._apply_routes()
+    def set_routes(self, routes: Iterable[Route], what: str = "") -> None:
+        """Replace the whole route table (see :meth:`TrafficControl.set`)."""
+        self.traffic.shared = self.control_plane_shared
+        self.traffic.set(routes, what)
 
     def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None]) -> None:
-        """Run the routes' rollouts by the ``rollouts:`` section (the state directory), telling
-        ``notify`` of every decision (webhooks). Before the routes are first set."""
-        self.rollouts.use(config)
-        self.rollouts.notify.extend(notify)
+        self.traffic.configure_rollouts(config, *notify)
 
-    def _apply_routes(self) -> None:
-        """Serve the configured routes in their effective form (their rollouts' splits)."""
-        table = RouteTable(self.rollouts.effective(r) for r in self._base_routes)
-        self.routes = table
-        self._route_headers = any(r.sticky_header for r in table.routes.values())
+    async def put_route(self, doc: Mapping[str, Any], abort_rollout: bool = False) -> Route:
+        return await self.traffic.put(doc, abort_rollout)
+
+    async def delete_route(self, name: str, abort_rollout: bool = False) -> None:
+        await self.traffic.delete(name, abort_rollout)
+
+    def route(self, name: str) -> Route:
+        return self.traffic.route(name)
+
+    def configured_routes(self) -> tuple[Route, ...]:
+        return self.traffic.configured
+
+    async def rollout(self, name: str) -> dict:
+        return await self.traffic.rollout(name)
+
+    async def rollout_action(self, name: str, action: str, reason: str = "", full: bool = False) -> dict:
+        return await self.traffic.rollout_action(name, action, reason, full)
+
+    def comparison(self, name: str) -> dict:
+        return self.traffic.comparison(name)
 
     @property
     def wants_headers(self) -> bool:
         """Whether requests must carry their headers / metadata (sticky routes, sample log)."""
-        return self._route_headers or self.sample_headers
+        return self.traffic.sticky or self.sample_headers
 
     def attach_sample_log(self, sampler: SampleLogger | None) -> None:
         """Hand sampled requests (and mirrored answers) to ``sampler``."""
@@ -289,58 +298,6 @@ class InferenceService:
         self.shadows.report = _shadow_logger(sampler) if sampler is not None else None
         cfg = sampler.config if sampler is not None else None
         self.sample_headers = bool(cfg and (cfg.headers or cfg.hash_header))
-
-    async def put_route(self, doc: Mapping[str, Any], abort_rollout: bool = False) -> Route:
-        """Add or replace one route from its JSON form (validated; the others stay as they are).
-        A route under an active rollout is refused (Conflict) unless ``abort_rollout``."""
-        route = parse_route(doc)
-        self._check_shared("changing a route")
-        if abort_rollout:
-            await self._abort_rollout(route.name, "aborted by a route PUT with abort_rollout=true")
-        others = (r for r in self._base_routes if r.name != route.name)
-        self.set_routes([*others, route], what=f"PUT /v2/routes/{route.name}")
-        return route
-
-    async def delete_route(self, name: str, abort_rollout: bool = False) -> None:
-        self._check_shared("deleting a route")
-        if name not in self.routes.routes:
-            raise ModelNotFound(f"unknown route '{name}'")
-        if abort_rollout:
-            await self._abort_rollout(name, "aborted by a route DELETE with abort_rollout=true")
-        self.set_routes((r for r in self._base_routes if r.name != name), what=f"DELETE /v2/routes/{name}")
-
-    def route(self, name: str) -> Route:
-        """A route as configured (its ``split`` the configured one; see :meth:`rollout`)."""
-        for route in self._base_routes:
-            if route.name == name:
-                return route
-        raise ModelNotFound(f"unknown route '{name}'")
-
-    def configured_routes(self) -> tuple[Route, ...]:
-        return self._base_routes
-
-    async def _abort_rollout(self, name: str, reason: str) -> None:
-        with contextlib.suppress(ModelNotFound):
-            if self.rollouts.get(name).active:
-                await self.rollouts.act(name, "abort", reason)
-
-    async def rollout(self, name: str) -> dict:
-        """The route's rollout: state, step, gates with their bounds, decisions."""
-        self.route(name)
-        return await self.rollouts.summary(name)
-
-    async def rollout_action(self, name: str, action: str, reason: str = "", full: bool = False) -> dict:
-        """An operator's pause, resume, promote or abort of the route's rollout."""
-        self.route(name)
-        self._check_shared(f"{action} of a rollout")
-        return await self.rollouts.act(name, action, reason, full)
-
-    def comparison(self, name: str) -> dict:
-        """The route's shadow comparison summary."""
-        route = self.routes.get(name)
-        if route is None:
-            raise ModelNotFound(f"unknown route '{name}'")
-        return self.shadows.comparator.summary(name)
 
     # -- inference ---------------------------------------------------------------------------
     def request_bound(self, name: str, version: str, protocol: str) -> tuple[str, int | None]:
@@ -417,22 +374,16 @@ class InferenceService:
         if route is not None and self.routes.mirror(route):
             self._inherit_deadline(request, target)
             mirror = self.shadows.start(route, target, request, self._shadow)
-        candidate = self.rollouts.mirror_target(route.name) if route is not None and self.rollouts else None
-        rollout_mirror = None
-        if candidate is not None and candidate != target:  # the primary answers: its candidate is compared
-            self._inherit_deadline(request, target)
-            rollout_mirror = self.shadows.mirror(
-                route.name, target, candidate, self.rollouts.config.mirror_max_in_flight, request, self._shadow,
-                self.rollouts.observer(route.name),
-            )
+        watch = None
+        if route is not None and route.rollout is not None:
+            watch = self.traffic.watch(route, target, request, self._shadow,
+                                       lambda: self._inherit_deadline(request, target))
         started = time.perf_counter()
         try:
             response = await self._infer(request, target.model, target.version, span=_span(ex))
         except BaseException as exc:
-            if rollout_mirror is not None:
-                rollout_mirror.primary_failed()
-            elif candidate is not None:  # the candidate answered live
-                self.rollouts.live_result(route.name, exc)
+            if watch is not None:
+                watch.failed(exc)
             if mirror is not None:
                 mirror.primary_failed()
             if sampled and isinstance(exc, GatewayError):
@@ -442,10 +393,8 @@ class InferenceService:
                 )
             raise
         latency = time.perf_counter() - started
-        if rollout_mirror is not None:
-            rollout_mirror.primary_done(response, latency)
-        elif candidate is not None:
-            self.rollouts.live_result(route.name, None)
+        if watch is not None:
+            watch.done(response, latency)
         sample = None
         if sampled:
             sample = Sample(

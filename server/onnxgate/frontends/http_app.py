@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
 import orjson
 
@@ -41,33 +41,23 @@ from onnxgate.errors import (
 )
 from onnxgate.frontends import http_codec, openapi
 from onnxgate.frontends.endpoints import ENDPOINTS, Endpoint, HttpRouter
+from onnxgate.frontends.http_reply import (
+    CONTROL_BODY_LIMIT,
+    JSON,
+    Params,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    failure,
+    ok,
+)
+from onnxgate.frontends.http_routes import RouteHandlers
 from onnxgate.frontends.status import CUT_MESSAGE, http_status
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Params = dict[str, str]
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
-
 T = TypeVar("T")
-
-_JSON = [(b"content-type", b"application/json")]
-CONTROL_BODY_LIMIT = 4 * 1024 * 1024  # repository and route bodies: small JSON documents
-
-
-class _Reply:
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers if headers is not None else _JSON
-
-
-def _ok(body: bytes = b"") -> _Reply:
-    return _Reply(200, body)
-
 
 _DEADLINE_HEADER = DEADLINE_HEADER.encode()  # as ASGI gives header names: lower-case bytes
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode()
@@ -76,12 +66,7 @@ _INFER_SPAN = "POST /v2/models/{model}/infer"
 _CLIENT_CLOSED = 499  # the access log's status of a request whose client went away (as nginx logs it)
 
 
-def _error(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, reason: str = "") -> _Reply:
-    body = {"error": message, "reason": reason} if reason else {"error": message}
-    return _Reply(status, orjson.dumps(body), _JSON + (extra or []))
-
-
-class HttpApp:
+class HttpApp(RouteHandlers):
     """ASGI application serving the Open Inference Protocol REST API."""
 
     def __init__(
@@ -97,7 +82,7 @@ class HttpApp:
         self.audit = audit
         self.cut = False  # set by the drain at its deadline: a request it then cancels is answered 503
         self.router = HttpRouter()
-        self._handlers: dict[str, Callable[[Params, Scope, Receive], Awaitable[_Reply]]] = {
+        self._handlers: dict[str, Callable[[Params, Scope, Receive], Awaitable[Reply]]] = {
             e.name: getattr(self, "_" + e.name.replace(".", "_")) if e.implemented else _unsupported(e)
             for e in ENDPOINTS
             if e.http
@@ -117,7 +102,7 @@ class HttpApp:
                 _finish(scope, _CLIENT_CLOSED, exc)
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            reply, error = _error(503, CUT_MESSAGE, [(b"connection", b"close")]), Unavailable(CUT_MESSAGE)
+            reply, error = failure(503, CUT_MESSAGE, [(b"connection", b"close")]), Unavailable(CUT_MESSAGE)
         except ClientGone as exc:
             log.debug("client gone before %s %s was answered", scope.get("method"), scope.get("path"))
             _finish(scope, _CLIENT_CLOSED, exc)
@@ -129,10 +114,10 @@ class HttpApp:
                 extra, reason = [(b"retry-after", str(max(1, round(exc.retry_after_s))).encode())], exc.reason
             elif isinstance(exc, Unauthenticated):
                 extra = [(b"www-authenticate", b"Bearer")]
-            reply = _error(http_status(exc), exc.message, extra, reason)
+            reply = failure(http_status(exc), exc.message, extra, reason)
         except Exception as exc:  # the process must survive any request
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            reply, error = _error(500, "internal error; see the gateway log"), exc
+            reply, error = failure(500, "internal error; see the gateway log"), exc
         headers = list(reply.headers)
         headers.append((b"content-length", str(len(reply.body)).encode()))
         exchange = scope.get(_EXCHANGE)
@@ -145,20 +130,20 @@ class HttpApp:
             if exchange is not None:
                 exchange.finish(reply.status, reply.status, error)
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> _Reply:
+    async def _dispatch(self, scope: Scope, receive: Receive) -> Reply:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         parts = [unquote(p) for p in raw_path.split(b"?", 1)[0].decode("latin-1").split("/")[1:]]
         if parts and parts[-1] == "":
             parts.pop()
         found = self.router.match(parts)
         if found is None:
-            return _error(404, f"no such endpoint: {scope['path']}")
+            return failure(404, f"no such endpoint: {scope['path']}")
         methods, params = found
         method = scope["method"]
         endpoint = methods.get(method)
         if endpoint is None:
             allowed = ", ".join(methods)
-            return _error(405, f"method {method} not allowed; use {allowed}", [(b"allow", allowed.encode())])
+            return failure(405, f"method {method} not allowed; use {allowed}", [(b"allow", allowed.encode())])
         if "version" in params and parse_version(params["version"]) is None:
             raise ModelNotFound.unknown(params["model"], repr(params["version"]), "versions are integers")
         handler = self._handlers[endpoint.name]
@@ -198,58 +183,58 @@ class HttpApp:
 
     # -- handlers: one per endpoint of ``endpoints.ENDPOINTS`` with HTTP routes ------------------
     # Health answers carry the OIP's bodies ({"live": true}, {"ready": true}); the status says it too.
-    async def _health_live(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _health_live(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         if self.service.live:
-            return _ok(b'{"live":true}')
-        return _Reply(503, b'{"live":false,"error":"server is not live"}')
+            return ok(b'{"live":true}')
+        return Reply(503, b'{"live":false,"error":"server is not live"}')
 
-    async def _health_ready(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _health_ready(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         svc = self.service
         if svc.ready and not svc.draining:
-            return _ok(b'{"ready":true}')
-        return _Reply(503, b'{"ready":false,"error":"server is not ready"}')
+            return ok(b'{"ready":true}')
+        return Reply(503, b'{"ready":false,"error":"server is not ready"}')
 
-    async def _server_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(orjson.dumps(self.service.server_metadata()))
+    async def _server_metadata(self, params: Params, scope: Scope, receive: Receive) -> Reply:
+        return ok(orjson.dumps(self.service.server_metadata()))
 
-    async def _api_openapi(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(openapi.document_bytes())  # built from the endpoint table once, then the same bytes
+    async def _api_openapi(self, params: Params, scope: Scope, receive: Receive) -> Reply:
+        return ok(openapi.document_bytes())  # built from the endpoint table once, then the same bytes
 
-    async def _model_metadata(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _model_metadata(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         meta = self.service.model_metadata(params["model"], params.get("version", ""))
-        return _ok(http_codec.metadata_json(meta))
+        return ok(http_codec.metadata_json(meta))
 
-    async def _model_ready(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _model_ready(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         name, version = params["model"], params.get("version", "")
         if self.service.model_ready(name, version):
-            return _ok(orjson.dumps({"name": name, "ready": True}))
+            return ok(orjson.dumps({"name": name, "ready": True}))
         message = f"model '{name}'" + (f" version {version}" if version else "") + " is not ready"
-        return _Reply(503, orjson.dumps({"name": name, "ready": False, "error": message}))
+        return Reply(503, orjson.dumps({"name": name, "ready": False, "error": message}))
 
-    async def _model_config(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(http_codec.config_json(self.service.model_config(params["model"], params.get("version", ""))))
+    async def _model_config(self, params: Params, scope: Scope, receive: Receive) -> Reply:
+        return ok(http_codec.config_json(self.service.model_config(params["model"], params.get("version", ""))))
 
-    async def _model_infer(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _model_infer(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         return await self._infer(params["model"], params.get("version", ""), scope, receive)
 
-    async def _stats_all(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(http_codec.stats_json(self.service.statistics()))
+    async def _stats_all(self, params: Params, scope: Scope, receive: Receive) -> Reply:
+        return ok(http_codec.stats_json(self.service.statistics()))
 
-    async def _stats_model(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(http_codec.stats_json(self.service.statistics(params["model"], params.get("version", ""))))
+    async def _stats_model(self, params: Params, scope: Scope, receive: Receive) -> Reply:
+        return ok(http_codec.stats_json(self.service.statistics(params["model"], params.get("version", ""))))
 
-    async def _repository_index(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _repository_index(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
-        return _ok(http_codec.index_json(self.service.repository_index(bool(doc.get("ready", False)))))
+        return ok(http_codec.index_json(self.service.repository_index(bool(doc.get("ready", False)))))
 
-    async def _repository_load(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _repository_load(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         await self.service.load_model(params["model"], await self._load_parameters(receive))
-        return _ok()
+        return ok()
 
-    async def _repository_unload(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
+    async def _repository_unload(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         await self._load_parameters(receive)  # checked, not used
         await self.service.unload_model(params["model"])
-        return _ok()
+        return ok()
 
     async def _load_parameters(self, receive: Receive) -> dict[str, Any]:
         doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
@@ -258,42 +243,7 @@ class HttpApp:
             raise InvalidInput("'parameters' must be an object")
         return params
 
-    async def _routes_list(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(orjson.dumps([r.to_dict() for r in self.service.configured_routes()]))
-
-    async def _routes_get(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(orjson.dumps(self.service.route(params["route"]).to_dict()))
-
-    async def _routes_put(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        name = params["route"]
-        doc = http_codec.parse_json_object(await self._body(receive, CONTROL_BODY_LIMIT))
-        if doc.get("name", name) != name:
-            raise InvalidInput(f"route name in the body ({doc.get('name')!r}) differs from the path ('{name}')")
-        route = await self.service.put_route({**doc, "name": name}, _flag(scope, "abort_rollout"))
-        return _ok(orjson.dumps(route.to_dict()))
-
-    async def _routes_delete(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        await self.service.delete_route(params["route"], _flag(scope, "abort_rollout"))
-        return _ok()
-
-    async def _routes_rollout(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(orjson.dumps(await self.service.rollout(params["route"])))
-
-    async def _routes_rollout_action(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        raw = await self._body(receive, CONTROL_BODY_LIMIT)
-        doc = http_codec.parse_json_object(raw) if raw else {}
-        reason, full = doc.get("reason", ""), doc.get("full", False)
-        if not isinstance(reason, str) or len(reason) > 500:
-            raise InvalidInput("'reason' must be a string of at most 500 characters")
-        if not isinstance(full, bool):
-            raise InvalidInput("'full' must be true or false")
-        decision = await self.service.rollout_action(params["route"], params["action"], reason, full)
-        return _ok(orjson.dumps(decision))
-
-    async def _routes_comparison(self, params: Params, scope: Scope, receive: Receive) -> _Reply:
-        return _ok(orjson.dumps(self.service.comparison(params["route"])))
-
-    async def _infer(self, name: str, version: str, scope: Scope, receive: Receive) -> _Reply:
+    async def _infer(self, name: str, version: str, scope: Scope, receive: Receive) -> Reply:
         """The model is looked up before the body is read; the body is bounded by what that model
         can accept (413 past it, before reading when Content-Length says so), and read, inflated
         and decoded under the gateway's decode budget."""
@@ -320,7 +270,7 @@ class HttpApp:
         encoding = headers.get(b"content-encoding")
         if encoding and encoding.strip().lower() not in (b"", b"identity", b"gzip", b"deflate"):
             exc = Unsupported(f"unsupported Content-Encoding '{encoding.decode('latin-1')}'; use gzip or deflate")
-            return _error(http_status(exc), exc.message, [(b"accept-encoding", b"gzip, deflate")])  # as Triton
+            return failure(http_status(exc), exc.message, [(b"accept-encoding", b"gzip, deflate")])  # as Triton
         # A compressed body is at most a hair larger than what it inflates to, which must fit ``limit``.
         wire_limit = min(self.max_body_bytes, limit + limit // 1024 + 1024) if encoding else limit
         length = _header_int(headers, "Content-Length")
@@ -378,7 +328,7 @@ class HttpApp:
                 return b"".join(chunks)
 
 
-def _infer_reply(response: InferResponse, request: InferRequest, binary_default: bool, accept_encoding: str) -> _Reply:
+def _infer_reply(response: InferResponse, request: InferRequest, binary_default: bool, accept_encoding: str) -> Reply:
     out, json_length = http_codec.encode_infer(response, request, binary_default)
     reply_headers: list[tuple[bytes, bytes]] = []
     if json_length is None:
@@ -390,7 +340,7 @@ def _infer_reply(response: InferResponse, request: InferRequest, binary_default:
         out, used = http_codec.compress(out, accept_encoding)
         if used:
             reply_headers.append((b"content-encoding", used.encode()))
-    return _Reply(200, out, reply_headers)
+    return Reply(200, out, reply_headers)
 
 
 def _finish(scope: Scope, status: int, error: BaseException) -> None:
@@ -401,8 +351,8 @@ def _finish(scope: Scope, status: int, error: BaseException) -> None:
         exchange.finish(status, status, error, "cancelled")
 
 
-def _unsupported(endpoint: Endpoint) -> Callable[[Params, Scope, Receive], Awaitable[_Reply]]:
-    async def handler(params: Params, scope: Scope, receive: Receive) -> _Reply:
+def _unsupported(endpoint: Endpoint) -> Callable[[Params, Scope, Receive], Awaitable[Reply]]:
+    async def handler(params: Params, scope: Scope, receive: Receive) -> Reply:
         raise Unsupported(f"{endpoint.summary} is not supported by onnxgate")
 
     return handler
@@ -497,23 +447,13 @@ def guarded_metrics(app: Callable[[Scope, Receive, Send], Awaitable[None]], acce
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not access.metrics_allowed(_header(scope, b"authorization")):
             body = orjson.dumps({"error": METRICS_REFUSAL})
-            headers = [*_JSON, (b"content-length", str(len(body)).encode()), (b"www-authenticate", b"Bearer")]
+            headers = [*JSON, (b"content-length", str(len(body)).encode()), (b"www-authenticate", b"Bearer")]
             await send({"type": "http.response.start", "status": 401, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         await app(scope, receive, send)
 
     return guarded
-
-
-def _flag(scope: Scope, name: str) -> bool:
-    """A boolean query parameter (``?name=true``; absent: false)."""
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
-    if not values:
-        return False
-    if values[-1].lower() not in ("true", "false", "1", "0"):
-        raise InvalidInput(f"query parameter '{name}' must be true or false, got {values[-1]!r:.40}")
-    return values[-1].lower() in ("true", "1")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -1,0 +1,155 @@
+"""The traffic control plane: the routes as configured and as they serve, their rollouts, their shadows.
+
+A route table is replaced in one step after validation; what serves is each configured route in
+its effective form (a rollout's split, :meth:`Rollouts.effective`), rebuilt whenever a rollout
+moves. A change to a route whose rollout is active is a :class:`Conflict` unless the caller
+aborts that rollout explicitly (``abort_rollout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
+
+from onnxgate.core.inference import InferRequest, InferResponse
+from onnxgate.core.metrics import Metrics
+from onnxgate.core.traffic.comparison import Comparator
+from onnxgate.core.traffic.rollouts import Rollouts, RolloutsConfig
+from onnxgate.core.traffic.routes import Route, RouteTable, parse_route
+from onnxgate.core.traffic.shadow import Mirror, RunShadow, ShadowRunner
+from onnxgate.core.traffic.targets import Target
+from onnxgate.errors import ModelNotFound, Unsupported
+
+ROLLOUTS_NEED_ONE_WORKER = (
+    "routes with a rollout: section need --workers 1: each worker would judge only its own share of the "
+    'traffic (README "Rollouts")'
+)
+
+
+class TrafficControl:
+    """Routes, rollouts and shadows of one gateway process.
+
+    ``known_models`` gives the repository's models and their versions (what targets must name);
+    ``check_shared(what)`` raises when a change would reach this process only (``--workers N``)."""
+
+    def __init__(self, metrics: Metrics, known_models: Callable[[], Mapping[str, Collection[int]]],
+                 check_shared: Callable[[str], None]) -> None:
+        self.table = RouteTable()  # what serves
+        self.configured: tuple[Route, ...] = ()  # as configured
+        self.rollouts = Rollouts(metrics)
+        self.rollouts.on_change = self.apply
+        self.shadows = ShadowRunner(Comparator(metrics))
+        self.sticky = False  # whether a route splits by a header
+        self.shared = True  # False in one of --workers N
+        self._known_models = known_models
+        self._check_shared = check_shared
+
+    def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None]) -> None:
+        """The ``rollouts:`` section (the state directory), and who hears of every decision.
+        Before the routes are first set."""
+        self.rollouts.use(config)
+        self.rollouts.notify.extend(notify)
+
+    def set(self, routes: Iterable[Route], what: str = "") -> None:
+        """Replace the whole table, after validating it. ``what`` names a change that must not
+        touch a route under an active rollout (:class:`Conflict`); "" = the start."""
+        routes = tuple(routes)
+        if any(r.rollout is not None for r in routes) and not self.shared:
+            raise Unsupported(ROLLOUTS_NEED_ONE_WORKER)
+        RouteTable(routes).validate(self._known_models())
+        if what:
+            current = {r.name: r for r in self.configured}
+            self.rollouts.check_change(current, {r.name: r for r in routes}, what)
+        self.configured = routes
+        self.rollouts.configure(routes)
+        self.apply()
+
+    def apply(self) -> None:
+        """Serve the configured routes in their effective form (their rollouts' splits)."""
+        table = RouteTable(self.rollouts.effective(r) for r in self.configured)
+        self.table = table
+        self.sticky = any(r.sticky_header for r in table.routes.values())
+
+    async def put(self, doc: Mapping[str, Any], abort_rollout: bool = False) -> Route:
+        """Add or replace one route from its JSON form (validated; the others stay as they are)."""
+        route = parse_route(doc)
+        self._check_shared("changing a route")
+        if abort_rollout:
+            await self._abort(route.name, "aborted by a route PUT with abort_rollout=true")
+        others = (r for r in self.configured if r.name != route.name)
+        self.set([*others, route], what=f"PUT /v2/routes/{route.name}")
+        return route
+
+    async def delete(self, name: str, abort_rollout: bool = False) -> None:
+        self._check_shared("deleting a route")
+        self.route(name)
+        if abort_rollout:
+            await self._abort(name, "aborted by a route DELETE with abort_rollout=true")
+        self.set((r for r in self.configured if r.name != name), what=f"DELETE /v2/routes/{name}")
+
+    def route(self, name: str) -> Route:
+        """A route as configured (its ``split`` the configured one; see :meth:`rollout`)."""
+        for route in self.configured:
+            if route.name == name:
+                return route
+        raise ModelNotFound(f"unknown route '{name}'")
+
+    async def _abort(self, name: str, reason: str) -> None:
+        with contextlib.suppress(ModelNotFound):
+            if self.rollouts.get(name).active:
+                await self.rollouts.act(name, "abort", reason)
+
+    async def rollout(self, name: str) -> dict:
+        """The route's rollout: state, step, gates with their bounds, decisions."""
+        self.route(name)
+        return await self.rollouts.summary(name)
+
+    async def rollout_action(self, name: str, action: str, reason: str = "", full: bool = False) -> dict:
+        """An operator's pause, resume, promote or abort of the route's rollout."""
+        self.route(name)
+        self._check_shared(f"{action} of a rollout")
+        return await self.rollouts.act(name, action, reason, full)
+
+    # -- one request on a route under a rollout --------------------------------------------------
+    def watch(self, route: Route, target: Target, request: InferRequest, run: RunShadow,
+              before_mirror: Callable[[], None]) -> RolloutWatch | None:
+        """The rollout's side of one request on ``route`` sent to ``target``: a mirror to the
+        candidate when the primary answers (``before_mirror`` first), the candidate's live
+        result when it answers; None when the route has no rollout that mirrors."""
+        candidate = self.rollouts.mirror_target(route.name) if self.rollouts else None
+        if candidate is None:
+            return None
+        if candidate == target:
+            return RolloutWatch(self.rollouts, route.name, None)
+        before_mirror()
+        mirror = self.shadows.mirror(route.name, target, candidate, self.rollouts.config.mirror_max_in_flight,
+                                     request, run, self.rollouts.observer(route.name))
+        return RolloutWatch(self.rollouts, route.name, mirror) if mirror is not None else None
+
+    def comparison(self, name: str) -> dict:
+        """The route's shadow comparison summary."""
+        self.route(name)
+        return self.shadows.comparator.summary(name)
+
+
+class RolloutWatch:
+    """How one request ends, told to its route's rollout: the primary's answer goes to the
+    candidate's mirror; the candidate's own live answer (no mirror) counts as its result."""
+
+    __slots__ = ("_mirror", "_rollouts", "_route")
+
+    def __init__(self, rollouts: Rollouts, route: str, mirror: Mirror | None) -> None:
+        self._rollouts, self._route, self._mirror = rollouts, route, mirror
+
+    def done(self, response: InferResponse, latency_s: float) -> None:
+        if self._mirror is not None:
+            self._mirror.primary_done(response, latency_s)
+        else:
+            self._rollouts.live_result(self._route, None)
+
+    def failed(self, error: BaseException) -> None:
+        if self._mirror is not None:
+            self._mirror.primary_failed()
+        else:
+            self._rollouts.live_result(self._route, error)
