@@ -83,7 +83,7 @@ def route(name: str, primary: str, **ro: Any) -> dict:
 
 def write_config(path: Path, routes: list[dict], webhook: str | None = None, state_dir: str = "") -> Path:
     if webhook:
-        routes = [{**r, "rollout": {**r["rollout"], "webhook": webhook}} for r in routes]
+        routes = [{**r, "rollout": {**r["rollout"], "webhook": webhook}} if "rollout" in r else r for r in routes]
     doc = {
         "rollouts": {"state_dir": state_dir, "evaluate_every_s": EVERY_S, "mirror_max_in_flight": 64},
         "routes": routes,
@@ -273,6 +273,7 @@ ROUTES = [
     route("guard_del", "prim", candidate="good"),
     route("guard_hup", "prim", candidate="good"),
     route("hooked", "prim", candidate="good"),
+    {"name": "plain", "split": [{"target": "prim2", "weight": 100}]},  # no rollout
 ]
 
 
@@ -399,3 +400,112 @@ def test_a_candidate_that_starts_failing_at_a_live_step_is_rolled_back_and_stays
     assert summary(gw, "flaky")["history"] == doc["history"]
     m = rollout_metrics(gw, "flaky")
     assert (m["candidate_weight"], m["step"], m["rolled_back"], m["rollback"], m["advance"]) == (0, 2, 1, 1, 2), m
+
+
+# -- 4. too little traffic -------------------------------------------------------------------------
+def test_without_traffic_a_step_holds_at_max_step_s_with_an_alert(gw):
+    assert wait_until(lambda: summary(gw, "quiet_hold")["phase"] != "running", timeout=20)
+    doc = summary(gw, "quiet_hold")
+    assert where(doc) == ("holding", 0, 0, True), doc
+    [h] = doc["history"]
+    assert entry(h) == ("hold", 0, 0, 0, "holding", "gates", True), h
+    assert "too little evidence" in h["reason"] and f"0 of {NEVER} comparisons" in h["reason"], h["reason"]
+    assert {g["verdict"] for g in h["gates"]} == {"pending"}, h["gates"]
+    m = rollout_metrics(gw, "quiet_hold")
+    assert (m["holding"], m["running"], m["hold"], m["step"], m["candidate_weight"]) == (1, 0, 1, 0, 0), m
+
+
+def test_a_step_held_for_too_little_traffic_is_still_judged_and_advances_once_traffic_comes(gw):
+    assert wait_until(lambda: summary(gw, "quiet_recover")["phase"] == "holding", timeout=20)
+    assert decisions(summary(gw, "quiet_recover")) == ["hold"]
+    seen = drive(gw, "quiet_recover", lambda s: s["step_index"] == 1)
+    assert set(seen) <= {"prim", "good"}, set(seen)
+    doc = summary(gw, "quiet_recover")
+    assert [entry(h) for h in doc["history"]][:2] == [
+        ("hold", 0, 0, 0, "holding", "gates", True),
+        ("advance", 0, 1, 10, "running", "gates", False),
+    ]
+
+
+def test_without_traffic_a_step_rolls_back_at_max_step_s_when_on_timeout_says_so(gw):
+    assert wait_until(lambda: summary(gw, "quiet_rollback")["phase"] != "running", timeout=20)
+    doc = summary(gw, "quiet_rollback")
+    assert where(doc) == ("rolled_back", 0, 0, False), doc
+    [h] = doc["history"]
+    assert entry(h) == ("rollback", 0, 0, 0, "rolled_back", "gates", True), h
+    assert "too little evidence" in h["reason"], h["reason"]
+    # Rolled back: promote and pause are refused; resume starts over at step 0; abort ends it.
+    for action in ("promote", "pause"):
+        status, body = act(gw, "quiet_rollback", action)
+        assert status == 409 and "rolled_back" in body["error"], (action, status, body)
+    status, d = act(gw, "quiet_rollback", "resume")
+    assert status == 200 and entry(d) == ("resume", 0, 0, 0, "running", "operator", False), d
+    status, d = act(gw, "quiet_rollback", "abort")
+    assert status == 200 and (d["decision"], d["phase"], d["weight"]) == ("abort", "aborted", 0), d
+    doc = summary(gw, "quiet_rollback")
+    assert decisions(doc)[:2] == ["rollback", "resume"] and decisions(doc)[-1] == "abort", decisions(doc)
+    assert where(doc) == ("aborted", 0, 0, False)
+
+
+# -- 6. operator actions ---------------------------------------------------------------------------
+def test_pause_resume_promote_one_step_then_to_100_and_what_each_phase_refuses(gw):
+    status, body = act(gw, "ops", "resume")
+    assert status == 409 and "cannot resume" in body["error"], (status, body)
+    status, d = act(gw, "ops", "pause", {"reason": "looking at the dashboards"})
+    assert status == 200 and entry(d) == ("pause", 0, 0, 0, "paused", "operator", False), d
+    assert d["reason"] == "looking at the dashboards"
+    doc = summary(gw, "ops")
+    assert where(doc) == ("paused", 0, 0, True) and doc["reason"] == "looking at the dashboards", doc
+    assert act(gw, "ops", "pause")[0] == 409
+    assert rollout_metrics(gw, "ops")["paused"] == 1
+    status, d = act(gw, "ops", "resume")
+    assert status == 200 and entry(d) == ("resume", 0, 0, 0, "running", "operator", False), d
+    status, d = act(gw, "ops", "promote")
+    assert status == 200 and entry(d) == ("promote", 0, 1, 10, "running", "operator", False), d
+    seen = burst(gw, "ops", per_thread=60)
+    live = seen.count("ops_c")
+    assert seen.count("prim") + live == len(seen) and 0 < live < 0.3 * len(seen), live  # 10 % of 180: 18 +- 4
+    m = rollout_metrics(gw, "ops")
+    assert (m["step"], m["candidate_weight"], m["running"], m["promote"], m["pause"], m["resume"]) == (
+        1,
+        10,
+        1,
+        1,
+        1,
+        1,
+    ), m
+    status, body = act(gw, "ops", "promote", {"full": "yes"})
+    assert status == 400 and summary(gw, "ops")["step_index"] == 1, body
+    status, d = act(gw, "ops", "promote", {"full": True})
+    assert status == 200 and entry(d) == ("promote", 1, 3, 100, "completed", "operator", False), d
+    assert set(burst(gw, "ops")) == {"ops_c"}
+    for action in ("pause", "resume", "promote", "abort"):
+        status, body = act(gw, "ops", action)
+        assert status == 409 and "completed" in body["error"], (action, status, body)
+    doc = summary(gw, "ops")
+    assert where(doc) == ("completed", 3, 100, False)
+    assert decisions(doc) == ["pause", "resume", "promote", "promote"], doc["history"]
+    m = rollout_metrics(gw, "ops")
+    assert (m["step"], m["candidate_weight"], m["completed"], m["running"], m["promote"]) == (3, 100, 1, 0, 2), m
+
+
+def test_abort_takes_the_candidate_out_for_good(gw):
+    assert act(gw, "ops_abort", "promote")[0] == 200
+    status, d = act(gw, "ops_abort", "abort", {"reason": "wrong model"})
+    assert status == 200 and entry(d) == ("abort", 1, 1, 0, "aborted", "operator", False), d
+    doc = summary(gw, "ops_abort")
+    assert where(doc) == ("aborted", 1, 0, False) and doc["reason"] == "wrong model", doc
+    assert set(burst(gw, "ops_abort", per_thread=20)) == {"prim"}
+    for action in ("pause", "resume", "promote", "abort"):
+        status, body = act(gw, "ops_abort", action)
+        assert status == 409 and "aborted" in body["error"], (action, status, body)
+    m = rollout_metrics(gw, "ops_abort")
+    assert (m["aborted"], m["running"], m["candidate_weight"], m["abort"]) == (1, 0, 0, 1), m
+
+
+def test_unknown_actions_routes_and_routes_without_a_rollout_are_404(gw):
+    assert act(gw, "ops_abort", "restart")[0] == 404
+    for path in ("/v2/routes/nowhere/rollout", "/v2/routes/plain/rollout"):
+        assert call(gw.http_port, "GET", path)[0] == 404, path
+    for name in ("nowhere", "plain"):
+        assert act(gw, name, "pause")[0] == 404, name
