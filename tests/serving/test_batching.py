@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -192,29 +193,41 @@ def test_a_request_whose_timeout_expires_in_the_queue_is_refused(gw):
 
 def test_a_cancelled_request_never_runs(gw):
     before = _stats(gw, "cancels")
-    big = _occupy(gw, "cancels")
     x = np.ones((1, 1024), np.float32)
     # gRPC: the client's deadline passes while the request waits behind the big one. The
     # deadline scheduler refuses it as the deadline comes (RESOURCE_EXHAUSTED, reason deadline),
     # unless the client's own deadline fires first; either way it never runs.
+    big = _occupy(gw, "cancels")
     with pytest.raises(InferenceServerException) as err:
         _grpc_infer(gw.grpc_url, "cancels", x, client_timeout=0.05)
     assert err.value.status() in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
     if err.value.status() == "StatusCode.RESOURCE_EXHAUSTED":
         assert "deadline" in err.value.message()
-    # HTTP: the client closes its connection while the request waits.
+    big.join()
+    # HTTP: the client closes its connection while the request waits (behind a big one of its
+    # own: the first may be over by the time the gRPC client has given up).
+    big = _occupy(gw, "cancels")
     conn = http.client.HTTPConnection("127.0.0.1", gw.http_port)
     body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": x.ravel()}]},
                         option=orjson.OPT_SERIALIZE_NUMPY)
     conn.request("POST", "/v2/models/cancels/infer", body)
-    time.sleep(0.05)
+    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 1, timeout=10)  # it waits behind the big one
+    assert _stats(gw, "cancels")["execution_count"] == before["execution_count"] + 1, "the big one ended too soon"
     conn.close()
     big.join()
-    time.sleep(0.2)
+    assert wait_until(lambda: _queued_rows(gw, "cancels") == 0, timeout=10)
     after = _stats(gw, "cancels")
-    assert after["execution_count"] == before["execution_count"] + 1  # only the big request ran
-    assert after["inference_count"] == before["inference_count"] + 256
-    assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 1
+    # only the big requests ran
+    assert (after["execution_count"], after["inference_count"]) == (
+        before["execution_count"] + 2, before["inference_count"] + 2 * 256), (before, after)
+
+
+def _queued_rows(gw: GatewayProcess, model: str) -> float:
+    """The gateway's onnxgate_queued_rows gauge for ``model`` (0 when not exported)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("onnxgate_queued_rows{") and f'model="{model}"' in line)
 
 
 def test_gpu_instance_without_a_gpu_falls_back_to_cpu_and_says_so(gw):

@@ -54,7 +54,6 @@ import numpy as np
 from onnxgate.core.inference import MAX_DEADLINE_MS
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.serving.batch_policy import BatchPolicy
-from onnxgate.core.serving.busy import TICK_S as BUSY_TICK_S
 from onnxgate.core.serving.busy import BusyMeter
 from onnxgate.core.serving.deadlines import DeadlinePlanner
 from onnxgate.core.serving.forming import BatchForming, Outcome
@@ -142,7 +141,7 @@ class Batcher(BatchForming):
         self._closed = False
         loop = asyncio.get_running_loop()
         self.busy = BusyMeter(self.instances)
-        self._busy_timer = loop.call_later(BUSY_TICK_S, self._tick_busy, loop)
+        self.busy.show(self._m_busy_ratio, loop)  # the gauge, now and once a second
         self._threads = [
             start_instance_thread(f"ort-{model.name}-{model.version}-{i}", self._serve, i, loop)
             for i in range(self.instances)
@@ -415,7 +414,8 @@ class Batcher(BatchForming):
                         self._m_misses.inc()  # answered late (fifo; or a prediction proved optimistic)
                     set_result(b.future, (results, _with_queue(timing, queue_ns)))
                 if traced and self.tracing is not None:
-                    self._batch_span(traced, rows, len(batch), started, started + busy_ns)
+                    self.tracing.record_batch(traced, self.model.name, self.model.version, rows, len(batch), started,
+                                              started + busy_ns)
         except BaseException:  # a bug: whoever is not answered yet is answered with it
             self._fail(batch, InferenceFailed(f"model '{self.model.name}': its answer could not be formed"))
             raise
@@ -426,20 +426,6 @@ class Batcher(BatchForming):
                     b.timer = None
             self._check_idle()
 
-    def _batch_span(self, traced: list[Any], rows: int, requests: int, started: int, ended: int) -> None:
-        """The span of one execution that served sampled requests, linked to each of them."""
-        assert self.tracing is not None
-        attributes = {
-            "onnxgate.model": self.model.name,
-            "onnxgate.version": str(self.model.version),
-            "onnxgate.batch.rows": rows,
-            "onnxgate.batch.requests": requests,
-        }
-        try:
-            self.tracing.batch_span(traced, started, ended, attributes)
-        except Exception:  # tracing never fails a request
-            log.exception("batch span of %s version %s", self.model.name, self.model.version)
-
     def _learn(self, rows: int, busy_ns: int, ended_ns: int) -> None:
         """Refresh the execution-time model (and its gauges) from one execution, and the
         loop's lag in answering a batch once it has run (from ``ended_ns``)."""
@@ -449,13 +435,6 @@ class Batcher(BatchForming):
         if model.fit is not None:
             self._m_fixed.set(model.fit[0] / 1e9)
             self._m_per_row.set(model.fit[1] / 1e9)
-
-    def _tick_busy(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Once a second on the loop: the busy-ratio gauge, until the version closes."""
-        if self._closed:
-            return
-        self._m_busy_ratio.set(self.busy.ratio())
-        self._busy_timer = loop.call_later(BUSY_TICK_S, self._tick_busy, loop)
 
     def _gone(self) -> Unavailable:
         return Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
@@ -484,8 +463,7 @@ class Batcher(BatchForming):
         running with :class:`Unavailable`, release the sessions."""
         with self._lock:
             self._closed = True
-            self._busy_timer.cancel()
-            self._m_busy_ratio.set(0)
+            self.busy.hide()
             self._parked.wake_all()
             left = self._queue.clear()
             self._count_queue()

@@ -9,8 +9,10 @@ recording rule and counts a long execution while it runs, not only once it has e
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
+from typing import Any
 
 WINDOW_NS = 10_000_000_000  # the ratio covers about the last 10 s
 TICK_S = 1.0  # how often the loop refreshes the gauge
@@ -54,3 +56,17 @@ class BusyMeter:
         if now <= then:
             return 0.0
         return min(1.0, max(0.0, (total - before) / ((now - then) * self.instances)))
+
+    def show(self, gauge: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Set ``gauge`` to :meth:`ratio` now and every ``TICK_S`` on ``loop``, until :meth:`hide`."""
+        gauge.set(self.ratio())
+        self._gauge = gauge
+        self._timer = loop.call_later(TICK_S, self.show, gauge, loop)
+
+    def hide(self) -> None:
+        """Stop refreshing the gauge, and set it to 0 (the version is gone)."""
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+            self._gauge.set(0)
