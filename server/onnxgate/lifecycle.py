@@ -33,6 +33,7 @@ from onnxgate.core.monitoring.drift import DriftMonitor
 from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.registry.config import open_repository
 from onnxgate.core.registry.object_store import redact_url
+from onnxgate.core.registry.rollout_actions import RolloutRegistryActions
 from onnxgate.core.security.access import AccessPolicy
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.service import InferenceService
@@ -103,7 +104,13 @@ class Gateway:
         self.access_log = AccessLogger(config.access_log, self.metrics.registry) if config.access_log else None
         self.service.attach_observers(self.tracing, self.access_log)
         self.webhooks = RolloutWebhooks(self.metrics.registry)
-        self.service.configure_rollouts(config.rollouts, self.webhooks.notify)
+        self.registry_actions = None  # MLflow: a rollout's end moves an alias or tags a version
+        if hasattr(self.manager.repository, "set_alias"):
+            self.registry_actions = RolloutRegistryActions(self.manager.repository, self._serving_version,
+                                                           self.metrics.registry)
+        self.service.configure_rollouts(
+            config.rollouts, self.webhooks.notify, *([self.registry_actions.notify] if self.registry_actions else [])
+        )
         self._rollout_task: asyncio.Task | None = None
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.access = AccessPolicy(config.security, s.host, require_client_cert=bool(s.tls_client_ca_file))
@@ -189,6 +196,12 @@ class Gateway:
             )
         else:
             log.info("worker %d accepting on http %d, grpc %d", self.worker[0], self.http_port, self.grpc_port)
+
+    def _serving_version(self, model: str, version: str) -> int | None:
+        try:
+            return self.manager.get(model, version).version
+        except GatewayError:
+            return None
 
     async def _load(self) -> None:
         s = self.config.server
@@ -287,6 +300,8 @@ class Gateway:
             rollouts = self.service.rollouts
             steps.append(("rollouts", lambda _: rollouts.close()))
             steps.append(("rollout webhooks", self.webhooks.close))
+            if self.registry_actions is not None:
+                steps.append(("rollout registry actions", self.registry_actions.close))
         if self.sample_log is not None:
             steps.append(("sample log", self.sample_log.close))
         if self.drift is not None:

@@ -119,6 +119,25 @@ class MlflowRepository:
     def close(self) -> None:
         self.cache.close()  # removes a private cache directory
 
+    def registered(self, served: str) -> str | None:
+        """The registered model behind served model ``served`` (None: not one of this registry's)."""
+        spec = self.models.get(served)
+        return spec.name if spec is not None else None
+
+    def set_alias(self, served: str, version: int, alias: str) -> None:
+        """Point ``alias`` of the registered model behind ``served`` at ``version`` (blocking)."""
+        name = self.registered(served)
+        if name is None:
+            raise RemoteError(f"model '{served}' does not come from the MLflow registry")
+        self._client.set_registered_model_alias(name, alias, str(version))
+
+    def tag_version(self, served: str, version: int, key: str, value: str) -> None:
+        """Tag ``version`` of the registered model behind ``served`` (blocking)."""
+        name = self.registered(served)
+        if name is None:
+            raise RemoteError(f"model '{served}' does not come from the MLflow registry")
+        self._client.set_model_version_tag(name, str(version), key, value)
+
     def _source(self, spec: MlflowModelSpec) -> ModelSource:
         name = spec.served_name
         model_dir = self.cache.path / name
