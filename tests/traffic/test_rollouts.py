@@ -17,6 +17,8 @@ import http.server
 import itertools
 import json
 import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -583,6 +585,51 @@ def test_a_sighup_that_changes_a_route_under_a_running_rollout_changes_no_route(
     assert route_doc(gw, "added")[0] == 404
     assert summary(gw, "guard_hup")["phase"] == "running"
     assert set(burst(gw, "guard_hup")) == {"prim"}
+
+
+# -- 5. a restart mid-rollout ----------------------------------------------------------------------------
+def test_a_restart_mid_rollout_resumes_at_the_same_step_and_phase_with_its_history(repo, tmp_path):
+    state_dir = tmp_path / "state"
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        [route("resumed", "prim", candidate="good", min_comparisons=100)],
+        state_dir=str(state_dir),
+    )
+    with GatewayProcess(repo, ["--config", str(config)]) as g:
+        drive(g, "resumed", lambda s: s["step_index"] == 1)
+        mirrored = burst(g, "resumed", per_thread=4).count("prim")  # at 10 %: evidence of the live step
+        assert wait_until(lambda: summary(g, "resumed")["comparisons"] >= mirrored, timeout=20)
+        before = summary(g, "resumed")
+    assert g.proc is not None and g.proc.returncode == 0, g.log[-2000:]
+    assert where(before) == ("running", 1, 10, True) and 0 < before["comparisons"] < 100, before
+    assert decisions(before) == ["advance"]
+    assert len(list(state_dir.glob("*.rollout.json"))) == 1
+
+    with GatewayProcess(repo, ["--config", str(config)]) as g:
+        after = summary(g, "resumed")
+        assert where(after) == where(before), after
+        assert after["history"] == before["history"]
+        assert after["comparisons"] >= before["comparisons"], "the step's evidence was lost"
+        assert "rollout resumed: resumed at step 1" in g.log, g.log[-2000:]
+        m = rollout_metrics(g, "resumed")
+        assert (m["step"], m["candidate_weight"], m["running"]) == (1, 10, 1), m
+        seen = drive(g, "resumed", lambda s: s["phase"] == "completed")
+        assert set(seen) <= {"prim", "good"} and "good" in seen, set(seen)
+        doc = summary(g, "resumed")
+    assert doc["history"][:1] == before["history"]
+    assert [entry(h) for h in doc["history"][1:]] == [
+        ("advance", 1, 2, 50, "running", "gates", False),
+        ("complete", 2, 3, 100, "completed", "gates", False),
+    ]
+
+
+def test_a_rollout_under_several_workers_stops_the_start_with_exit_code_2(repo, tmp_path):
+    config = write_config(tmp_path / "gateway.yaml", [route("multi", "prim", candidate="good")])
+    cmd = [sys.executable, "-m", "onnxgate", "serve", "--config", str(config), "--model-repository", str(repo)]
+    cmd += ["--workers", "2", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "--workers" in done.stderr and "rollout" in done.stderr, done.stderr[-2000:]
 
 
 # -- 8. the webhook ------------------------------------------------------------------------------------
