@@ -151,13 +151,23 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _routes_parser(sub: argparse._SubParsersAction) -> None:
-    routes = _AdminActions(sub, "routes", "list, show, add/replace or delete routes of a running gateway")
+    routes = _AdminActions(sub, "routes", "list, show, add/replace or delete routes of a running gateway, and rollouts")
     routes.add("list", "every route: split, sticky key, shadow")
     routes.add("get", "one route").add_argument("name")
     put = routes.add("put", "add or replace a route from a YAML or JSON file")
     put.add_argument("name")
     put.add_argument("--file", required=True, metavar="PATH", help="the route (split, sticky, shadow); '-' = stdin")
-    routes.add("delete", "delete a route").add_argument("name")
+    delete = routes.add("delete", "delete a route")
+    delete.add_argument("name")
+    for p in (put, delete):
+        p.add_argument("--abort-rollout", action="store_true",
+                       help="abort the route's running rollout and make the change (without it: 409)")
+    rollout = routes.add("rollout", "show a route's rollout, or pause, resume, promote or abort it")
+    rollout.add_argument("name")
+    rollout.add_argument("rollout_action", nargs="?", choices=["pause", "resume", "promote", "abort"],
+                         metavar="{pause,resume,promote,abort}", help="the action (none: show the rollout)")
+    rollout.add_argument("--reason", metavar="TEXT", help="why, recorded in the rollout's history (pause, abort, ...)")
+    rollout.add_argument("--full", action="store_true", help="promote: to 100 %% at once, not to the next step")
 
 
 _SERVER_KEYS = (
@@ -245,11 +255,6 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         check_tracing()  # asked for by the OTEL_* environment and impossible: fail before any worker starts
         if config.access_log is not None:
             config.access_log.check_writable()
-        if config.server.workers > 1 and any(r.rollout is not None for r in config.routes):
-            raise ConfigError(
-                "routes with a rollout: section need --workers 1: each worker would judge only its own share "
-                "of the traffic (README \"Rollouts\")"
-            )
     except ConfigError as exc:
         print(f"onnxgate: {exc.message}", file=sys.stderr)
         return 2
