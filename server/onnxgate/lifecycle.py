@@ -21,6 +21,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, make_asgi_app
@@ -43,6 +44,7 @@ from onnxgate.core.serving.poller import RepositoryPoller
 from onnxgate.core.serving.sessions import available_cores
 from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.core.tracing import Tracing
+from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollout_webhook import RolloutWebhooks
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
@@ -108,8 +110,14 @@ class Gateway:
         if hasattr(self.manager.repository, "set_alias"):
             self.registry_actions = RolloutRegistryActions(self.manager.repository, self._serving_version,
                                                            self.metrics.registry)
+        share: dict[str, Any] = {}
+        if self.worker is not None and stats_dir is not None:  # worker 0 judges, on every worker's evidence
+            state_dir = Path(config.rollouts.state_dir) if config.rollouts.state_dir else stats_dir / "rollouts"
+            share = {"share": RolloutShare(state_dir / "shared", leader=self.worker[0] == 0),
+                     "state_dir": str(state_dir)}
         self.service.configure_rollouts(
-            config.rollouts, self.webhooks.notify, *([self.registry_actions.notify] if self.registry_actions else [])
+            config.rollouts, self.webhooks.notify, *([self.registry_actions.notify] if self.registry_actions else []),
+            **share,
         )
         self._rollout_task: asyncio.Task | None = None
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None

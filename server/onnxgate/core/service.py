@@ -263,8 +263,8 @@ class InferenceService:
         self.traffic.shared = self.control_plane_shared
         self.traffic.set(routes, what)
 
-    def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None]) -> None:
-        self.traffic.configure_rollouts(config, *notify)
+    def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None], **share: Any) -> None:
+        self.traffic.configure_rollouts(config, *notify, **share)
 
     async def put_route(self, doc: Mapping[str, Any], abort_rollout: bool = False) -> Route:
         return await self.traffic.put(doc, abort_rollout)

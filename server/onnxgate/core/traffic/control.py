@@ -15,16 +15,12 @@ from typing import Any
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.traffic.comparison import Comparator
+from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollouts import Rollouts, RolloutsConfig
 from onnxgate.core.traffic.routes import Route, RouteTable, parse_route
 from onnxgate.core.traffic.shadow import Mirror, RunShadow, ShadowRunner
 from onnxgate.core.traffic.targets import Target
-from onnxgate.errors import ModelNotFound, Unsupported
-
-ROLLOUTS_NEED_ONE_WORKER = (
-    "routes with a rollout: section need --workers 1: each worker would judge only its own share of the "
-    'traffic (README "Rollouts")'
-)
+from onnxgate.errors import ModelNotFound
 
 
 class TrafficControl:
@@ -45,18 +41,17 @@ class TrafficControl:
         self._known_models = known_models
         self._check_shared = check_shared
 
-    def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None]) -> None:
-        """The ``rollouts:`` section (the state directory), and who hears of every decision.
-        Before the routes are first set."""
-        self.rollouts.use(config)
+    def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None],
+                           share: RolloutShare | None = None, state_dir: str = "") -> None:
+        """The ``rollouts:`` section (the state directory), and who hears of every decision;
+        under ``--workers N`` the workers' share. Before the routes are first set."""
+        self.rollouts.use(config, share, state_dir)
         self.rollouts.notify.extend(notify)
 
     def set(self, routes: Iterable[Route], what: str = "") -> None:
         """Replace the whole table, after validating it. ``what`` names a change that must not
         touch a route under an active rollout (:class:`Conflict`); "" = the start."""
         routes = tuple(routes)
-        if any(r.rollout is not None for r in routes) and not self.shared:
-            raise Unsupported(ROLLOUTS_NEED_ONE_WORKER)
         RouteTable(routes).validate(self._known_models())
         if what:
             current = {r.name: r for r in self.configured}
@@ -107,8 +102,7 @@ class TrafficControl:
 
     async def rollout_action(self, name: str, action: str, reason: str = "", full: bool = False) -> dict:
         """An operator's pause, resume, promote or abort of the route's rollout."""
-        self.route(name)
-        self._check_shared(f"{action} of a rollout")
+        self.route(name)  # under --workers N the judging worker applies it (rollout_share)
         return await self.rollouts.act(name, action, reason, full)
 
     # -- one request on a route under a rollout --------------------------------------------------

@@ -280,6 +280,25 @@ class Rollout:
             and state.get("steps") == self.config.user_steps
         )
 
+    def adopt(self, state: Mapping[str, Any]) -> bool:
+        """Take up another process's state of this rollout (``--workers N``: the judging
+        worker's); whether the step or the phase changed. A state of another candidate or steps,
+        or an unusable one, is ignored."""
+        if not self.matches(state):
+            return False
+        before = (self.phase, self.step_index, self.step_started)
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("rollout %s: the judging worker's state is unusable (%s)", self.route, exc)
+            return False
+        return (self.phase, self.step_index, self.step_started) != before
+
+    @property
+    def step_key(self) -> tuple[int, float]:
+        """The current step, as evidence handed between processes is tagged with."""
+        return (self.step_index, self.step_started)
+
     def to_state(self) -> dict[str, Any]:
         """JSON-able; the constructor's ``state`` takes it up again."""
         return {

@@ -20,9 +20,9 @@ end-to-end latency: a mirrored call runs at low priority and waits longer in its
 gate compares the execution time of the batch that answered the primary with that of the batch
 that answered the candidate, both without their queue wait (:attr:`InferResponse.compute_ns`).
 
-Under ``--workers N`` each worker would judge only its own share of the traffic, and route
-changes are refused there already (they would reach one worker); a route with a rollout is
-refused under ``--workers N`` too, until the workers share their evidence (README "Rollouts").
+Under ``--workers N`` worker 0 judges on every worker's evidence and the others follow its
+state (:mod:`rollout_share`); route changes stay refused there (they would reach one worker),
+operators' actions are applied by worker 0 wherever they arrive.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from onnxgate.core.metrics import Metrics
 from onnxgate.core.sections import check, parse_fields
 from onnxgate.core.traffic.rollout import Rollout
 from onnxgate.core.traffic.rollout_gates import Evidence
+from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollout_state import StateStore
 from onnxgate.core.traffic.routes import Route, Target
 from onnxgate.errors import Conflict, GatewayError, InferenceFailed, ModelNotFound, Unavailable
@@ -133,10 +134,18 @@ class Rollouts:
         self.notify: list[Notify] = []  # decisions go to these too (webhooks, MLflow)
 
     # -- configuration -----------------------------------------------------------------------
-    def use(self, config: RolloutsConfig) -> None:
-        """Take the ``rollouts:`` section (before the routes are first set)."""
+    def use(self, config: RolloutsConfig, share: RolloutShare | None = None, state_dir: str = "") -> None:
+        """Take the ``rollouts:`` section (before the routes are first set); under ``--workers N``
+        the workers' ``share`` and the state directory they use (the section's, or a private one)."""
         self.config = config
-        self.store = StateStore(config.state_dir) if config.state_dir else None
+        self.share = share
+        directory = config.state_dir or state_dir
+        self.store = StateStore(directory) if directory else None
+
+    @property
+    def judges(self) -> bool:
+        """Whether this process judges the gates and writes the state (not a following worker)."""
+        return self.share is None or self.share.leader
 
     def load_states(self) -> None:
         """Read the saved states (blocking: in a thread, before the routes are first set)."""
@@ -256,23 +265,66 @@ class Rollouts:
             return []
         batches, self._pending = self._pending, {}
         rollouts = dict(self._rollouts)
-        decided = await asyncio.to_thread(self._judge, rollouts, batches)
-        self._decided(decided)
-        return [d for _, d in decided]
+        if self.judges:
+            decided = await asyncio.to_thread(self._judge, rollouts, batches)
+            self._decided(decided)
+            return [d for _, d in decided]
+        if await asyncio.to_thread(self._follow, rollouts, batches):
+            self._decided([])
+            self.on_change()
+        return []
 
     def _judge(self, rollouts: dict[str, Rollout], batches: dict[str, Evidence]) -> list[tuple[Rollout, dict]]:
         decided = []
+        share = self.share
         with self._lock:
             for name, ro in rollouts.items():
                 if (ev := batches.get(name)) is not None:
                     ro.add(ev)
+                if share is not None:
+                    ro.add(share.take_evidence(name, ro.step_key))
                 if (d := ro.tick()) is not None:
                     decided.append((ro, d))
                 self._save(ro)
+            if share is not None:
+                decided += self._apply_requests(rollouts)
         return decided
 
+    def _apply_requests(self, rollouts: dict[str, Rollout]) -> list[tuple[Rollout, dict]]:
+        """The judging worker: the operators' actions that reached the other workers."""
+        assert self.share is not None
+        decided = []
+        for ident, req in self.share.pending():
+            ro = rollouts.get(req.get("route", ""))
+            try:
+                if ro is None:
+                    raise ModelNotFound(f"route '{req.get('route')}' has no rollout")
+                decision = self._apply(ro, str(req.get("action")), str(req.get("reason", "")), bool(req.get("full")))
+            except GatewayError as exc:
+                self.share.answer(ident, None, exc)
+                continue
+            decided.append((ro, decision))
+            self.share.answer(ident, decision)
+        return decided
+
+    def _follow(self, rollouts: dict[str, Rollout], batches: dict[str, Evidence]) -> bool:
+        """A following worker: hand over its evidence, take up the judging worker's states;
+        whether a step or phase changed."""
+        assert self.share is not None
+        changed = False
+        with self._lock:
+            for name, ro in rollouts.items():
+                if (ev := batches.get(name)) is not None and ro.mirroring:
+                    try:
+                        self.share.put_evidence(name, ro.step_key, ev)
+                    except OSError as exc:
+                        log.error("rollout %s: evidence not handed over: %s", name, exc)
+                if self.store is not None and (state := self.store.load(name)) is not None:
+                    changed = ro.adopt(state) or changed
+        return changed
+
     def _save(self, ro: Rollout) -> None:
-        if self.store is None:
+        if self.store is None or not self.judges:
             return
         try:
             self.store.save(ro.route, ro.to_state())
@@ -302,14 +354,21 @@ class Rollouts:
         if action not in ACTIONS:
             raise ModelNotFound(f"unknown rollout action '{action}'; use one of {', '.join(ACTIONS)}")
         ro = self.get(name)
-
-        def apply() -> dict:
-            decision = ro.promote(full) if action == "promote" else getattr(ro, action)(reason)
-            self._save(ro)
+        if not self.judges:  # the judging worker applies it
+            assert self.share is not None
+            decision = await asyncio.to_thread(self.share.request, name, action, reason, full)
+            if await asyncio.to_thread(self._follow, {name: ro}, {}):
+                self.on_change()
             return decision
-
-        decision = await asyncio.to_thread(self._locked, apply)
+        decision = await asyncio.to_thread(self._locked, lambda: self._apply(ro, action, reason, full))
         self._decided([(ro, decision)])
+        return decision
+
+    def _apply(self, ro: Rollout, action: str, reason: str, full: bool) -> dict:
+        if action not in ACTIONS:
+            raise ModelNotFound(f"unknown rollout action '{action}'; use one of {', '.join(ACTIONS)}")
+        decision = ro.promote(full) if action == "promote" else getattr(ro, action)(reason)
+        self._save(ro)
         return decision
 
     def _locked(self, fn: Callable[[], Any]) -> Any:
