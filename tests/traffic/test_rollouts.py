@@ -17,8 +17,6 @@ import http.server
 import itertools
 import json
 import signal
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +34,17 @@ from gateway import GatewayProcess, wait_until
 from routing_helpers import call, metric, metrics
 
 # Every model takes x float32 [batch, 4] and answers y = x * scale (the crash version: see build_crash_version).
-SCALES = {"prim": 1.0, "prim2": 1.0, "good": 1.0, "bad": -1.0, "flaky_c": 1.0, "ops_c": 1.0, "abort_c": 1.0}
+SCALES = {
+    "prim": 1.0,
+    "prim2": 1.0,
+    "good": 1.0,
+    "bad": -1.0,
+    "flaky_c": 1.0,
+    "ops_c": 1.0,
+    "abort_c": 1.0,
+    "gone_c": 1.0,
+    "pin_c": 1.0,
+}
 ROWS = 2  # rows per request: each comparison judges ROWS argmax rows
 EVERY_S = 0.1  # rollouts.evaluate_every_s
 # The latency gate's upper bound is the candidate's slowest run over the primary's 98th percentile: it
@@ -270,6 +278,8 @@ ROUTES = [
     route("quiet_hold", "prim", candidate="good", max_step_s=1),
     route("quiet_recover", "prim", candidate="good", max_step_s=1, min_comparisons=60),
     route("quiet_rollback", "prim", candidate="good", max_step_s=1, on_timeout="rollback"),
+    route("gone", "prim", candidate="gone_c"),
+    route("pinned", "prim", candidate="pin_c:1"),
     route("ops", "prim", candidate="ops_c"),
     route("ops_abort", "prim", candidate="abort_c"),
     route("guard_put", "prim", candidate="good"),
@@ -404,6 +414,48 @@ def test_a_candidate_that_starts_failing_at_a_live_step_is_rolled_back_and_stays
     assert summary(gw, "flaky")["history"] == doc["history"]
     m = rollout_metrics(gw, "flaky")
     assert (m["candidate_weight"], m["step"], m["rolled_back"], m["rollback"], m["advance"]) == (0, 2, 1, 1, 2), m
+
+
+def unload_at_half(gw: GatewayProcess, name: str, candidate: str) -> list[str]:
+    """Promote ``name`` to its 50 % step, unload its candidate, then send bursts (at most 15) until the
+    rollout leaves ``running``; every outcome."""
+    assert [act(gw, name, "promote")[0] for _ in range(2)] == [200, 200]
+    assert summary(gw, name)["candidate_weight"] == 50
+    assert set(burst(gw, name)) == {"prim", candidate.partition(":")[0]}
+    status, body = call(gw.http_port, "POST", f"/v2/repository/models/{candidate.partition(':')[0]}/unload", {})
+    assert status == 200, body
+    seen: list[str] = []
+    for _ in range(15):
+        if summary(gw, name)["phase"] != "running":
+            break
+        seen += burst(gw, name)
+    return seen
+
+
+def test_a_candidate_unloaded_at_a_live_step_is_rolled_back(gw):
+    seen = unload_at_half(gw, "gone", "gone_c")
+    assert set(seen) - {"prim"} <= {"error:503", "error:StatusCode.UNAVAILABLE"}, set(seen)
+    doc = summary(gw, "gone")
+    assert where(doc) == ("rolled_back", 2, 0, False), doc
+    assert decisions(doc) == ["promote", "promote", "rollback"]
+    assert set(burst(gw, "gone", per_thread=20)) == {"prim"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a candidate pinned to a version (model:version) that is no longer loaded fails with ModelNotFound, "
+    "which rollouts.candidate_fault does not count: its live share keeps failing (404) and it never rolls back",
+)
+def test_a_candidate_pinned_to_a_version_that_is_unloaded_at_a_live_step_is_rolled_back(gw):
+    try:
+        seen = unload_at_half(gw, "pinned", "pin_c:1")
+    finally:  # a route naming a version that is gone fails every later route change's validation
+        assert call(gw.http_port, "POST", "/v2/repository/models/pin_c/load", {})[0] == 200
+    failed = [o for o in seen if o.startswith("error:")]
+    assert failed and set(seen) - set(failed) == {"prim"}, set(seen)
+    doc = summary(gw, "pinned")
+    assert doc["candidate_errors"] > 0, f"{len(failed)} requests the candidate failed, none counted against it"
+    assert where(doc) == ("rolled_back", 2, 0, False), doc
 
 
 # -- 4. too little traffic -------------------------------------------------------------------------
@@ -621,15 +673,6 @@ def test_a_restart_mid_rollout_resumes_at_the_same_step_and_phase_with_its_histo
         ("advance", 1, 2, 50, "running", "gates", False),
         ("complete", 2, 3, 100, "completed", "gates", False),
     ]
-
-
-def test_a_rollout_under_several_workers_stops_the_start_with_exit_code_2(repo, tmp_path):
-    config = write_config(tmp_path / "gateway.yaml", [route("multi", "prim", candidate="good")])
-    cmd = [sys.executable, "-m", "onnxgate", "serve", "--config", str(config), "--model-repository", str(repo)]
-    cmd += ["--workers", "2", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
-    assert "--workers" in done.stderr and "rollout" in done.stderr, done.stderr[-2000:]
 
 
 # -- 8. the webhook ------------------------------------------------------------------------------------
