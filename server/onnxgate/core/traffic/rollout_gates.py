@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -281,14 +282,27 @@ def _tail(start: int, n: int, p: float, step: int) -> float:
     return math.exp(_log_pmf(start, n, p) + math.log(total))
 
 
+_NORMAL_VARIANCE = 1e4  # from this variance on, the normal approximation (see binom_cdf)
+_STD_NORMAL = statistics.NormalDist()
+
+
 def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), to about 1e-10 (lgamma's rounding at large n)."""
+    """P(X <= k) for X ~ Binomial(n, p): exact (to about 1e-10) below a variance n p (1 - p) of
+    1e4, the normal approximation with continuity correction from there on.
+
+    Exact sums cost O(sqrt(variance)) terms and a bound's bisection 60 of them: 22 ms of a
+    judgement at 2e6 comparisons, 0.5 s at 2e8, with the GIL held. The approximation's error is at
+    most 0.48 / sqrt(variance) (Berry-Esseen), 5e-3 at 1e4, which moves a 95 % bound by a small
+    fraction of its distance from the estimate; a judgement then costs about 2 ms at any count."""
     if k < 0:
         return 0.0
     if k >= n or p <= 0.0:
         return 1.0
     if p >= 1.0:
         return 0.0
+    variance = n * p * (1.0 - p)
+    if variance >= _NORMAL_VARIANCE:
+        return _STD_NORMAL.cdf((k + 0.5 - n * p) / math.sqrt(variance))
     mode = min(n, math.floor((n + 1) * p))
     if k < mode:
         return min(1.0, _tail(k, n, p, -1))
