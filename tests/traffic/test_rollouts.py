@@ -4,7 +4,7 @@ to real ONNX models; the operator actions, conflicting route changes, restarts w
 directory, the metrics and the CloudEvents webhook.
 
 One gateway (``gw``) serves a route per scenario, each with its own candidate where its counts
-are asserted; a restart and the ``--workers`` refusal start gateways of their own. Traffic comes
+are asserted; the restart test starts gateways of its own. Traffic comes
 in bursts from the test (the rollout's state is polled between bursts), or as a steady load from
 threads while the rollout walks (``Load``). Every reply is checked: its ``model_name`` says who
 answered and its ``y`` must be ``x * scale`` of that model.
