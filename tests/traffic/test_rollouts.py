@@ -441,11 +441,6 @@ def test_a_candidate_unloaded_at_a_live_step_is_rolled_back(gw):
     assert set(burst(gw, "gone", per_thread=20)) == {"prim"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a candidate pinned to a version (model:version) that is no longer loaded fails with ModelNotFound, "
-    "which rollouts.candidate_fault does not count: its live share keeps failing (404) and it never rolls back",
-)
 def test_a_candidate_pinned_to_a_version_that_is_unloaded_at_a_live_step_is_rolled_back(gw):
     try:
         seen = unload_at_half(gw, "pinned", "pin_c:1")
@@ -601,11 +596,6 @@ def test_a_put_or_delete_of_a_route_under_a_running_rollout_is_refused_unless_it
     assert set(burst(gw, "guard_del", per_thread=2)) == {"error:404", "error:StatusCode.NOT_FOUND"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TrafficControl.put aborts the rollout (?abort_rollout=true) before set() validates the new route, "
-    "so a PUT refused with 400 still aborts the rollout",
-)
 def test_an_invalid_put_with_abort_rollout_is_refused_without_aborting_the_rollout(gw):
     status, original = route_doc(gw, "guard_bad")
     assert status == 200 and summary(gw, "guard_bad")["phase"] == "running"

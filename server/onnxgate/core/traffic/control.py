@@ -70,10 +70,11 @@ class TrafficControl:
         """Add or replace one route from its JSON form (validated; the others stay as they are)."""
         route = parse_route(doc)
         self._check_shared("changing a route")
-        if abort_rollout:
+        routes = [*(r for r in self.configured if r.name != route.name), route]
+        if abort_rollout:  # only a change that is valid aborts the rollout it replaces
+            RouteTable(routes).validate(self._known_models())
             await self._abort(route.name, "aborted by a route PUT with abort_rollout=true")
-        others = (r for r in self.configured if r.name != route.name)
-        self.set([*others, route], what=f"PUT /v2/routes/{route.name}")
+        self.set(routes, what=f"PUT /v2/routes/{route.name}")
         return route
 
     async def delete(self, name: str, abort_rollout: bool = False) -> None:

@@ -74,9 +74,9 @@ class RolloutsConfig:
 
 
 def candidate_fault(exc: BaseException) -> bool:
-    """Whether a failed candidate call counts against it: the model failed or could not serve,
-    not the caller's bad input nor a load shed."""
-    return isinstance(exc, InferenceFailed | Unavailable) or not isinstance(exc, GatewayError)
+    """Whether a failed candidate call counts against it: the model failed, could not serve, or
+    is gone (a pinned version unloaded), not the caller's bad input nor a load shed."""
+    return isinstance(exc, InferenceFailed | Unavailable | ModelNotFound) or not isinstance(exc, GatewayError)
 
 
 class _Metrics:
