@@ -52,9 +52,12 @@ class TrafficControl:
         """Replace the whole table, after validating it. ``what`` names a change that must not
         touch a route under an active rollout (:class:`Conflict`); "" = the start."""
         routes = tuple(routes)
-        RouteTable(routes).validate(self._known_models())
+        current = {r.name: r for r in self.configured}
+        # a change validates what it changes: a route left as it was stays valid even when a version
+        # it pins was unloaded since (it answers 404 / 503 for it), and does not block the others
+        changed = [r for r in routes if current.get(r.name) != r] if what else list(routes)
+        RouteTable(changed).validate(self._known_models())
         if what:
-            current = {r.name: r for r in self.configured}
             self.rollouts.check_change(current, {r.name: r for r in routes}, what)
         self.configured = routes
         self.rollouts.configure(routes)
@@ -72,7 +75,7 @@ class TrafficControl:
         self._check_shared("changing a route")
         routes = [*(r for r in self.configured if r.name != route.name), route]
         if abort_rollout:  # only a change that is valid aborts the rollout it replaces
-            RouteTable(routes).validate(self._known_models())
+            RouteTable([route]).validate(self._known_models())
             await self._abort(route.name, "aborted by a route PUT with abort_rollout=true")
         self.set(routes, what=f"PUT /v2/routes/{route.name}")
         return route
