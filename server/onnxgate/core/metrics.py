@@ -22,6 +22,15 @@ _LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+# Execution times, finer: the latency ratio of a rollout gate (candidate p99 / primary p99, against
+# thresholds like 1.3) wants neighbouring edges closer than _LATENCY_BUCKETS' 2-2.5x. The same
+# edges, and in each decade 1, 1.5, 2, 2.5, 3, 4, 5, 7.5 (at most 1.5x apart).
+_EXEC_BUCKETS = tuple(
+    sorted({*_LATENCY_BUCKETS, *(round(m * 10.0**e, 6) for e in range(-4, 1) for m in (1, 1.5, 2, 2.5, 3, 4, 5, 7.5))})
+)
+# Per-request shadow differences: the old decades, and 2 and 5 within them from 1e-3 to 1, so that
+# thresholds like abs_diff_p99_max 0.05 fall on an edge (the share of requests above it is exact).
+_ABS_DIFF_BUCKETS = (0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1, 10, 100)
 
 
 class Metrics:
@@ -49,7 +58,7 @@ class Metrics:
             "onnxgate_compute_duration_seconds",
             "Time ONNX Runtime spent on one execution.",
             ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_EXEC_BUCKETS,
             registry=r,
         )
         self.batch_rows = Histogram(
@@ -177,7 +186,7 @@ class Metrics:
             "onnxgate_shadow_abs_diff",
             "Absolute difference of shadow and primary outputs per request (stat: max or mean over elements).",
             [*pair, "output", "stat"],
-            buckets=(0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100),
+            buckets=_ABS_DIFF_BUCKETS,
             registry=r,
         )
         self.shadow_argmax_rows = Counter(
