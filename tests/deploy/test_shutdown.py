@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException
 import modelzoo
 from gateway import GatewayProcess
 
-N, LAYERS, ROWS = 256, 40, 16
+N, LAYERS, ROWS = 256, 160, 16  # ~25 ms an execution: 10 clients keep ~8 requests waiting > 50 ms
 REFUSED = {"503", "StatusCode.UNAVAILABLE"}
 # grpcio's aio server cancels calls that reach it while server.stop() runs, before any handler saw
 # them (reproduced with a bare grpc.aio server), so the client sees CANCELLED for a request that was
