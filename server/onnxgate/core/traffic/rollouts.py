@@ -149,9 +149,8 @@ class Rollouts:
 
     def load_states(self) -> None:
         """Read the saved states (blocking: in a thread, before the routes are first set)."""
-        if self.store is None:
+        if self.store is None or not self.store.directory.is_dir():  # made by the first save
             return
-        self.store.directory.mkdir(parents=True, exist_ok=True)
         for name in self.store.routes():
             if (state := self.store.load(name)) is not None:
                 self._saved[name] = state
