@@ -204,22 +204,26 @@ def test_a_cancelled_request_never_runs(gw):
     if err.value.status() == "StatusCode.RESOURCE_EXHAUSTED":
         assert "deadline" in err.value.message()
     big.join()
-    # HTTP: the client closes its connection while the request waits (behind a big one of its
-    # own: the first may be over by the time the gRPC client has given up).
+    # HTTP: the client closes its connection while the request waits, behind a big request that
+    # is queued behind another running one (so it waits at least one whole big execution)
     big = _occupy(gw, "cancels")
+    rows = np.random.default_rng(0).random((256, 1024), dtype=np.float32)
+    queued = threading.Thread(target=lambda: _grpc_infer(gw.grpc_url, "cancels", rows))
+    queued.start()
+    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 256, timeout=10)
     conn = http.client.HTTPConnection("127.0.0.1", gw.http_port)
     body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": x.ravel()}]},
                         option=orjson.OPT_SERIALIZE_NUMPY)
     conn.request("POST", "/v2/models/cancels/infer", body)
-    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 1, timeout=10)  # it waits behind the big one
-    assert _stats(gw, "cancels")["execution_count"] == before["execution_count"] + 1, "the big one ended too soon"
+    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 257, timeout=10)  # behind the queued big one
     conn.close()
     big.join()
+    queued.join()
     assert wait_until(lambda: _queued_rows(gw, "cancels") == 0, timeout=10)
     after = _stats(gw, "cancels")
     # only the big requests ran
     assert (after["execution_count"], after["inference_count"]) == (
-        before["execution_count"] + 2, before["inference_count"] + 2 * 256), (before, after)
+        before["execution_count"] + 3, before["inference_count"] + 3 * 256), (before, after)
 
 
 def _queued_rows(gw: GatewayProcess, model: str) -> float:

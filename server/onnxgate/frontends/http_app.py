@@ -129,6 +129,9 @@ class HttpApp(RouteHandlers):
         finally:
             if exchange is not None:
                 exchange.finish(reply.status, reply.status, error)
+            # error's traceback holds this frame, which holds error: without this the cycle (and the
+            # request it reaches: path, headers, body) would wait for the cycle collector
+            error = None
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> Reply:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
