@@ -219,8 +219,8 @@ class Gateway:
             await self.manager.load_all()
         await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
         self.service.set_routes(self.config.routes)  # validated against the repository's models
-        if self.service.rollouts:
-            self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
+        # always: a route PUT may add a rollout later (a judgement without rollouts does nothing)
+        self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
         if self.poller is not None:
             await self.poller.prime()
             self.poller.start()
@@ -263,8 +263,6 @@ class Gateway:
         try:
             routes = await asyncio.to_thread(config_mod.load_routes, self.config.path)
             self.service.set_routes(routes, what="SIGHUP")  # refused for a route under an active rollout
-            if self.service.rollouts and self._rollout_task is None:
-                self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
         except GatewayError as exc:
             log.error("SIGHUP: routes not changed: %s", exc.message)
             return

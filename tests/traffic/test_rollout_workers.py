@@ -75,3 +75,23 @@ routes:
         # every worker serves the completed split: the candidate alone
         replies = [_call(gw, "POST", "/v2/models/fraud/infer", BODY)[1]["model_name"] for _ in range(20)]
         assert set(replies) == {"v2"}
+
+
+def test_a_rollout_put_into_a_gateway_started_without_one_is_judged(tmp_path: Path):
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "v1", scale=2.0)
+    modelzoo.build_scaled(repo, "v2", scale=2.0)
+    config = tmp_path / "gateway.yaml"
+    config.write_text("rollouts: {evaluate_every_s: 0.1}\n", encoding="utf-8")
+    with GatewayProcess(repo, ["--config", str(config)]) as gw:
+        route = {"split": [{"target": "v1", "weight": 1}],
+                 "rollout": {"candidate": "v2", "steps": ["shadow", 100], "min_dwell_s": 0.2, "min_comparisons": 20,
+                             "gates": {"agreement_min": 0.5}}}
+        assert _call(gw, "PUT", "/v2/routes/late", json.dumps(route))[0] == 200
+
+        def completed() -> bool:
+            for _ in range(10):
+                assert _call(gw, "POST", "/v2/models/late/infer", BODY)[0] == 200
+            return _call(gw, "GET", "/v2/routes/late/rollout")[1]["phase"] == "completed"
+
+        assert wait_until(completed, timeout=30, interval=0.01)
