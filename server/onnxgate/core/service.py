@@ -21,6 +21,7 @@ from onnxgate.core.metrics import Metrics
 from onnxgate.core.monitoring.access_log import AccessLogger
 from onnxgate.core.monitoring.records import Sample, ShadowResult
 from onnxgate.core.monitoring.sample_log import SampleLogger
+from onnxgate.core.monitoring.summary import SummaryWindow
 from onnxgate.core.serving import manager as manager_mod
 from onnxgate.core.serving import model_config
 from onnxgate.core.serving.manager import IndexRow, ModelManager, VersionEntry
@@ -164,6 +165,13 @@ class InferenceService:
         if version:
             return [s for s in [self.manager.get(name, version).stats] if s is not None]
         return [v.stats for _, v in sorted(entry.versions.items()) if v.stats is not None and v.state == "READY"]
+
+    def models_summary(self) -> dict:
+        """Every model and version with its traffic over about the last minute (see
+        :mod:`onnxgate.core.monitoring.summary`)."""
+        if (window := getattr(self, "_summary", None)) is None:
+            window = self._summary = SummaryWindow(self.metrics)
+        return window.answer(self.manager.models, self.statistics(), self.ready, self.draining)
 
     def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
         return self.manager.index(ready_only)

@@ -82,6 +82,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              (("GET", "/v2/routes/{route}/rollout"),), target="route"),
     Endpoint("routes.rollout_action", "admin", "Pause, resume, promote or abort a route's rollout",
              (("POST", "/v2/routes/{route}/rollout/{action}"),), read_only=False, target="route"),
+    Endpoint("models.summary", "read", "Every model and version: state, traffic and latency over the last minute",
+             (("GET", "/v2/models/summary"),)),
+    # Public: the console's static files hold no data; the page asks the API for it with the user's token.
+    Endpoint("console.index", PUBLIC, "The operator console (a static page)", (("GET", "/console"),)),
+    Endpoint("console.file", PUBLIC, "A static file of the operator console", (("GET", "/console/{file}"),)),
     Endpoint("unsupported.shared_memory_status", "read", "the shared memory extension",
              tuple(("GET", f"/v2/{kind}sharedmemory{path}/status") for kind in ("system", "cuda")
                    for path in ("", "/region/{region}")),

@@ -41,6 +41,7 @@ from onnxgate.errors import (
 )
 from onnxgate.frontends import http_codec, openapi
 from onnxgate.frontends.endpoints import ENDPOINTS, Endpoint, HttpRouter
+from onnxgate.frontends.http_console import ConsoleHandlers
 from onnxgate.frontends.http_reply import (
     CONTROL_BODY_LIMIT,
     JSON,
@@ -66,7 +67,7 @@ _INFER_SPAN = "POST /v2/models/{model}/infer"
 _CLIENT_CLOSED = 499  # the access log's status of a request whose client went away (as nginx logs it)
 
 
-class HttpApp(RouteHandlers):
+class HttpApp(RouteHandlers, ConsoleHandlers):
     """ASGI application serving the Open Inference Protocol REST API."""
 
     def __init__(

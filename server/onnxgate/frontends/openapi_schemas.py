@@ -12,7 +12,7 @@ from typing import Any
 
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS
 from onnxgate.core.serving.tensors import DATATYPES
-from onnxgate.frontends import openapi_rollouts
+from onnxgate.frontends import openapi_console, openapi_rollouts
 
 Schema = dict[str, Any]
 
@@ -390,3 +390,8 @@ SCHEMAS["Route"]["properties"]["rollout"] = ref("RolloutConfig")  # RouteBody sh
 PARAMETERS.update(openapi_rollouts.PARAMETERS)
 RESPONSES["Conflict"] = openapi_rollouts.CONFLICT
 OPERATIONS.update(openapi_rollouts.operations(_ok, _body))
+
+# The console (openapi_console): the models summary's schemas, the console's static files.
+SCHEMAS.update(openapi_console.SCHEMAS)
+PARAMETERS.update(openapi_console.PARAMETERS)
+OPERATIONS.update(openapi_console.operations(_ok))

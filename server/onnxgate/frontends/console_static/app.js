@@ -1,0 +1,396 @@
+// The onnxgate operator console. Plain JavaScript, no build step, no third-party code.
+//
+// Everything shown comes from the gateway's documented HTTP API, asked with the user's token
+// (Authorization: Bearer, kept in sessionStorage only: never in a URL, never logged). Every datum
+// is put in the page as text (textContent, createElement): never parsed as HTML.
+"use strict";
+
+(() => {
+  const POLL_MS = 2000;
+  const HISTORY = 150; // points per chart: 5 minutes at one poll every 2 s
+  const TOKEN_KEY = "onnxgate.token";
+  const $ = (id) => document.getElementById(id);
+
+  // -- DOM helpers: text only --------------------------------------------------------------
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = String(value);
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+  const fmt = (v, digits = 2) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+  let uid = 0;
+  const nextId = (prefix) => `${prefix}-${++uid}`;
+
+  // -- the API -----------------------------------------------------------------------------
+  const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+
+  class Refused extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  async function api(method, path, body) {
+    const headers = { "Accept": "application/json" };
+    const t = token();
+    if (t) headers["Authorization"] = `Bearer ${t}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const reply = await fetch(path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer",
+    });
+    const text = await reply.text();
+    let doc = null;
+    try { doc = text ? JSON.parse(text) : null; } catch (_) { doc = null; }
+    if (!reply.ok) throw new Refused(reply.status, (doc && doc.error) || reply.statusText || "failed");
+    return doc;
+  }
+
+  function explain(err, what) {
+    if (!(err instanceof Refused)) return `${what}: the gateway could not be reached (${err.message})`;
+    const hints = {
+      401: "refused (401): sign in with a token",
+      403: "refused (403): this token lacks the scope it needs (actions need admin)",
+      409: "refused (409): conflict",
+      501: "refused (501): not supported here",
+      503: "refused (503): unavailable",
+    };
+    return `${what} ${hints[err.status] || `failed (${err.status})`}: ${err.message}`;
+  }
+
+  function say(text, kind) {
+    const m = $("message");
+    m.textContent = text;
+    m.className = `message ${kind || ""}`;
+  }
+
+  async function act(question, what, call) {
+    if (!window.confirm(question)) return;
+    try {
+      await call();
+      say(`${what}: done`, "done");
+    } catch (err) {
+      say(explain(err, what), "error");
+    }
+    poll(true);
+  }
+
+  // -- charts: small SVG polylines of a history -------------------------------------------
+  const SVG = "http://www.w3.org/2000/svg";
+  const histories = new Map(); // key -> [numbers]
+
+  function remember(key, value) {
+    let h = histories.get(key);
+    if (!h) histories.set(key, (h = []));
+    h.push(value === null || value === undefined ? null : Number(value));
+    if (h.length > HISTORY) h.shift();
+    return h;
+  }
+
+  function chart(label, values, unit) {
+    const w = 300, h = 70;
+    const known = values.filter((v) => v !== null && Number.isFinite(v));
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", "chart");
+    svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+    svg.setAttribute("role", "img");
+    const last = known.length ? known[known.length - 1] : null;
+    svg.setAttribute("aria-label", `${label}: ${last === null ? "no data yet" : fmt(last, 3) + " " + unit}`);
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = label;
+    svg.append(title);
+    if (known.length) {
+      const lo = Math.min(0, ...known), hi = Math.max(...known, lo + 1e-9);
+      const points = [];
+      values.forEach((v, i) => {
+        if (v === null || !Number.isFinite(v)) return;
+        const x = (i / Math.max(1, HISTORY - 1)) * (w - 4) + 2;
+        const y = h - 14 - ((v - lo) / (hi - lo)) * (h - 22);
+        points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
+      });
+      const line = document.createElementNS(SVG, "polyline");
+      line.setAttribute("points", points.join(" "));
+      svg.append(line);
+    }
+    const caption = document.createElementNS(SVG, "text");
+    caption.setAttribute("x", "4");
+    caption.setAttribute("y", String(h - 3));
+    caption.textContent = `${label}: ${last === null ? "–" : fmt(last, 3)} ${unit}`;
+    svg.append(caption);
+    return svg;
+  }
+
+  function bars(batchSizes) {
+    const max = Math.max(1, ...batchSizes.map((b) => b.window || b.executions));
+    const box = el("div", { class: "bars", role: "img",
+      "aria-label": "executions by batch size: " + batchSizes.map((b) => `${b.size}: ${b.window}`).join(", ") });
+    for (const b of batchSizes) {
+      const n = b.window || b.executions;
+      const bar = el("span", { title: `batch ${b.size}: ${b.window} in the window, ${b.executions} in all` });
+      bar.style.height = `${Math.max(4, (100 * n) / max)}%`;
+      box.append(bar);
+    }
+    return box;
+  }
+
+  // -- models ------------------------------------------------------------------------------
+  const modelCards = new Map(); // name -> {card, stats, select}
+
+  function modelCard(name) {
+    let entry = modelCards.get(name);
+    if (entry) return entry;
+    const stats = el("div", { class: "table-wrap" });
+    const charts = el("div");
+    const selectId = nextId("pin");
+    const select = el("select", { id: selectId });
+    const heading = el("h3", { text: name });
+    const actions = el("div", { class: "actions" },
+      el("button", { type: "button", text: "Load", "aria-label": `Load ${name}`,
+        onclick: () => act(`Load (and unpin) model "${name}"?`, `Load ${name}`,
+          () => api("POST", `/v2/repository/models/${encodeURIComponent(name)}/load`, {})) }),
+      el("label", { for: selectId, text: "Version" }), select,
+      el("button", { type: "button", text: "Pin", "aria-label": `Pin ${name} to the chosen version`,
+        onclick: () => {
+          const v = select.value;
+          if (!v) { say(`Pin ${name}: choose a version first`, "error"); return; }
+          act(`Pin model "${name}" to version ${v}?`, `Pin ${name} to ${v}`,
+            () => api("POST", `/v2/repository/models/${encodeURIComponent(name)}/load`,
+              { parameters: { version: Number(v) } }));
+        } }),
+      el("button", { type: "button", text: "Roll back", "aria-label": `Roll back ${name}`,
+        onclick: () => act(`Roll model "${name}" back to the version that served before?`, `Roll back ${name}`,
+          () => api("POST", `/v2/repository/models/${encodeURIComponent(name)}/load`,
+            { parameters: { rollback: true } })) }),
+      el("button", { type: "button", class: "danger", text: "Unload", "aria-label": `Unload ${name}`,
+        onclick: () => act(`Unload model "${name}"? It stops serving.`, `Unload ${name}`,
+          () => api("POST", `/v2/repository/models/${encodeURIComponent(name)}/unload`, {})) }));
+    const card = el("article", { class: "card model", "data-model": name }, heading, stats, charts, actions);
+    entry = { card, stats, charts, select, versions: "" };
+    modelCards.set(name, entry);
+    return entry;
+  }
+
+  function renderModels(summary) {
+    const box = $("models");
+    let grid = box.querySelector(".cards");
+    if (!grid) box.append((grid = el("div", { class: "cards" })));
+    const seen = new Set();
+    for (const m of summary.models) {
+      seen.add(m.name);
+      const entry = modelCard(m.name);
+      const rows = m.versions.map((v) => el("tr", { "data-version": v.version },
+        el("td", { text: v.version }),
+        el("td", { class: `state-${v.state}`, text: v.state }),
+        el("td", { text: v.provider || "–" }),
+        el("td", { text: v.instances }),
+        el("td", { text: fmt(v.request_rate) }),
+        el("td", { text: fmt(v.latency_mean_ms) }),
+        el("td", { text: `${fmt(v.queue_p99_ms)} / ${fmt(v.execute_p99_ms)}` }),
+        el("td", { text: v.queue_depth }),
+        el("td", {}, v.batch_sizes.length ? bars(v.batch_sizes) : "–"),
+        el("td", { class: "reason", text: v.reason })));
+      const head = el("tr", {}, ...["version", "state", "provider", "instances", "req/s", "mean ms",
+        "queue / exec p99 ms", "queue", "batch sizes", "reason"].map((t) => el("th", { scope: "col", text: t })));
+      const table = el("table", {}, el("caption", { class: "note",
+        text: `${m.request_rate === null ? "–" : fmt(m.request_rate)} req/s · p50 ${fmt(m.latency_p50_ms)} ms · ` +
+          `p99 ${fmt(m.latency_p99_ms)} ms` }), el("thead", {}, head), el("tbody", {}, rows));
+      const parts = [table];
+      if (m.reason) parts.push(el("p", { class: "reason", text: m.reason }));
+      entry.stats.replaceChildren(...parts);
+      entry.charts.replaceChildren(
+        chart("requests/s", remember(`rate:${m.name}`, m.request_rate), "req/s"),
+        chart("p99 latency", remember(`p99:${m.name}`, m.latency_p99_ms), "ms"));
+      const versions = m.versions.map((v) => v.version).join(",");
+      if (versions !== entry.versions && document.activeElement !== entry.select) {
+        entry.versions = versions;
+        entry.select.replaceChildren(el("option", { value: "", text: "choose…" }),
+          ...m.versions.map((v) => el("option", { value: v.version, text: `${v.version} (${v.state})` })));
+      }
+      grid.append(entry.card); // in the summary's order
+    }
+    for (const [name, entry] of modelCards) {
+      if (!seen.has(name)) { entry.card.remove(); modelCards.delete(name); }
+    }
+    $("window").textContent = summary.window_s > 0
+      ? `Rates and latencies over the last ${fmt(summary.window_s, 0)} s.`
+      : "Rates and latencies appear from the next refresh.";
+  }
+
+  // -- routes ------------------------------------------------------------------------------
+  const routeCards = new Map(); // name -> {card, editor, details, config}
+
+  function weightEditor(route) {
+    const inputs = [];
+    const fields = route.split.map((s) => {
+      const id = nextId("weight");
+      const input = el("input", { id, type: "number", min: "0", step: "any", value: s.weight });
+      inputs.push(input);
+      return el("span", { class: "field" }, el("label", { for: id, text: `${s.target} weight` }), input);
+    });
+    const form = el("form", { class: "weights" },
+      el("fieldset", {}, el("legend", { text: "Split weights" }), fields,
+        el("button", { type: "submit", text: "Save weights", "aria-label": `Save the weights of route ${route.name}` })));
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const split = route.split.map((s, i) => ({ target: s.target, weight: Number(inputs[i].value) }));
+      const doc = { ...route, split };
+      delete doc.name;
+      act(`Change the split of route "${route.name}" to ${split.map((s) => `${s.target}: ${s.weight}`).join(", ")}?`,
+        `Save weights of ${route.name}`,
+        () => api("PUT", `/v2/routes/${encodeURIComponent(route.name)}`, doc));
+    });
+    return form;
+  }
+
+  function rolloutPart(name, rollout) {
+    const buttons = ["pause", "resume", "promote", "abort"].map((action) =>
+      el("button", { type: "button", class: action === "abort" ? "danger" : "", text: action,
+        "aria-label": `${action} the rollout of route ${name}`,
+        onclick: () => act(`${action[0].toUpperCase()}${action.slice(1)} the rollout of route "${name}"?`,
+          `Rollout ${action} on ${name}`,
+          () => api("POST", `/v2/routes/${encodeURIComponent(name)}/rollout/${action}`,
+            { reason: "from the console" })) }));
+    const gates = el("table", {}, el("thead", {}, el("tr", {}, ["gate", "threshold", "value", "bound", "verdict"]
+      .map((t) => el("th", { scope: "col", text: t })))),
+      el("tbody", {}, (rollout.gates || []).map((g) => el("tr", {}, el("td", { text: g.name }),
+        el("td", { text: g.threshold }), el("td", { text: fmt(g.value, 4) }), el("td", { text: fmt(g.bound, 4) }),
+        el("td", { text: g.verdict })))));
+    const history = el("ol", {}, (rollout.history || []).slice(-5).map((d) => el("li", {
+      text: `${new Date(d.time * 1000).toLocaleTimeString()} ${d.decision} → ${d.weight} % (${d.by || ""}): ` +
+        d.reason })));
+    return el("div", { class: "rollout" },
+      el("p", { text: `Rollout of ${rollout.candidate}: ${rollout.phase}, step ${rollout.step_index + 1} of ` +
+        `${rollout.steps.length}, candidate weight ${rollout.candidate_weight} %` +
+        (rollout.reason ? ` — ${rollout.reason}` : "") }),
+      el("div", { class: "table-wrap" }, gates), el("p", { class: "note", text: "Latest decisions" }), history,
+      el("div", { class: "actions" }, buttons));
+  }
+
+  function comparisonPart(name, comparison) {
+    const agreement = comparison.argmax_agreement || {};
+    const pair = (comparison.pairs || [])[0];
+    const diff = pair && pair.max_abs_diff ? pair.max_abs_diff.p99 : null;
+    const latency = pair && pair.latency_diff_s ? pair.latency_diff_s.p50 * 1000 : null;
+    const c = comparison.counts;
+    return el("div", { class: "comparison" },
+      el("p", { text: `Shadow comparison: ${c.compared} compared, ${c.failed} failed, ${c.dropped} dropped; ` +
+        `agreement ${agreement.rate === null || agreement.rate === undefined ? "–" : fmt(agreement.rate * 100, 1) + " %"}` }),
+      chart("agreement", remember(`agree:${name}`, agreement.rate === null ? null : agreement.rate), "share"),
+      chart("max |diff| p99", remember(`diff:${name}`, diff), ""),
+      chart("latency diff p50", remember(`lat:${name}`, latency), "ms"));
+  }
+
+  async function renderRoutes() {
+    const routes = await api("GET", "/v2/routes");
+    const box = $("routes");
+    if (!routes.length) { box.replaceChildren(el("p", { class: "note", text: "No routes." })); routeCards.clear(); return; }
+    let grid = box.querySelector(".cards");
+    if (!grid) box.replaceChildren((grid = el("div", { class: "cards" })));
+    const seen = new Set();
+    for (const route of routes) {
+      seen.add(route.name);
+      let entry = routeCards.get(route.name);
+      const config = JSON.stringify(route);
+      if (!entry) {
+        entry = { card: el("article", { class: "card route", "data-route": route.name }), summary: el("div"),
+          editor: el("div"), details: el("div"), config: "" };
+        entry.card.append(el("h3", { text: route.name }), entry.summary, entry.editor, entry.details);
+        routeCards.set(route.name, entry);
+      }
+      if (config !== entry.config && !entry.editor.contains(document.activeElement)) {
+        entry.config = config;
+        entry.editor.replaceChildren(weightEditor(route));
+      }
+      const total = route.split.reduce((a, s) => a + s.weight, 0) || 1;
+      entry.summary.replaceChildren(el("p", { text: "Split: " + route.split.map((s) =>
+        `${s.target} ${fmt((100 * s.weight) / total, 1)} %`).join(", ") +
+        (route.sticky ? ` · sticky ${route.sticky}` : "") +
+        (route.shadow ? ` · shadow ${route.shadow.target} (${fmt(route.shadow.fraction * 100, 0)} %)` : "") }));
+      const parts = [];
+      try {
+        if (route.shadow || route.rollout) parts.push(comparisonPart(route.name,
+          await api("GET", `/v2/routes/${encodeURIComponent(route.name)}/comparison`)));
+        if (route.rollout) parts.push(rolloutPart(route.name,
+          await api("GET", `/v2/routes/${encodeURIComponent(route.name)}/rollout`)));
+      } catch (err) {
+        parts.push(el("p", { class: "reason", text: explain(err, "Reading the route") }));
+      }
+      if (!entry.details.contains(document.activeElement)) entry.details.replaceChildren(...parts);
+      grid.append(entry.card);
+    }
+    for (const [name, entry] of routeCards) {
+      if (!seen.has(name)) { entry.card.remove(); routeCards.delete(name); }
+    }
+  }
+
+  // -- readiness and the poll loop ---------------------------------------------------------
+  function banner(summary) {
+    const b = $("banner");
+    if (summary.draining) {
+      b.textContent = "The gateway is draining: it is shutting down and takes no new requests.";
+      b.className = "banner bad";
+      b.hidden = false;
+    } else if (!summary.ready) {
+      b.textContent = "The gateway is not ready: a model is not loaded, or it is still starting.";
+      b.className = "banner";
+      b.hidden = false;
+    } else {
+      b.hidden = true;
+    }
+  }
+
+  let timer = null;
+  let busy = false;
+
+  async function poll(now) {
+    if (timer !== null) { clearTimeout(timer); timer = null; }
+    if (busy) { if (now) timer = setTimeout(poll, 200); return; }
+    busy = true;
+    try {
+      const summary = await api("GET", "/v2/models/summary");
+      banner(summary);
+      renderModels(summary);
+      await renderRoutes();
+      const m = $("message");
+      if (m.classList.contains("poll-error")) say("", "");
+    } catch (err) {
+      if (err instanceof Refused && err.status === 503) {
+        banner({ draining: true, ready: false });
+      }
+      say(explain(err, "Reading the gateway"), "error poll-error");
+      if (err instanceof Refused && err.status === 401) $("token").focus();
+    } finally {
+      busy = false;
+      timer = setTimeout(poll, POLL_MS);
+    }
+  }
+
+  function start() {
+    $("login").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const value = $("token").value.trim();
+      $("token").value = "";
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      else sessionStorage.removeItem(TOKEN_KEY);
+      say(value ? "Signed in for this tab." : "No token: the gateway's open endpoints only.", "done");
+      poll(true);
+    });
+    $("signout").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      say("Signed out.", "done");
+      poll(true);
+    });
+    poll(true);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
