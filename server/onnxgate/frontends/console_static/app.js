@@ -112,7 +112,7 @@
       const points = [];
       values.forEach((v, i) => {
         if (v === null || !Number.isFinite(v)) return;
-        const x = (i / Math.max(1, HISTORY - 1)) * (w - 4) + 2;
+        const x = w - 2 - ((values.length - 1 - i) / Math.max(1, HISTORY - 1)) * (w - 4); // newest at the right
         const y = h - 14 - ((v - lo) / (hi - lo)) * (h - 22);
         points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
       });
@@ -148,7 +148,7 @@
     let entry = modelCards.get(name);
     if (entry) return entry;
     const stats = el("div", { class: "table-wrap" });
-    const charts = el("div");
+    const charts = el("div", { class: "charts" });
     const selectId = nextId("pin");
     const select = el("select", { id: selectId });
     const heading = el("h3", { text: name });
@@ -180,34 +180,44 @@
 
   function renderModels(summary) {
     const box = $("models");
-    let grid = box.querySelector(".cards");
-    if (!grid) box.append((grid = el("div", { class: "cards" })));
+    let grid = box.querySelector(".stack");
+    if (!grid) box.append((grid = el("div", { class: "stack" })));
     const seen = new Set();
     for (const m of summary.models) {
       seen.add(m.name);
       const entry = modelCard(m.name);
-      const rows = m.versions.map((v) => el("tr", { "data-version": v.version },
-        el("td", { text: v.version }),
-        el("td", { class: `state-${v.state}`, text: v.state }),
-        el("td", { text: v.provider || "–" }),
-        el("td", { text: v.instances }),
-        el("td", { text: fmt(v.request_rate) }),
-        el("td", { text: fmt(v.latency_mean_ms) }),
-        el("td", { text: `${fmt(v.queue_p99_ms)} / ${fmt(v.execute_p99_ms)}` }),
-        el("td", { text: v.queue_depth }),
-        el("td", {}, v.batch_sizes.length ? bars(v.batch_sizes) : "–"),
-        el("td", { class: "reason", text: v.reason })));
-      const head = el("tr", {}, ...["version", "state", "provider", "instances", "req/s", "mean ms",
-        "queue / exec p99 ms", "queue", "batch sizes", "reason"].map((t) => el("th", { scope: "col", text: t })));
+      const rows = [];
+      for (const v of m.versions) {
+        rows.push(el("tr", { "data-version": v.version },
+          el("td", { text: v.version }),
+          el("td", { class: `state-${v.state}`, text: v.state }),
+          el("td", { text: v.provider || "–" }),
+          el("td", { text: v.instances }),
+          el("td", { text: fmt(v.request_rate) }),
+          el("td", { text: fmt(v.failure_rate) }),
+          el("td", { text: fmt(v.latency_mean_ms) }),
+          el("td", { text: fmt(v.queue_p99_ms) }),
+          el("td", { text: fmt(v.execute_p99_ms) }),
+          el("td", { text: v.queue_depth }),
+          el("td", {}, v.batch_sizes.length ? bars(v.batch_sizes) : "–")));
+        if (v.reason) {
+          rows.push(el("tr", { class: "reason-row" }, el("td", {}),
+            el("td", { class: "reason", colspan: 10, text: v.reason })));
+        }
+      }
+      const head = el("tr", {}, ...["version", "state", "provider", "instances", "req/s", "failed/s", "mean ms",
+        "queue p99 ms", "exec p99 ms", "queued", "batch sizes"].map((t) => el("th", { scope: "col", text: t })));
       const table = el("table", {}, el("caption", { class: "note",
         text: `${m.request_rate === null ? "–" : fmt(m.request_rate)} req/s · p50 ${fmt(m.latency_p50_ms)} ms · ` +
           `p99 ${fmt(m.latency_p99_ms)} ms` }), el("thead", {}, head), el("tbody", {}, rows));
       const parts = [table];
       if (m.reason) parts.push(el("p", { class: "reason", text: m.reason }));
       entry.stats.replaceChildren(...parts);
-      entry.charts.replaceChildren(
-        chart("requests/s", remember(`rate:${m.name}`, m.request_rate), "req/s"),
-        chart("p99 latency", remember(`p99:${m.name}`, m.latency_p99_ms), "ms"));
+      const rate = remember(`rate:${m.name}`, m.request_rate);
+      const p99 = remember(`p99:${m.name}`, m.latency_p99_ms);
+      if (m.ready_versions.length) entry.charts.replaceChildren(chart("requests/s", rate, "req/s"),
+        chart("p99 latency", p99, "ms"));
+      else entry.charts.replaceChildren();
       const versions = m.versions.map((v) => v.version).join(",");
       if (versions !== entry.versions && document.activeElement !== entry.select) {
         entry.versions = versions;

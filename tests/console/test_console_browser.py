@@ -1,0 +1,242 @@
+"""The console in a real browser: headless Chromium driven by Selenium against a real gateway.
+
+Without a token the page says it was refused (401); with the read token it lists the models and
+versions with their states, and a model whose name and load-failure reason hold markup shows
+them as text (no element made of them, no script run); an action with the read token is refused
+(403) and the page says so; with the admin token, pinning a version from the page changes which
+version answers, and editing a route's weights changes the route; a chart renders non-empty.
+
+Needs Chromium (``chromium``), its driver (``chromedriver``, Debian's ``chromium-driver``) and
+``selenium``: without them the module is skipped, unless ``ONNXGATE_REQUIRE_BROWSER=1`` (then it
+fails). With ``ONNXGATE_CONSOLE_SCREENSHOTS=DIR`` it saves the page at 1280x800 and narrow there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modelzoo
+from gateway import GatewayProcess
+
+MARKUP = "<img src=x onerror=alert(1)>"
+TOKENS = {"read": "tok-console-read-0123", "admin": "tok-console-admin-4567"}
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": X.ravel().tolist()}]})
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage")
+
+
+def _browser() -> tuple[str, str]:
+    """Chromium and its driver, or skip (fail under ONNXGATE_REQUIRE_BROWSER=1)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing = "selenium"
+    else:
+        missing = "" if chromium and driver else "chromium" if not chromium else "chromedriver (chromium-driver)"
+    if missing:
+        if os.environ.get("ONNXGATE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"ONNXGATE_REQUIRE_BROWSER=1 but {missing} is not installed")
+        pytest.skip(f"{missing} is not installed")
+    assert chromium and driver
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    chromium, driver_path = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.add_argument("--window-size=1280,800")
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("console-browser")
+    repo = root / "repo"
+    for version in (1, 2):
+        modelzoo.build_scaled(repo, "scaled", version=version, scale=float(version))
+    modelzoo.write_config(repo / "scaled", "version_policy: { all { } }\n")
+    modelzoo.build_scaled(repo, "a")
+    modelzoo.build_scaled(repo, "b", scale=2.0)
+    modelzoo.corrupt_model(repo, MARKUP)
+    config = {
+        "routes": [{"name": "ab", "split": [{"target": "a", "weight": 1}, {"target": "b", "weight": 1}]}],
+        "security": {"tokens": [
+            {"name": "reader", "sha256": hashlib.sha256(TOKENS["read"].encode()).hexdigest(), "scopes": ["read"]},
+            {"name": "admin", "sha256": hashlib.sha256(TOKENS["admin"].encode()).hexdigest(),
+             "scopes": ["infer", "read", "admin"]},
+        ]},
+    }
+    (root / "gateway.yaml").write_text(json.dumps(config))
+    args = ["--config", str(root / "gateway.yaml"), "--model-control-mode", "explicit", "--load-model", "*"]
+    with GatewayProcess(repo, args) as g:
+        yield g
+
+
+def _call(gw: GatewayProcess, method: str, path: str, body: str = "") -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=30)
+    headers = {"Authorization": f"Bearer {TOKENS['admin']}", "Content-Type": "application/json"}
+    conn.request(method, path, body=body.encode() or None, headers=headers)
+    reply = conn.getresponse()
+    data = reply.read()
+    conn.close()
+    return reply.status, json.loads(data) if data else {}
+
+
+def _wait(driver, predicate, timeout: float = 15.0):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(predicate)
+
+
+def _message(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, "message").text
+
+
+def _sign_in(driver, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element(By.ID, "signin").click()
+
+
+def _confirm(driver) -> None:
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 10).until(ec.alert_is_present())
+    driver.switch_to.alert.accept()
+
+
+def _card(driver, kind: str, name: str):
+    from selenium.webdriver.common.by import By
+
+    for card in driver.find_elements(By.CSS_SELECTOR, f"article.{kind}"):
+        if card.get_attribute(f"data-{kind}") == name:
+            return card
+    raise AssertionError(f"no {kind} card named {name!r}")
+
+
+def test_the_console_in_a_browser(gw, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    driver.get(f"http://127.0.0.1:{gw.http_port}/console")
+    _wait(driver, lambda d: "401" in _message(d))  # tokens are configured: the page says it needs one
+
+    _sign_in(driver, TOKENS["read"])
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 4)
+    assert "tok-" not in driver.current_url  # the token is never in a URL
+    names = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "article.model h3")]
+    assert sorted(names) == sorted(["a", "b", "scaled", MARKUP])
+    scaled = _card(driver, "model", "scaled")
+    states = {r.get_attribute("data-version"): r.find_element(By.CSS_SELECTOR, "td:nth-child(2)").text
+              for r in scaled.find_elements(By.CSS_SELECTOR, "tbody tr")}
+    assert states == {"1": "READY", "2": "READY"}
+
+    # markup in a name and a reason stays text: shown as typed, no element made of it, no alert
+    broken = _card(driver, "model", MARKUP)
+    assert MARKUP in broken.text and ("UNAVAILABLE" in broken.text)
+    assert driver.find_elements(By.TAG_NAME, "img") == []
+    assert driver.execute_script("return document.querySelectorAll('[onerror]').length") == 0
+
+    # an action with the read token: refused, and the page says so
+    _card(driver, "model", "a").find_element(By.CSS_SELECTOR, 'button[aria-label="Unload a"]').click()
+    _confirm(driver)
+    _wait(driver, lambda d: "403" in _message(d))
+    assert _call(gw, "GET", "/v2/models/a/ready")[0] == 200
+
+    # with the admin token: pin scaled to version 1 from the page, and version 1 answers
+    _sign_in(driver, TOKENS["admin"])
+    _wait(driver, lambda d: "401" not in _message(d) and "403" not in _message(d))
+    assert _call(gw, "POST", "/v2/models/scaled/infer", BODY)[1]["model_version"] == "2"
+    scaled = _card(driver, "model", "scaled")
+    Select(scaled.find_element(By.TAG_NAME, "select")).select_by_value("1")
+    scaled.find_element(By.CSS_SELECTOR, 'button[aria-label="Pin scaled to the chosen version"]').click()
+    _confirm(driver)
+    _wait(driver, lambda d: "done" in _message(d))
+    assert _call(gw, "POST", "/v2/models/scaled/infer", BODY)[1]["model_version"] == "1"
+
+    # edit the route's weights from the page
+    route = _card(driver, "route", "ab")
+    inputs = route.find_elements(By.CSS_SELECTOR, "form.weights input[type=number]")
+    assert len(inputs) == 2
+    inputs[0].clear()
+    inputs[0].send_keys("3")
+    route.find_element(By.CSS_SELECTOR, "form.weights button[type=submit]").click()
+    _confirm(driver)
+    _wait(driver, lambda d: "Save weights of ab: done" in _message(d))
+    split = _call(gw, "GET", "/v2/routes/ab")[1]["split"]
+    assert [(s["target"], s["weight"]) for s in split] == [("a", 3), ("b", 1)]
+
+    # traffic, and the request-rate chart draws a line
+    for _ in range(20):
+        assert _call(gw, "POST", "/v2/models/a/infer", BODY)[0] == 200
+
+    def drawn(d) -> bool:
+        card = _card(d, "model", "a")
+        line = card.find_elements(By.CSS_SELECTOR, "svg.chart polyline")
+        rate = card.find_element(By.CSS_SELECTOR, "tbody tr td:nth-child(5)").text
+        return bool(line) and len((line[0].get_attribute("points") or "").split()) >= 2 and float(rate) > 0
+
+    _wait(driver, drawn, 20)
+    # every control has a label (or an aria-label)
+    unlabelled = driver.execute_script(
+        "return [...document.querySelectorAll('input, select, button')].filter(e => !e.getAttribute('aria-label')"
+        " && !(e.id && document.querySelector(`label[for=\"${e.id}\"]`)) && !e.textContent.trim()).length")
+    assert unlabelled == 0
+    _screenshot(driver, "console-1280x800.png")
+
+
+def test_the_console_on_a_narrow_window(gw, browser):
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.set_window_size(400, 800)
+    driver.get(f"http://127.0.0.1:{gw.http_port}/console")
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 4)
+    width = driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= driver.execute_script("return window.innerWidth") + 1  # nothing runs off the side
+    _screenshot(driver, "console-narrow.png")
+
+
+def _screenshot(driver, name: str) -> None:
+    if directory := os.environ.get("ONNXGATE_CONSOLE_SCREENSHOTS"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        size = driver.get_window_size()
+        driver.set_window_size(size["width"], min(max(800, height + 120), 4000))  # the whole page
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(Path(directory) / name))
+        driver.set_window_size(size["width"], size["height"])
