@@ -125,3 +125,23 @@ def test_unknown_console_file_is_404_with_the_same_headers(gw):
     status, headers, _ = get(gw, "/console/nope.js")
     assert status == 404 and headers["content-security-policy"] == CSP
     assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_sample_log_counts_are_in_the_summary(tmp_path):
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "scaled")
+    config = {"sample_log": {"default": {"rate": 1.0}, "sink": {"type": "jsonl", "path": str(tmp_path / "log")}}}
+    (tmp_path / "gateway.yaml").write_text(json.dumps(config))
+    with GatewayProcess(repo, ["--config", str(tmp_path / "gateway.yaml")]) as g:
+        assert summary(g)["sample_log"]["records_written"] == 0
+        for _ in range(5):
+            assert get(g, "/v2/models/scaled/infer", "POST", BODY)[0] == 200
+        deadline = time.monotonic() + 20
+        while (log := summary(g)["sample_log"])["records_written"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log["records_written"] == 5 and log["drift"] == [] and log["queue_depth"] == 0
+        assert set(log["records_dropped"].values()) == {0} and "queue_full" in log["records_dropped"]
+
+
+def test_without_a_sample_log_it_is_null(gw):
+    assert summary(gw)["sample_log"] is None

@@ -84,7 +84,12 @@ def gw(tmp_path_factory: pytest.TempPathFactory):
     modelzoo.build_scaled(repo, "b", scale=2.0)
     modelzoo.corrupt_model(repo, MARKUP)
     config = {
-        "routes": [{"name": "ab", "split": [{"target": "a", "weight": 1}, {"target": "b", "weight": 1}]}],
+        "routes": [{"name": "ab", "split": [{"target": "a", "weight": 1}, {"target": "b", "weight": 1}]},
+                   {"name": "sh", "split": [{"target": "a", "weight": 1}],
+                    "shadow": {"target": "b", "fraction": 1.0, "max_in_flight": 8}},
+                   {"name": "ro", "split": [{"target": "a", "weight": 1}],
+                    "rollout": {"candidate": "b", "gates": {"agreement_min": 0.99}}}],
+        "sample_log": {"default": {"rate": 1.0}, "sink": {"type": "jsonl", "path": str(root / "samples")}},
         "security": {"tokens": [
             {"name": "reader", "sha256": hashlib.sha256(TOKENS["read"].encode()).hexdigest(), "scopes": ["read"]},
             {"name": "admin", "sha256": hashlib.sha256(TOKENS["admin"].encode()).hexdigest(),
@@ -211,6 +216,32 @@ def test_the_console_in_a_browser(gw, browser):
         return bool(line) and len((line[0].get_attribute("points") or "").split()) >= 2 and float(rate) > 0
 
     _wait(driver, drawn, 20)
+
+    # a shadowed route: its comparison charts draw; the sample log's counts show
+    for _ in range(10):
+        assert _call(gw, "POST", "/v2/models/sh/infer", BODY)[0] == 200
+
+    def compared(d) -> bool:
+        card = _card(d, "route", "sh")
+        return "10 compared" in card.text and bool(card.find_elements(By.CSS_SELECTOR, "svg.chart polyline"))
+
+    _wait(driver, compared, 20)
+    _wait(driver, lambda d: "Records written" in d.find_element(By.ID, "samples").text)
+
+    # a route under a rollout: its state and gates show; pause it from the page; a weight change is refused (409)
+    _wait(driver, lambda d: "Rollout of b" in _card(d, "route", "ro").text)
+    weight = _card(driver, "route", "ro").find_element(By.CSS_SELECTOR, "form.weights input[type=number]")
+    weight.clear()
+    weight.send_keys("5")
+    _card(driver, "route", "ro").find_element(By.CSS_SELECTOR, "form.weights button[type=submit]").click()
+    _confirm(driver)
+    _wait(driver, lambda d: "Save weights of ro" in _message(d))
+    assert "refused (409)" in _message(driver), _message(driver)
+    _card(driver, "route", "ro").find_element(
+        By.CSS_SELECTOR, 'button[aria-label="pause the rollout of route ro"]').click()
+    _confirm(driver)
+    _wait(driver, lambda d: "Rollout pause on ro: done" in _message(d))
+    assert _call(gw, "GET", "/v2/routes/ro/rollout")[1]["phase"] == "paused"
     # every control has a label (or an aria-label)
     unlabelled = driver.execute_script(
         "return [...document.querySelectorAll('input, select, button')].filter(e => !e.getAttribute('aria-label')"
@@ -226,6 +257,7 @@ def test_the_console_on_a_narrow_window(gw, browser):
     driver.set_window_size(400, 800)
     driver.get(f"http://127.0.0.1:{gw.http_port}/console")
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 4)
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.route")) == 3)
     width = driver.execute_script("return document.documentElement.scrollWidth")
     assert width <= driver.execute_script("return window.innerWidth") + 1  # nothing runs off the side
     _screenshot(driver, "console-narrow.png")

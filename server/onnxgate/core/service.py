@@ -171,7 +171,8 @@ class InferenceService:
         :mod:`onnxgate.core.monitoring.summary`)."""
         if (window := getattr(self, "_summary", None)) is None:
             window = self._summary = SummaryWindow(self.metrics)
-        return window.answer(self.manager.models, self.statistics(), self.ready, self.draining)
+        return window.answer(self.manager.models, self.statistics(), self.ready, self.draining,
+                             self.sample_log is not None)
 
     def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
         return self.manager.index(ready_only)

@@ -52,7 +52,25 @@ _VERSION_FIELDS: dict[str, Schema] = {
         ("size", "executions", "window"))},
 }
 
+_FEATURE: Schema = _obj({"model": _STR, "feature": _STR,
+                         "psi": {"type": "number", "nullable": True, "description": "Population stability index"},
+                         "ks": {"type": "number", "nullable": True, "description": "KS statistic (numeric features)"}},
+                        ("model", "feature", "psi", "ks"))
 SCHEMAS: dict[str, Schema] = {
+    "SampleLogSummary": _obj(
+        {
+            "records_written": {**_COUNT, "description": "Records the sink took"},
+            "records_dropped": {"type": "object", "additionalProperties": _COUNT,
+                                "description": "Records lost, by reason (queue_full, disk_full, io_error, ...)"},
+            "queue_depth": {**_COUNT, "description": "Samples waiting for the writer"},
+            "drift": {"type": "array", "description": "Live drift per model of drift.models", "items": _obj(
+                {"model": _STR, "alert": {**_BOOL, "description": "A feature crosses its threshold"},
+                 "window_rows": _COUNT, "features": {"type": "array", "items": _FEATURE}},
+                ("model", "alert", "window_rows", "features"))},
+        },
+        ("records_written", "records_dropped", "queue_depth", "drift"),
+        description="The sample log and live drift (this worker's); null without a sample log",
+    ),
     "VersionSummary": _obj(_VERSION_FIELDS, tuple(_VERSION_FIELDS)),
     "ModelSummary": _obj(
         {
@@ -76,8 +94,9 @@ SCHEMAS: dict[str, Schema] = {
             "ready": {**_BOOL, "description": "As GET /v2/health/ready: every model loaded and not draining"},
             "draining": _BOOL,
             "models": {"type": "array", "items": _ref("ModelSummary")},
+            "sample_log": {**_ref("SampleLogSummary"), "nullable": True},
         },
-        ("time", "window_s", "ready", "draining", "models"),
+        ("time", "window_s", "ready", "draining", "models", "sample_log"),
         description="Every model and version at a glance. Rates, the mean latency and batch counts add up "
         "every worker under --workers N; the quantiles, queue depths and the window are the answering "
         "worker's own. Quantiles are estimated from histogram buckets as histogram_quantile does.",

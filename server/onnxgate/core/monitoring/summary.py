@@ -18,6 +18,8 @@ covers no time (``window_s`` 0, rates and quantiles null): ask again, as the con
   (``onnxgate_queue_wait_seconds``, shadow copies left out) and the execution time
   (``onnxgate_compute_duration_seconds``). These, the queue depth and the window itself are the
   answering worker's own under ``--workers N``.
+- With a sample log on, ``sample_log`` has its counts (records written, dropped by reason, queued)
+  and the live drift gauges (PSI and KS per feature, the alert per model), this worker's.
 """
 
 from __future__ import annotations
@@ -128,10 +130,12 @@ class SummaryWindow:
         return _Snapshot(time.monotonic(), counts, latency, batches, request, queue, execute)
 
     def answer(
-        self, models: Mapping[str, ModelEntry], stats: Iterable[VersionStats], ready: bool, draining: bool
+        self, models: Mapping[str, ModelEntry], stats: Iterable[VersionStats], ready: bool, draining: bool,
+        sampling: bool = False,
     ) -> dict[str, Any]:
         """The summary (``openapi_console``'s ``ModelsSummary``); ``stats`` as the statistics
-        extension answers them (every worker's under ``--workers N``)."""
+        extension answers them (every worker's under ``--workers N``); ``sampling``: a sample log
+        is on (its counts and the drift gauges are added)."""
         now = self._snapshot(stats)
         ring = self._snapshots
         while len(ring) >= 2 and ring[1].t <= now.t - self.window_s:
@@ -147,7 +151,34 @@ class SummaryWindow:
             entry = models[name]
             out.append(self._model(name, entry, now, base, window))
         return {"time": time.time(), "window_s": round(window, 3), "ready": ready and not draining,
-                "draining": draining, "models": out}
+                "draining": draining, "models": out, "sample_log": self._sample_log() if sampling else None}
+
+    def _sample_log(self) -> dict[str, Any]:
+        """The sample log's counts and the live drift gauges, as this worker's metrics have them."""
+        values: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for metric in self.metrics.registry.collect():
+            if metric.name.startswith(("onnxgate_sample_log", "onnxgate_drift")):
+                for sample in metric.samples:
+                    values.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+        def one(name: str) -> int:
+            return int(sum(v for _, v in values.get(name, ())))
+
+        features: dict[tuple[str, str], dict[str, Any]] = {}
+        for stat in ("psi", "ks"):
+            for labels, value in values.get(f"onnxgate_drift_{stat}", ()):
+                key = (labels.get("model", ""), labels.get("feature", ""))
+                row = features.setdefault(key, {"model": key[0], "feature": key[1], "psi": None, "ks": None})
+                row[stat] = None if math.isnan(value) else round(value, 6)
+        alerts = {labels.get("model", ""): value >= 1 for labels, value in values.get("onnxgate_drift_alert", ())}
+        rows = {labels.get("model", ""): int(value) for labels, value in values.get("onnxgate_drift_window_rows", ())}
+        drift = [{"model": m, "alert": alerts.get(m, False), "window_rows": rows.get(m, 0),
+                  "features": [f for (fm, _), f in sorted(features.items()) if fm == m]}
+                 for m in sorted(set(alerts) | set(rows) | {m for m, _ in features})]
+        lost = values.get("onnxgate_sample_log_dropped_total", ())
+        dropped = {labels.get("reason", ""): int(v) for labels, v in lost}
+        return {"records_written": one("onnxgate_sample_log_records_total"), "records_dropped": dropped,
+                "queue_depth": one("onnxgate_sample_log_queue_depth"), "drift": drift}
 
     def _model(self, name: str, entry: ModelEntry, now: _Snapshot, base: _Snapshot | None,
                window: float) -> dict[str, Any]:

@@ -234,6 +234,36 @@
       : "Rates and latencies appear from the next refresh.";
   }
 
+  // -- sample log and drift ----------------------------------------------------------------
+  function renderSamples(log) {
+    const box = $("samples");
+    if (!log) {
+      box.replaceChildren(el("p", { class: "note", text: "No sample log is configured (sample_log in the config file)." }));
+      return;
+    }
+    const dropped = Object.entries(log.records_dropped).filter(([, n]) => n > 0);
+    const parts = [el("p", { text: `Records written ${log.records_written}, queued ${log.queue_depth}, dropped ` +
+      (dropped.length ? dropped.map(([r, n]) => `${n} (${r})`).join(", ") : "none") })];
+    parts.push(chart("records written", remember("records", log.records_written), "records"));
+    for (const d of log.drift) {
+      const rows = d.features.map((f) => {
+        const meter = el("meter", { min: 0, max: 1, value: Math.min(1, f.psi || 0),
+          "aria-label": `PSI of ${f.feature}: ${fmt(f.psi, 3)}` });
+        return el("tr", {}, el("td", { text: f.feature }), el("td", {}, meter, ` ${fmt(f.psi, 3)}`),
+          el("td", { text: fmt(f.ks, 3) }));
+      });
+      parts.push(el("div", { class: "card drift" },
+        el("h3", { text: `Drift of ${d.model}` }),
+        el("p", { class: d.alert ? "reason" : "note",
+          text: `${d.alert ? "A feature crosses its drift threshold" : "Within the thresholds"} · ` +
+            `${d.window_rows} rows in the window` }),
+        el("div", { class: "table-wrap" }, el("table", {},
+          el("thead", {}, el("tr", {}, ["feature", "PSI", "KS"].map((t) => el("th", { scope: "col", text: t })))),
+          el("tbody", {}, rows)))));
+    }
+    box.replaceChildren(...parts);
+  }
+
   // -- routes ------------------------------------------------------------------------------
   const routeCards = new Map(); // name -> {card, editor, details, config}
 
@@ -368,6 +398,7 @@
       const summary = await api("GET", "/v2/models/summary");
       banner(summary);
       renderModels(summary);
+      renderSamples(summary.sample_log);
       await renderRoutes();
       const m = $("message");
       if (m.classList.contains("poll-error")) say("", "");
