@@ -65,6 +65,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     options.add_argument("--window-size=1280,800")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see CSP violations and errors
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     driver.set_page_load_timeout(30)
     try:
@@ -154,6 +155,7 @@ def _card(driver, kind: str, name: str):
 
 def test_the_console_in_a_browser(gw, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     driver = browser
@@ -237,16 +239,22 @@ def test_the_console_in_a_browser(gw, browser):
     _confirm(driver)
     _wait(driver, lambda d: "Save weights of ro" in _message(d))
     assert "refused (409)" in _message(driver), _message(driver)
-    _card(driver, "route", "ro").find_element(
-        By.CSS_SELECTOR, 'button[aria-label="pause the rollout of route ro"]').click()
+    _card(driver, "route", "ro").find_element(  # from the keyboard
+        By.CSS_SELECTOR, 'button[aria-label="pause the rollout of route ro"]').send_keys(Keys.ENTER)
     _confirm(driver)
     _wait(driver, lambda d: "Rollout pause on ro: done" in _message(d))
     assert _call(gw, "GET", "/v2/routes/ro/rollout")[1]["phase"] == "paused"
+    _wait(driver, lambda d: "Rollout of b: paused" in _card(d, "route", "ro").text)  # refreshed, focus kept
+    active = driver.switch_to.active_element
+    assert active.get_attribute("aria-label") == "pause the rollout of route ro", (active.tag_name, active.text[:80])
     # every control has a label (or an aria-label)
     unlabelled = driver.execute_script(
         "return [...document.querySelectorAll('input, select, button')].filter(e => !e.getAttribute('aria-label')"
         " && !(e.id && document.querySelector(`label[for=\"${e.id}\"]`)) && !e.textContent.trim()).length")
     assert unlabelled == 0
+    problems = [e["message"] for e in driver.get_log("browser")  # CSP violations, uncaught script errors
+                if e.get("source") in ("security", "javascript") or "Content Security Policy" in e["message"]]
+    assert problems == [], problems  # (the refused calls above are logged as failed loads, not as script errors)
     _screenshot(driver, "console-1280x800.png")
 
 

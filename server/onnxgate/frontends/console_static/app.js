@@ -72,15 +72,25 @@
     m.className = `message ${kind || ""}`;
   }
 
+  function refocus(label) {
+    // The refresh rebuilds what it shows: give the focus back to the control of the same name.
+    if (!label || (document.activeElement && document.activeElement !== document.body)) return;
+    const again = [...document.querySelectorAll("button, input, select")]
+      .find((e) => e.getAttribute("aria-label") === label);
+    if (again) again.focus();
+  }
+
   async function act(question, what, call) {
-    if (!window.confirm(question)) return;
+    const label = document.activeElement ? document.activeElement.getAttribute("aria-label") : null;
+    if (!window.confirm(question)) { refocus(label); return; }
     try {
       await call();
       say(`${what}: done`, "done");
     } catch (err) {
       say(explain(err, what), "error");
     }
-    poll(true);
+    await poll(true);
+    refocus(label);
   }
 
   // -- charts: small SVG polylines of a history -------------------------------------------
@@ -363,7 +373,14 @@
       } catch (err) {
         parts.push(el("p", { class: "reason", text: explain(err, "Reading the route") }));
       }
-      if (!entry.details.contains(document.activeElement)) entry.details.replaceChildren(...parts);
+      // Refresh, and give the focus back to the same control (a keyboard user stays where they were).
+      const focused = entry.details.contains(document.activeElement) ? document.activeElement : null;
+      const label = focused ? focused.getAttribute("aria-label") : null;
+      entry.details.replaceChildren(...parts);
+      if (label) {
+        const again = [...entry.details.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === label);
+        if (again) again.focus();
+      }
       grid.append(entry.card);
     }
     for (const [name, entry] of routeCards) {
