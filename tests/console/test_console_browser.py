@@ -239,6 +239,7 @@ def test_the_console_in_a_browser(gw, browser):
     _confirm(driver)
     _wait(driver, lambda d: "Save weights of ro" in _message(d))
     assert "refused (409)" in _message(driver), _message(driver)
+    _wait(driver, lambda d: weight.get_attribute("value") == "1")  # the editor shows what serves again
     _card(driver, "route", "ro").find_element(  # from the keyboard
         By.CSS_SELECTOR, 'button[aria-label="pause the rollout of route ro"]').send_keys(Keys.ENTER)
     _confirm(driver)
@@ -252,6 +253,7 @@ def test_the_console_in_a_browser(gw, browser):
         "return [...document.querySelectorAll('input, select, button')].filter(e => !e.getAttribute('aria-label')"
         " && !(e.id && document.querySelector(`label[for=\"${e.id}\"]`)) && !e.textContent.trim()).length")
     assert unlabelled == 0
+    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
     problems = [e["message"] for e in driver.get_log("browser")  # CSP violations, uncaught script errors
                 if e.get("source") in ("security", "javascript") or "Content Security Policy" in e["message"]]
     assert problems == [], problems  # (the refused calls above are logged as failed loads, not as script errors)
@@ -280,3 +282,16 @@ def _screenshot(driver, name: str) -> None:
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(Path(directory) / name))
         driver.set_window_size(size["width"], size["height"])
+
+
+def test_an_open_gateway_needs_no_login(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "scaled")
+    with GatewayProcess(repo) as open_gw:  # loopback, no tokens
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(f"http://127.0.0.1:{open_gw.http_port}/console")
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 1)
+        assert "No token needed" in browser.find_element(By.ID, "login").text
+        assert "401" not in _message(browser)

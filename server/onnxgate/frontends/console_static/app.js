@@ -82,15 +82,18 @@
 
   async function act(question, what, call) {
     const label = document.activeElement ? document.activeElement.getAttribute("aria-label") : null;
-    if (!window.confirm(question)) { refocus(label); return; }
+    if (!window.confirm(question)) { refocus(label); return false; }
+    let done = false;
     try {
       await call();
       say(`${what}: done`, "done");
+      done = true;
     } catch (err) {
       say(explain(err, what), "error");
     }
     await poll(true);
     refocus(label);
+    return done;
   }
 
   // -- charts: small SVG polylines of a history -------------------------------------------
@@ -295,7 +298,9 @@
       delete doc.name;
       act(`Change the split of route "${route.name}" to ${split.map((s) => `${s.target}: ${s.weight}`).join(", ")}?`,
         `Save weights of ${route.name}`,
-        () => api("PUT", `/v2/routes/${encodeURIComponent(route.name)}`, doc));
+        () => api("PUT", `/v2/routes/${encodeURIComponent(route.name)}`, doc)).then((done) => {
+        if (!done) route.split.forEach((s, i) => { inputs[i].value = s.weight; }); // back to what serves
+      });
     });
     return form;
   }
@@ -419,6 +424,7 @@
       await renderRoutes();
       const m = $("message");
       if (m.classList.contains("poll-error")) say("", "");
+      $("login").classList.toggle("open", !token()); // an open gateway: no token needed to look
     } catch (err) {
       if (err instanceof Refused && err.status === 503) {
         banner({ draining: true, ready: false });
