@@ -205,7 +205,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         trace = _call_ids(context, svc.trace_headers)[1]  # the stream's: every request continues it
         peer = context.peer() if svc.logs_access else None
         close_on_error = _grpc_error_mode(context)
-        replies: asyncio.Queue[tuple[bytes, str, grpc.StatusCode | None] | None] = asyncio.Queue()
+        replies: asyncio.Queue[tuple[bytes, str, grpc.StatusCode | None, Exchange | None] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task] = set()
 
@@ -225,27 +225,38 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 replies.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        ended: BaseException = asyncio.CancelledError()  # how replies not written end (see _unwritten)
+        item = None
         try:
             while (item := await replies.get()) is not None:
-                reply, error, code = item
+                reply, error, code, exchange = item
                 if code is not None and close_on_error:
                     await context.abort(code, error)
-                yield reply
+                try:
+                    yield reply
+                except BaseException as exc:  # the stream ended while this reply was being written
+                    ended = exc
+                    raise
+                if exchange is not None:  # logged once written, not once computed
+                    exchange.finish("OK", 0)
                 window.release()
             await reader
         except asyncio.CancelledError as exc:  # the drain's cut (with its message) or the client
+            ended = exc
             _cancel_all(running, exc.args[0] if exc.args else None)
             raise
         finally:
             reader.cancel()
             _cancel_all(running, None)
+            _unwritten(item, replies, ended, context)
 
     async def _stream_one(
         self, req: bytes, context: grpc.aio.ServicerContext, headers: dict[str, str], deadline_ns: int = 0,
         trace: dict[str, str] | None = None, peer: str | None = None,
-    ) -> tuple[bytes, str, grpc.StatusCode | None]:
-        """The serialized reply to one streamed request, and the error message and status it
-        failed with (None: it did not). Each request of a stream is an exchange of its own: its
+    ) -> tuple[bytes, str, grpc.StatusCode | None, Exchange | None]:
+        """The serialized reply to one streamed request, the error message and status it failed
+        with (None: it did not), and its exchange when it is still to be finished (a success,
+        logged once written; a failure is logged here). Each request of a stream is an exchange of its own: its
         request id is its V2 ``id``, else a new one (the stream's ``x-request-id`` would be the
         same for all of them)."""
         svc = self.service
@@ -258,8 +269,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded.exchange = exchange
             response = await svc.infer(decoded)
             reply = await self._encode(response, stream=True)
-            exchange.finish("OK", 0)
-            return reply, "", None
+            return reply, "", None, exchange  # finished once written (ModelStreamInfer)
         except GatewayError as exc:
             code, message = grpc_code(exc), exc.message
             reason = exc.reason if isinstance(exc, Overloaded) else ""
@@ -279,8 +289,22 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if reason:
             failed.parameters["reason"].string_param = reason
         reply = pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
-        return reply.SerializeToString(), message, code
+        return reply.SerializeToString(), message, code, None
 
+
+
+def _unwritten(current: object, replies: asyncio.Queue, ended: BaseException,
+               context: grpc.aio.ServicerContext) -> None:
+    """The stream ended: the successful replies it did not write (``current`` being written,
+    and those still queued) are logged with the status the stream ended with."""
+    code, kind = _status_of(ended, context) if isinstance(ended, asyncio.CancelledError) else (
+        grpc.StatusCode.CANCELLED, "cancelled")
+    items = [current]
+    while not replies.empty():
+        items.append(replies.get_nowait())
+    for item in items:
+        if isinstance(item, tuple) and item[3] is not None:
+            item[3].finish(code.name, code.value[0], ended, kind)
 
 
 def _cancel_all(tasks: set[asyncio.Task], message: str | None) -> None:
