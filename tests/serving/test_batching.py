@@ -20,7 +20,7 @@ import modelzoo
 from gateway import GatewayProcess, wait_until
 from queue_helpers import Call
 
-SLOW_LAYERS = 128  # a 256-row request keeps the one instance busy for about a second
+SLOW_LAYERS = 512  # a 256-row request keeps the one instance busy for about a second (idle 2-core VM)
 SLOW_CONFIG = """
 max_batch_size: 256
 instance_group [{ count: 1, kind: KIND_CPU }]
@@ -204,26 +204,29 @@ def test_a_cancelled_request_never_runs(gw):
     if err.value.status() == "StatusCode.RESOURCE_EXHAUSTED":
         assert "deadline" in err.value.message()
     big.join()
-    # HTTP: the client closes its connection while the request waits, behind a big request that
-    # is queued behind another running one (so it waits at least one whole big execution)
+    # HTTP: the client closes its connection while the request waits behind big requests (one
+    # running, two sent to queue up behind it); it is closed once the gateway shows the small one
+    # queued with at least one big one still ahead of it (so the next execution cannot be its own)
     big = _occupy(gw, "cancels")
     rows = np.random.default_rng(0).random((256, 1024), dtype=np.float32)
-    queued = threading.Thread(target=lambda: _grpc_infer(gw.grpc_url, "cancels", rows))
-    queued.start()
-    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 256, timeout=10)
+    queued = [threading.Thread(target=lambda: _grpc_infer(gw.grpc_url, "cancels", rows)) for _ in range(2)]
+    for t in queued:
+        t.start()
+    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 256, timeout=20)  # the small one comes after
     conn = http.client.HTTPConnection("127.0.0.1", gw.http_port)
     body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": x.ravel()}]},
                         option=orjson.OPT_SERIALIZE_NUMPY)
     conn.request("POST", "/v2/models/cancels/infer", body)
-    assert wait_until(lambda: _queued_rows(gw, "cancels") >= 257, timeout=10)  # behind the queued big one
+    assert wait_until(lambda: (q := _queued_rows(gw, "cancels")) % 256 == 1 and q > 256, timeout=20, interval=0.01)
     conn.close()
     big.join()
-    queued.join()
-    assert wait_until(lambda: _queued_rows(gw, "cancels") == 0, timeout=10)
+    for t in queued:
+        t.join()
+    assert wait_until(lambda: _queued_rows(gw, "cancels") == 0, timeout=20)
     after = _stats(gw, "cancels")
     # only the big requests ran
     assert (after["execution_count"], after["inference_count"]) == (
-        before["execution_count"] + 3, before["inference_count"] + 3 * 256), (before, after)
+        before["execution_count"] + 4, before["inference_count"] + 4 * 256), (before, after)
 
 
 def _queued_rows(gw: GatewayProcess, model: str) -> float:
