@@ -4,35 +4,18 @@ rollout gets. :mod:`openapi_schemas` merges these into its tables."""
 
 from __future__ import annotations
 
-from typing import Any
+from onnxgate.frontends.openapi_parts import BOOL, COUNT, NUM, STR, Schema, body, obj, ok, ref
 
-Schema = dict[str, Any]
-
-_STR: Schema = {"type": "string"}
-_NUM: Schema = {"type": "number"}
-_COUNT: Schema = {"type": "integer", "minimum": 0}
-_BOOL: Schema = {"type": "boolean"}
 _NUM_OR_NULL: Schema = {"type": "number", "nullable": True}
 _PHASES = ["running", "paused", "holding", "rolled_back", "completed", "aborted"]
 _DECISIONS = ["advance", "complete", "hold", "rollback", "pause", "resume", "promote", "abort"]
 _STEP: Schema = {"oneOf": [{"type": "string", "enum": ["shadow"]}, {"type": "integer", "minimum": 1, "maximum": 100}]}
 
 
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(properties: dict[str, Schema], required: tuple[str, ...] = (), **extra: Any) -> Schema:
-    out: Schema = {"type": "object", "properties": properties, **extra}
-    if required:
-        out["required"] = list(required)
-    return out
-
-
 SCHEMAS: dict[str, Schema] = {
-    "RolloutConfig": _obj(
+    "RolloutConfig": obj(
         {
-            "candidate": {**_STR, "description": "model or model:version"},
+            "candidate": {**STR, "description": "model or model:version"},
             "steps": {"type": "array", "items": _STEP, "minItems": 1,
                       "description": "shadow (mirrored only), then the candidate's weight in percent; ends at 100"},
             "min_dwell_s": {"type": "number", "minimum": 0},
@@ -40,74 +23,74 @@ SCHEMAS: dict[str, Schema] = {
             "min_comparisons": {"type": "integer", "minimum": 1},
             "confidence": {"type": "number", "exclusiveMinimum": True, "minimum": 0.5, "exclusiveMaximum": True,
                            "maximum": 1},
-            "gates": _obj({k: {"type": "number", "minimum": 0} for k in (
+            "gates": obj({k: {"type": "number", "minimum": 0} for k in (
                 "agreement_min", "abs_diff_p99_max", "error_rate_max", "latency_p99_ratio_max")},
                 additionalProperties=False),
             "on_fail": {"type": "string", "enum": ["rollback", "hold"]},
             "on_timeout": {"type": "string", "enum": ["rollback", "hold"]},
-            "webhook": {**_STR, "description": "http(s) URL: a CloudEvent per decision"},
-            "mlflow": _obj({"promote_alias": _STR, "rollback_tag": _STR}, additionalProperties=False),
+            "webhook": {**STR, "description": "http(s) URL: a CloudEvent per decision"},
+            "mlflow": obj({"promote_alias": STR, "rollback_tag": STR}, additionalProperties=False),
         },
         ("candidate",),
         additionalProperties=False,
         description="A candidate walked from shadow to 100 % on its gates (README \"Rollouts\")",
     ),
-    "GateResult": _obj(
+    "GateResult": obj(
         {
             "name": {"type": "string", "enum": ["agreement", "abs_diff_p99", "error_rate", "latency_p99_ratio"]},
-            "threshold": _NUM,
+            "threshold": NUM,
             "value": {**_NUM_OR_NULL, "description": "The point estimate"},
             "bound": {**_NUM_OR_NULL, "description": "The one-sided bound on the side that must pass"},
             "fail_bound": {**_NUM_OR_NULL, "description": "The bound on the other side: past the threshold, fail"},
             "verdict": {"type": "string", "enum": ["pass", "pending", "fail"]},
-            "samples": _COUNT,
-            "confidence": _NUM,
+            "samples": COUNT,
+            "confidence": NUM,
         },
         ("name", "threshold", "value", "bound", "verdict"),
     ),
-    "RolloutDecision": _obj(
+    "RolloutDecision": obj(
         {
-            "time": {**_NUM, "description": "Unix seconds"},
+            "time": {**NUM, "description": "Unix seconds"},
             "decision": {"type": "string", "enum": _DECISIONS},
-            "from_step": _COUNT,
-            "to_step": _COUNT,
+            "from_step": COUNT,
+            "to_step": COUNT,
             "weight": {"type": "integer", "minimum": 0, "maximum": 100},
             "phase": {"type": "string", "enum": _PHASES},
-            "reason": _STR,
+            "reason": STR,
             "by": {"type": "string", "enum": ["gates", "operator"]},
-            "alert": _BOOL,
-            "gates": {"type": "array", "items": _ref("GateResult")},
+            "alert": BOOL,
+            "gates": {"type": "array", "items": ref("GateResult")},
         },
         ("time", "decision", "from_step", "to_step", "weight", "reason"),
     ),
-    "Rollout": _obj(
+    "Rollout": obj(
         {
-            "route": _STR,
-            "candidate": _STR,
+            "route": STR,
+            "candidate": STR,
             "phase": {"type": "string", "enum": _PHASES},
-            "reason": _STR,
-            "step_index": _COUNT,
+            "reason": STR,
+            "step_index": COUNT,
             "steps": {"type": "array", "items": _STEP},
             "candidate_weight": {"type": "integer", "minimum": 0, "maximum": 100},
-            "mirroring": _BOOL,
-            "step_started": _NUM,
-            "elapsed_s": _NUM,
-            "comparisons": _COUNT,
-            "min_comparisons": _COUNT,
-            "min_dwell_s": _NUM,
-            "max_step_s": _NUM,
-            "candidate_requests": _COUNT,
-            "candidate_errors": _COUNT,
-            "confidence": _NUM,
-            "gates": {"type": "array", "items": _ref("GateResult")},
-            "history": {"type": "array", "items": _ref("RolloutDecision")},
+            "mirroring": BOOL,
+            "step_started": NUM,
+            "elapsed_s": NUM,
+            "comparisons": COUNT,
+            "min_comparisons": COUNT,
+            "min_dwell_s": NUM,
+            "max_step_s": NUM,
+            "candidate_requests": COUNT,
+            "candidate_errors": COUNT,
+            "confidence": NUM,
+            "gates": {"type": "array", "items": ref("GateResult")},
+            "history": {"type": "array", "items": ref("RolloutDecision")},
         },
         ("route", "candidate", "phase", "step_index", "steps", "candidate_weight", "gates", "history"),
         description="A route's rollout now: its step, the gates judged on this step's evidence, its decisions",
     ),
-    "RolloutAction": _obj(
-        {"reason": {**_STR, "maxLength": 500, "description": "Kept in the decision and the audit log"},
-         "full": {**_BOOL, "description": "promote: to 100 % at once, not the next step"}},
+    "RolloutAction": obj(
+        {"reason": {**STR, "maxLength": 500, "description": "Kept in the decision and the audit log"},
+         "full": {**BOOL, "description": "promote: to 100 % at once, not the next step"}},
         additionalProperties=False,
     ),
 }
@@ -127,13 +110,12 @@ CONFLICT: Schema = {
 }
 
 
-def operations(ok: Any, body: Any) -> dict[str, dict[str, Any]]:
-    """The rollout endpoints' entries of ``openapi_schemas.OPERATIONS`` (built with its helpers)."""
-    return {
-        "routes.rollout": {"ok": ok(_ref("Rollout")), "errors": ("NotFound",)},
-        "routes.rollout_action": {
-            "ok": ok(_ref("RolloutDecision"), "The decision taken"),
-            "body": body(_ref("RolloutAction")),
-            "errors": ("BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unsupported"),
-        },
-    }
+# The rollout endpoints' entries of ``openapi_schemas.OPERATIONS``.
+OPERATIONS: dict[str, dict] = {
+    "routes.rollout": {"ok": ok(ref("Rollout")), "errors": ("NotFound",)},
+    "routes.rollout_action": {
+        "ok": ok(ref("RolloutDecision"), "The decision taken"),
+        "body": body(ref("RolloutAction")),
+        "errors": ("BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unsupported"),
+    },
+}

@@ -13,30 +13,17 @@ from typing import Any
 from onnxgate.core.serving.stats import INFERENCE_STAT_FIELDS
 from onnxgate.core.serving.tensors import DATATYPES
 from onnxgate.frontends import openapi_console, openapi_rollouts
+from onnxgate.frontends.openapi_parts import BOOL as _BOOL
+from onnxgate.frontends.openapi_parts import COUNT as _COUNT
+from onnxgate.frontends.openapi_parts import INT as _INT
+from onnxgate.frontends.openapi_parts import STR as _STR
+from onnxgate.frontends.openapi_parts import Schema, ref
+from onnxgate.frontends.openapi_parts import array as _array
+from onnxgate.frontends.openapi_parts import body as _body
+from onnxgate.frontends.openapi_parts import json_content as _json
+from onnxgate.frontends.openapi_parts import obj as _obj
+from onnxgate.frontends.openapi_parts import ok as _ok
 
-Schema = dict[str, Any]
-
-
-def ref(name: str, kind: str = "schemas") -> Schema:
-    """A reference to ``#/components/<kind>/<name>``."""
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _obj(properties: dict[str, Schema], required: tuple[str, ...] = (), **extra: Any) -> Schema:
-    out: Schema = {"type": "object", "properties": properties, **extra}
-    if required:
-        out["required"] = list(required)
-    return out
-
-
-def _array(items: Schema, **extra: Any) -> Schema:
-    return {"type": "array", "items": items, **extra}
-
-
-_STR: Schema = {"type": "string"}
-_INT: Schema = {"type": "integer"}
-_COUNT: Schema = {"type": "integer", "minimum": 0}
-_BOOL: Schema = {"type": "boolean"}
 _SCALAR: Schema = {"anyOf": [{"type": "number"}, _STR, _BOOL]}  # BYTES as text, NaN/Infinity as strings
 _DURATION = _obj({"count": _COUNT, "ns": _COUNT}, ("count", "ns"))
 
@@ -285,10 +272,6 @@ HEADERS: dict[str, Schema] = {
 }
 
 
-def _json(schema: Schema) -> dict[str, Schema]:
-    return {"application/json": {"schema": schema}}
-
-
 def _error(description: str, headers: dict[str, Schema] | None = None) -> Schema:
     out: Schema = {"description": description, "content": _json(ref("Error"))}
     if headers:
@@ -316,10 +299,6 @@ _INFER_REPLY_HEADERS = {"Inference-Header-Content-Length": ref("HeaderLength", "
                         "X-Request-Id": {**HEADERS["RequestId"], "required": True}}
 
 
-def _ok(schema: Schema | None, description: str = "OK") -> Schema:
-    return {"description": description, "content": _json(schema)} if schema else {"description": description}
-
-
 _INFER_BODY: Schema = {
     "description": "A V2 JSON request; with Inference-Header-Content-Length, the JSON header followed by the "
     "inputs' binary data (binary_data_size each), or with 0 a raw binary request",
@@ -329,10 +308,6 @@ _INFER_BODY: Schema = {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     },
 }
-
-
-def _body(schema: Schema, required: bool = False) -> Schema:
-    return {"required": required, "content": _json(schema)}
 
 
 _MODEL = ("NotFound", "Unavailable")
@@ -389,9 +364,9 @@ SCHEMAS.update(openapi_rollouts.SCHEMAS)
 SCHEMAS["Route"]["properties"]["rollout"] = ref("RolloutConfig")  # RouteBody shares the properties
 PARAMETERS.update(openapi_rollouts.PARAMETERS)
 RESPONSES["Conflict"] = openapi_rollouts.CONFLICT
-OPERATIONS.update(openapi_rollouts.operations(_ok, _body))
+OPERATIONS.update(openapi_rollouts.OPERATIONS)
 
 # The console (openapi_console): the models summary's schemas, the console's static files.
 SCHEMAS.update(openapi_console.SCHEMAS)
 PARAMETERS.update(openapi_console.PARAMETERS)
-OPERATIONS.update(openapi_console.operations(_ok))
+OPERATIONS.update(openapi_console.OPERATIONS)
