@@ -121,3 +121,19 @@ def deadline_from_header(text: str, received_ns: int) -> int:
             f"got {text!r:.40}"
         )
     return received_ns + int(ms * 1e6)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]

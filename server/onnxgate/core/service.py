@@ -10,13 +10,19 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from onnxgate import __version__
 from onnxgate.core.admission import DecodeBudget, Hold
 from onnxgate.core.exchange import Exchange, Exchanges, outcome
-from onnxgate.core.inference import InferRequest, InferResponse, parse_version, timeout_us
+from onnxgate.core.inference import (  # the metadata records are the service's answers (front ends import them here)
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    TensorMetadata,
+    parse_version,
+    timeout_us,
+)
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.monitoring.access_log import AccessLogger
 from onnxgate.core.monitoring.records import Sample, ShadowResult
@@ -66,22 +72,6 @@ _NOT_SHARED = (
 
 
 
-@dataclass(frozen=True, slots=True)
-class TensorMetadata:
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelMetadata:
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
-
-
 class InferenceService:
     """The core's one entry point for front ends."""
 
@@ -102,6 +92,7 @@ class InferenceService:
             metrics, lambda: {n: list(e.versions) for n, e in self.manager.models.items()}, self._check_shared
         )
         self.sample_headers = False  # set when the sample log copies or hashes headers
+        self._summary = SummaryWindow(metrics)  # models_summary's snapshots
         self.sample_log: SampleLogger | None = None
         self.exchanges = Exchanges(metrics)
         manager.shadowed_by = lambda name: name if name in self.routes.routes else None
@@ -169,9 +160,7 @@ class InferenceService:
     def models_summary(self) -> dict:
         """Every model and version with its traffic over about the last minute (see
         :mod:`onnxgate.core.monitoring.summary`)."""
-        if (window := getattr(self, "_summary", None)) is None:
-            window = self._summary = SummaryWindow(self.metrics)
-        return window.answer(self.manager.models, self.statistics(), self.ready, self.draining,
+        return self._summary.answer(self.manager.models, self.statistics(), self.ready, self.draining,
                              self.sample_log is not None)
 
     def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
