@@ -42,14 +42,19 @@ def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-@cache
-def documents() -> dict[str, dict]:
-    """``kind/name`` -> document, for every manifest under autoscaling/."""
+def by_kind_and_name(folder: Path) -> dict[str, dict]:
+    """``kind/name`` -> document, for every manifest under ``folder``."""
     out = {}
-    for f in sorted(AUTOSCALING.glob("*.yaml")):
+    for f in sorted(folder.glob("*.yaml")):
         for d in _docs(f):
             out[f"{d['kind']}/{d['metadata']['name']}"] = d
     return out
+
+
+@cache
+def documents() -> dict[str, dict]:
+    """Every manifest under autoscaling/, by ``kind/name``."""
+    return by_kind_and_name(AUTOSCALING)
 
 
 def _doc(kind: str, name: str = "onnxgate") -> dict:

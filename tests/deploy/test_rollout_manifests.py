@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
 from test_observability import _run as promtool
 from test_observability import exported, metric_names
-from test_observability_manifests import _offline, crd_errors
+from test_observability_manifests import K8S_VERSION, _docs, _offline, by_kind_and_name, crd_errors
 
 from onnxgate.core.metrics import _ABS_DIFF_BUCKETS, _EXEC_BUCKETS, Metrics
 from onnxgate.core.traffic.rollout_config import Gates
@@ -40,21 +40,12 @@ from onnxgate.core.traffic.rollouts import Rollouts
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 ROLLOUTS = K8S / "rollouts"
-K8S_VERSION = "1.30"
-
-
-def _docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 @cache
 def documents() -> dict[str, dict]:
-    """``kind/name`` -> document, for every manifest under rollouts/."""
-    out = {}
-    for f in sorted(ROLLOUTS.glob("*.yaml")):
-        for d in _docs(f):
-            out[f"{d['kind']}/{d['metadata']['name']}"] = d
-    return out
+    """Every manifest under rollouts/, by ``kind/name``."""
+    return by_kind_and_name(ROLLOUTS)
 
 
 def _doc(kind: str, name: str) -> dict:
