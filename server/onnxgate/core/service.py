@@ -258,7 +258,6 @@ class InferenceService:
 
     def set_routes(self, routes: Iterable[Route], what: str = "") -> None:
         """Replace the whole route table (see :meth:`TrafficControl.set`)."""
-        self.traffic.shared = self.control_plane_shared
         self.traffic.set(routes, what)
 
     def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None], **share: Any) -> None:

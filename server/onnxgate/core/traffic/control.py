@@ -37,7 +37,6 @@ class TrafficControl:
         self.rollouts.on_change = self.apply
         self.shadows = ShadowRunner(Comparator(metrics))
         self.sticky = False  # whether a route splits by a header
-        self.shared = True  # False in one of --workers N
         self._known_models = known_models
         self._check_shared = check_shared
 

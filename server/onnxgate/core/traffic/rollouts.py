@@ -350,8 +350,7 @@ class Rollouts:
     async def act(self, name: str, action: str, reason: str = "", full: bool = False) -> dict:
         """An operator's ``pause``, ``resume``, ``promote`` (``full``: to 100 %) or ``abort``;
         the decision. Raises :class:`Conflict` when the rollout's phase does not allow it."""
-        if action not in ACTIONS:
-            raise ModelNotFound(f"unknown rollout action '{action}'; use one of {', '.join(ACTIONS)}")
+        _check_action(action)
         ro = self.get(name)
         if not self.judges:  # the judging worker applies it
             assert self.share is not None
@@ -364,8 +363,7 @@ class Rollouts:
         return decision
 
     def _apply(self, ro: Rollout, action: str, reason: str, full: bool) -> dict:
-        if action not in ACTIONS:
-            raise ModelNotFound(f"unknown rollout action '{action}'; use one of {', '.join(ACTIONS)}")
+        _check_action(action)
         decision = ro.promote(full) if action == "promote" else getattr(ro, action)(reason)
         self._save(ro)
         return decision
@@ -378,6 +376,13 @@ class Rollouts:
         """Judge what was gathered last and write every state file (the drain)."""
         with contextlib.suppress(Exception):
             await self.evaluate()
+
+
+def _check_action(action: str) -> None:
+    """An action of an operator, checked where it arrives and where it is applied (a follower
+    worker's request reaches the judging worker as a file)."""
+    if action not in ACTIONS:
+        raise ModelNotFound(f"unknown rollout action '{action}'; use one of {', '.join(ACTIONS)}")
 
 
 def _seconds(ns: int) -> float | None:
