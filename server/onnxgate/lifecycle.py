@@ -46,6 +46,7 @@ from onnxgate.core.serving.stats_share import SharedStats
 from onnxgate.core.tracing import Tracing
 from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollout_webhook import RolloutWebhooks
+from onnxgate.core.traffic.route_share import RouteShare
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.grpc_access import GrpcAccess
@@ -102,6 +103,7 @@ class Gateway:
             else None
         )
         self.service.attach_sample_log(self.sample_log)
+        self.service.drift = self.drift  # GET /v2/drift/{model}/report, the thresholds in the summary
         self.tracing = Tracing.from_env()  # OTEL_* environment; None: off (raises when asked and impossible)
         self.access_log = AccessLogger(config.access_log, self.metrics.registry) if config.access_log else None
         self.service.attach_observers(self.tracing, self.access_log)
@@ -120,6 +122,7 @@ class Gateway:
             **share,
         )
         self._rollout_task: asyncio.Task | None = None
+        self._route_task: asyncio.Task | None = None  # --workers N: following the shared route table
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.access = AccessPolicy(config.security, s.host, require_client_cert=bool(s.tls_client_ca_file))
         self.audit = AuditLog(config.security.audit_log)
@@ -219,6 +222,11 @@ class Gateway:
             await self.manager.load_all()
         await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
         self.service.set_routes(self.config.routes)  # validated against the repository's models
+        if self.worker is not None and (stats_dir := worker_stats_dir()) is not None:
+            # every worker serves one table, whichever worker a route change reaches (route_share)
+            index, count, _ = self.worker
+            await self.service.traffic.share_routes(RouteShare(stats_dir / "routes", index, count))
+            self._route_task = asyncio.get_running_loop().create_task(self.service.traffic.follow())
         # always: a route PUT may add a rollout later (a judgement without rollouts does nothing)
         self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
         if self.poller is not None:
@@ -261,8 +269,10 @@ class Gateway:
                 log.warning("SIGHUP: no --config file to re-read routes from")
             return
         try:
+            if self.worker is not None and self.worker[0] != 0:
+                return  # worker 0 publishes the file's routes to every worker (route_share)
             routes = await asyncio.to_thread(config_mod.load_routes, self.config.path)
-            self.service.set_routes(routes, what="SIGHUP")  # refused for a route under an active rollout
+            await self.service.traffic.change(lambda _: routes, "SIGHUP")  # refused under an active rollout
         except GatewayError as exc:
             log.error("SIGHUP: routes not changed: %s", exc.message)
             return
@@ -299,8 +309,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.drain_timeout_s
         await self._stop_listeners(deadline)
-        if self._rollout_task is not None:
-            self._rollout_task.cancel()
+        for task in (self._rollout_task, self._route_task):
+            if task is not None:
+                task.cancel()
         steps: list[tuple[str, Callable[[float], Awaitable[object]]]] = [("shadows", self.service.shadows.close)]
         if self.service.rollouts:  # after the shadows: their last comparisons are judged and saved
             rollouts = self.service.rollouts

@@ -1,6 +1,7 @@
 """``--workers N`` answers for the whole gateway (issue 11, item 3): control-plane changes that
-would reach only the worker whose socket took the call are refused on both transports (501 /
-UNIMPLEMENTED, saying what to do instead), and statistics add up every worker's counts.
+would reach only the worker whose socket took the call (model loads and unloads) are refused on
+both transports (501 / UNIMPLEMENTED, saying what to do instead), and statistics add up every
+worker's counts. Route changes reach every worker: test_worker_routes.py.
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ def test_control_plane_changes_are_refused_on_both_transports_and_change_nothing
         ):
             status, doc = _http(gw, "POST", path, body)
             assert status == 501 and _refused(doc["error"]), (path, body, status, doc)
-        route = {"split": [{"target": "scaled:1", "weight": 1}]}
-        status, doc = _http(gw, "PUT", "/v2/routes/r", route)
-        assert status == 501 and _refused(doc["error"]), doc
-        status, doc = _http(gw, "DELETE", "/v2/routes/r")
-        assert status == 501 and _refused(doc["error"]), doc
 
         with grpc.insecure_channel(gw.grpc_url) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

@@ -8,19 +8,27 @@ aborts that rollout explicitly (``abort_rollout``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.metrics import Metrics
+from onnxgate.core.traffic import route_share
 from onnxgate.core.traffic.comparison import Comparator
 from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollouts import Rollouts, RolloutsConfig
-from onnxgate.core.traffic.routes import Route, RouteTable, parse_route
+from onnxgate.core.traffic.route_share import RouteShare
+from onnxgate.core.traffic.routes import Route, RouteTable, parse_route, parse_routes
 from onnxgate.core.traffic.shadow import Mirror, RunShadow, ShadowRunner
 from onnxgate.core.traffic.targets import Target
-from onnxgate.errors import ModelNotFound
+from onnxgate.errors import ModelNotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+_PUBLISH_TRIES = 5  # compare-and-swap attempts of one change against other workers' changes
 
 
 class TrafficControl:
@@ -39,6 +47,9 @@ class TrafficControl:
         self.sticky = False  # whether a route splits by a header
         self._known_models = known_models
         self._check_shared = check_shared
+        self._share: RouteShare | None = None  # --workers N: the workers' shared table
+        self.generation = 0  # of the shared table this process serves (0: the config file's)
+        self._changing = asyncio.Lock()  # one change (or catch-up) at a time in this process
 
     def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None],
                            share: RolloutShare | None = None, state_dir: str = "") -> None:
@@ -48,9 +59,13 @@ class TrafficControl:
         self.rollouts.notify.extend(notify)
 
     def set(self, routes: Iterable[Route], what: str = "") -> None:
-        """Replace the whole table, after validating it. ``what`` names a change that must not
-        touch a route under an active rollout (:class:`Conflict`); "" = the start."""
+        """Replace the whole table of this process, after validating it. ``what`` names a change
+        that must not touch a route under an active rollout (:class:`Conflict`); "" = the start."""
         routes = tuple(routes)
+        self._check(routes, what)
+        self._commit(routes)
+
+    def _check(self, routes: tuple[Route, ...], what: str) -> None:
         current = {r.name: r for r in self.configured}
         # a change validates what it changes: a route left as it was stays valid even when a version
         # it pins was unloaded since (it answers 404 / 503 for it), and does not block the others
@@ -58,9 +73,71 @@ class TrafficControl:
         RouteTable(changed).validate(self._known_models())
         if what:
             self.rollouts.check_change(current, {r.name: r for r in routes}, what)
+
+    def _commit(self, routes: tuple[Route, ...]) -> None:
         self.configured = routes
         self.rollouts.configure(routes)
         self.apply()
+
+    async def change(self, edit: Callable[[tuple[Route, ...]], Iterable[Route]], what: str) -> None:
+        """Replace the table by ``edit(the table as configured)``, checked as :meth:`set` checks;
+        under ``--workers N`` on every worker (:mod:`~onnxgate.core.traffic.route_share`): the
+        edit is made to the shared table, and this returns once every worker serves the result."""
+        async with self._changing:
+            share = self._share
+            if share is None:
+                self._check_shared(what)
+                self.set(edit(self.configured), what)
+                return
+            for _ in range(_PUBLISH_TRIES):
+                await self._catch_up(share)
+                routes = tuple(edit(self.configured))
+                self._check(routes, what)
+                docs = [r.to_dict() for r in routes]
+                generation = await asyncio.to_thread(share.publish, self.generation, docs, what)
+                if generation is not None:
+                    break
+            else:
+                raise Unavailable("the route table is being changed by other workers at the same time; retry")
+            self._commit(routes)
+            self.generation = generation
+            await asyncio.to_thread(share.applied, generation)
+        await asyncio.to_thread(share.wait_served, generation)
+
+    async def share_routes(self, share: RouteShare) -> None:
+        """Under ``--workers N``: serve the workers' shared table from now on (after the routes
+        are first set, before listening: a restarted worker takes up the changes made so far)."""
+        self._share = share
+        await self.catch_up()
+
+    async def catch_up(self) -> None:
+        """Take up the shared table if another worker changed it (a bad one is logged, skipped)."""
+        if self._share is None:
+            return
+        try:
+            async with self._changing:
+                await self._catch_up(self._share)
+        except Exception:
+            log.exception("routes: the workers' shared route table could not be taken up")
+
+    async def follow(self) -> None:
+        """Under ``--workers N``: :meth:`catch_up` every ``route_share.POLL_S``, until cancelled."""
+        while self._share is not None:
+            await self.catch_up()
+            await asyncio.sleep(route_share.POLL_S)
+
+    async def _catch_up(self, share: RouteShare) -> None:
+        found = await asyncio.to_thread(share.newer, self.generation)
+        if found is None:
+            return
+        generation, docs = found
+        # checked by the worker that published it; this one's view of the repository may differ
+        # for a moment (a pinned version it has not loaded answers 404 / 503, as after an unload)
+        self._commit(parse_routes(docs))
+        self.generation = generation
+        await asyncio.to_thread(share.applied, generation)
+        log.info("routes: took up generation %d from the workers' share: %s", generation,
+                 sorted(r.name for r in self.configured))
 
     def apply(self) -> None:
         """Serve the configured routes in their effective form (their rollouts' splits)."""
@@ -71,20 +148,23 @@ class TrafficControl:
     async def put(self, doc: Mapping[str, Any], abort_rollout: bool = False) -> Route:
         """Add or replace one route from its JSON form (validated; the others stay as they are)."""
         route = parse_route(doc)
-        self._check_shared("changing a route")
-        routes = [*(r for r in self.configured if r.name != route.name), route]
         if abort_rollout:  # only a change that is valid aborts the rollout it replaces
             RouteTable([route]).validate(self._known_models())
             await self._abort(route.name, "aborted by a route PUT with abort_rollout=true")
-        self.set(routes, what=f"PUT /v2/routes/{route.name}")
+        await self.change(lambda routes: [*(r for r in routes if r.name != route.name), route],
+                          f"PUT /v2/routes/{route.name}")
         return route
 
     async def delete(self, name: str, abort_rollout: bool = False) -> None:
-        self._check_shared("deleting a route")
-        self.route(name)
         if abort_rollout:
             await self._abort(name, "aborted by a route DELETE with abort_rollout=true")
-        self.set((r for r in self.configured if r.name != name), what=f"DELETE /v2/routes/{name}")
+
+        def without(routes: tuple[Route, ...]) -> list[Route]:
+            if all(r.name != name for r in routes):  # another worker deleted it first
+                raise ModelNotFound(f"unknown route '{name}'")
+            return [r for r in routes if r.name != name]
+
+        await self.change(without, f"DELETE /v2/routes/{name}")
 
     def route(self, name: str) -> Route:
         """A route as configured (its ``split`` the configured one; see :meth:`rollout`)."""

@@ -45,7 +45,7 @@ def _key(route: str) -> str:
     return hashlib.sha256(route.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
-def _write(path: Path, doc: dict[str, Any]) -> None:
+def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
@@ -57,11 +57,11 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
         raise
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         doc = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
-        log.warning("rollouts: %s unreadable: %s", path.name, exc)
+        log.warning("%s unreadable: %s", path, exc)
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -79,7 +79,7 @@ class RolloutShare:
         """A follower hands over what it gathered for ``step`` of ``route``'s rollout."""
         self._sent += 1
         path = self.directory / "evidence" / f"{_key(route)}-{os.getpid()}-{self._sent}.json"
-        _write(path, {"route": route, "step": list(step), "evidence": evidence.to_dict()})
+        write_json(path, {"route": route, "step": list(step), "evidence": evidence.to_dict()})
 
     def take_evidence(self, route: str, step: tuple[int, float]) -> Evidence:
         """The leader takes every worker's hand-over for ``route``: merged, the files removed;
@@ -89,7 +89,7 @@ class RolloutShare:
         if not folder.is_dir():
             return total
         for path in sorted(folder.glob(f"{_key(route)}-*.json")):
-            doc = _read(path)
+            doc = read_json(path)
             path.unlink(missing_ok=True)
             if doc is None or doc.get("route") != route or doc.get("step") != list(step):
                 continue
@@ -103,12 +103,12 @@ class RolloutShare:
     def request(self, route: str, action: str, reason: str, full: bool) -> dict[str, Any]:
         """A follower: have the leader apply ``action``; its decision, or the error it raised."""
         ident = uuid.uuid4().hex
-        _write(self.directory / "actions" / f"{ident}.json",
+        write_json(self.directory / "actions" / f"{ident}.json",
                {"route": route, "action": action, "reason": reason, "full": full, "time": time.time()})
         answer = self.directory / "answers" / f"{ident}.json"
         deadline = time.monotonic() + ACTION_TIMEOUT_S
         while time.monotonic() < deadline:
-            if answer.exists() and (doc := _read(answer)) is not None:
+            if answer.exists() and (doc := read_json(answer)) is not None:
                 answer.unlink(missing_ok=True)
                 if "decision" in doc:
                     return doc["decision"]
@@ -125,7 +125,7 @@ class RolloutShare:
             return []
         out = []
         for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime if p.exists() else 0):
-            doc = _read(path)
+            doc = read_json(path)
             path.unlink(missing_ok=True)
             if doc is not None and time.time() - float(doc.get("time", 0)) < _STALE_S:
                 out.append((path.stem, doc))
@@ -138,4 +138,4 @@ class RolloutShare:
             "kind": "conflict" if isinstance(error, Conflict) else "not_found" if isinstance(error, ModelNotFound)
             else "other",
         }
-        _write(self.directory / "answers" / f"{ident}.json", doc)
+        write_json(self.directory / "answers" / f"{ident}.json", doc)
