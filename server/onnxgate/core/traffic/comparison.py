@@ -8,6 +8,11 @@ A request whose answers have no numeric output in common (renamed outputs, other
 primary output turned into class labels) counts as compared but adds nothing to the difference
 windows: it must not look like perfect agreement. A mirrored request whose primary failed has
 nothing to compare with and counts as ``primary_failed``.
+
+Besides the window of the last comparisons, each pair keeps a history: one slot per
+:data:`SLOT_S` seconds of wall time for the last :data:`HISTORY_SLOTS` slots (ten minutes), with
+its counts, agreeing rows, worst max abs diff and mean latency difference, so a console opened
+now draws the last minutes (a few additions per comparison; slots without traffic are absent).
 """
 
 from __future__ import annotations
@@ -22,6 +27,38 @@ import numpy as np
 from onnxgate.core.metrics import Metrics
 
 _COUNTS = ("compared", "failed", "dropped", "primary_failed")
+SLOT_S = 10.0  # one history slot covers this many seconds
+HISTORY_SLOTS = 60  # and this many are kept: ten minutes
+
+
+@dataclass(slots=True)
+class _Slot:
+    """What one pair saw in one :data:`SLOT_S` of wall time (``t``: its start, epoch seconds)."""
+
+    t: float
+    compared: int = 0
+    failed: int = 0  # failed, dropped or primary_failed
+    rows: int = 0
+    rows_agree: int = 0
+    max_abs: float | None = None  # the worst max abs diff of the slot
+    latency_sum: float = 0.0
+    latency_n: int = 0
+
+    def add(self, other: _Slot) -> None:
+        self.compared += other.compared
+        self.failed += other.failed
+        self.rows += other.rows
+        self.rows_agree += other.rows_agree
+        if other.max_abs is not None:
+            self.max_abs = other.max_abs if self.max_abs is None else max(self.max_abs, other.max_abs)
+        self.latency_sum += other.latency_sum
+        self.latency_n += other.latency_n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "compared": self.compared, "failed": self.failed,
+                "agreement": (self.rows_agree / self.rows) if self.rows else None,
+                "max_abs_diff": self.max_abs,
+                "latency_diff_mean_s": (self.latency_sum / self.latency_n) if self.latency_n else None}
 
 
 @dataclass(slots=True)
@@ -39,6 +76,15 @@ class _Window:
     mean_abs: deque = field(default_factory=lambda: deque(maxlen=1000))
     latency_diff: deque = field(default_factory=lambda: deque(maxlen=1000))
     agreement: deque = field(default_factory=lambda: deque(maxlen=1000))  # per request: agreeing row share
+    history: deque[_Slot] = field(default_factory=lambda: deque(maxlen=HISTORY_SLOTS))
+
+    def slot(self) -> _Slot:
+        """The history slot of now (a new one when the last is over)."""
+        start = time.time() // SLOT_S * SLOT_S
+        history = self.history
+        if not history or history[-1].t != start:
+            history.append(_Slot(start))
+        return history[-1]
 
 
 def compare_outputs(primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -105,6 +151,10 @@ class Comparator:
         w = self._window(route, primary, shadow)
         w.compared += 1
         w.latency_diff.append(latency_diff_s)
+        slot = w.slot()
+        slot.compared += 1
+        slot.latency_sum += latency_diff_s
+        slot.latency_n += 1
         worst_max, worst_mean, rows, agree = None, None, 0, 0
         for name, entry in result.items():
             if "max_abs_diff" in entry:
@@ -120,10 +170,13 @@ class Comparator:
         if worst_max is not None:  # something numeric was compared
             w.max_abs.append(worst_max)
             w.mean_abs.append(worst_mean)
+            slot.max_abs = worst_max if slot.max_abs is None else max(slot.max_abs, worst_max)
         if rows:
             w.rows += rows
             w.rows_agree += agree
             w.agreement.append(agree / rows)
+            slot.rows += rows
+            slot.rows_agree += agree
         return {"outputs": result, "latency_diff_s": latency_diff_s}
 
     def record_failure(self, route: str, primary: str, shadow: str, outcome: str) -> None:
@@ -131,6 +184,7 @@ class Comparator:
         primary did not ("primary_failed")."""
         self.metrics.shadow_requests.labels(route, primary, shadow, outcome).inc()
         w = self._window(route, primary, shadow)
+        w.slot().failed += 1
         if outcome == "dropped":
             w.dropped += 1
         elif outcome == "primary_failed":
@@ -144,11 +198,19 @@ class Comparator:
         totals = {k: sum(p["counts"][k] for p in pairs) for k in _COUNTS}
         rows = sum(p["argmax_agreement"]["rows"] for p in pairs)
         agree = sum(p["argmax_agreement"]["rows_agree"] for p in pairs)
+        slots: dict[float, _Slot] = {}  # every pair's slots, added up
+        for (r, _, _), w in self._windows.items():
+            if r == route:
+                for slot in w.history:
+                    slots.setdefault(slot.t, _Slot(slot.t)).add(slot)
+        horizon = time.time() - SLOT_S * HISTORY_SLOTS
         return {
             "route": route,
             "window": self.window,
             "counts": totals,
             "argmax_agreement": {"rows": rows, "rows_agree": agree, "rate": (agree / rows) if rows else None},
+            "history": [slots[t].to_dict() for t in sorted(slots) if t > horizon],
+            "slot_s": SLOT_S,
             "pairs": pairs,
         }
 
@@ -174,4 +236,5 @@ class Comparator:
             "max_abs_diff": quantiles(w.max_abs),
             "mean_abs_diff": quantiles(w.mean_abs),
             "latency_diff_s": quantiles(w.latency_diff),
+            "history": [slot.to_dict() for slot in w.history if slot.t > time.time() - SLOT_S * HISTORY_SLOTS],
         }
