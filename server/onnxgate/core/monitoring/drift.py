@@ -11,6 +11,10 @@ feature (``core/drift_stats.py``: PSI, KS or chi-square) and sets
     onnxgate_drift_alert{model}            1 while any feature crosses its threshold
     onnxgate_drift_window_rows{model}      rows in the window
 
+``report`` renders the HTML drift report of the window as it is now (``drift_html``, the
+report ``onnxgate drift`` writes); :meth:`DriftMonitor.report` runs it off the loop, one at a
+time (``GET /v2/drift/{model}/report``).
+
 A ``webhook`` receives one JSON POST when a feature crosses its threshold (``state: "alert"``)
 and one when it comes back (``state: "resolved"``); a POST that fails is tried again at the
 next compute, so each crossing is announced once. Config (gateway.yaml)::
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from onnxgate.core.monitoring import drift_html
 from onnxgate.core.monitoring.drift_stats import (
     DriftDataError,
     FeatureDrift,
@@ -55,6 +60,7 @@ from onnxgate.core.monitoring.records import rfc3339
 from onnxgate.core.monitoring.sinks import encode_json
 from onnxgate.core.sections import check, parse_fields
 from onnxgate.core.urls import redact_url
+from onnxgate.errors import ModelNotFound, Overloaded, Unavailable, Unsupported
 
 log = logging.getLogger("onnxgate.drift")
 
@@ -118,32 +124,17 @@ class DriftMetrics:
     """The drift gauges, once per registry, shared by every model's LiveDrift."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.psi = Gauge(
-            "onnxgate_drift_psi", "PSI of recent inputs against the reference.", ["model", "feature"],
-            multiprocess_mode="liveall", registry=registry,  # a dead worker's window is gone with it
-        )
-        self.ks = Gauge(
-            "onnxgate_drift_ks",
-            "KS statistic of recent inputs against the reference.",
-            ["model", "feature"],
-            multiprocess_mode="liveall",
-            registry=registry,
-        )
-        self.alert = Gauge(
-            "onnxgate_drift_alert",
-            "1 while a feature of the model crosses its drift threshold.",
-            ["model"],
-            multiprocess_mode="liveall",
-            registry=registry,
-        )
-        self.rows = Gauge(
-            "onnxgate_drift_window_rows", "Rows in the live drift window.", ["model"], multiprocess_mode="liveall",
-            registry=registry,
-        )
+        def gauge(name: str, text: str, labels: list[str]) -> Gauge:  # a dead worker's window is gone with it
+            return Gauge(name, text, labels, multiprocess_mode="liveall", registry=registry)
+
+        self.psi = gauge("onnxgate_drift_psi", "PSI of recent inputs against the reference.", ["model", "feature"])
+        self.ks = gauge("onnxgate_drift_ks", "KS statistic of recent inputs against the reference.",
+                        ["model", "feature"])
+        self.alert = gauge("onnxgate_drift_alert", "1 while a feature of the model crosses its drift threshold.",
+                           ["model"])
+        self.rows = gauge("onnxgate_drift_window_rows", "Rows in the live drift window.", ["model"])
         self.webhook_failures = Counter(
-            "onnxgate_drift_webhook_failures",
-            "Drift alerts the webhook did not take (retried).",
-            ["model"],
+            "onnxgate_drift_webhook_failures", "Drift alerts the webhook did not take (retried).", ["model"],
             registry=registry,
         )
 
@@ -192,9 +183,14 @@ class LiveDrift:
         bins: int = 10,
         webhook: str = "",
         clock: Callable[[], float] = time.time,
+        reference_label: str = "",
     ) -> None:
         table = reference if isinstance(reference, FeatureTable) else load_features(reference, model)
         self.model = model
+        # what the report calls the reference: a file's name, never the server's path to it
+        self.reference_label = reference_label or (
+            Path(reference).name if isinstance(reference, str | Path) else "the reference"
+        )
         self.metrics = metrics
         self.window, self.min_rows, self.bins = window, min_rows, bins
         self.thresholds = thresholds
@@ -287,6 +283,31 @@ class LiveDrift:
         self._announce(results, crossed, n)
         return results
 
+    def report(self, max_plots: int = drift_html.MAX_PLOTS) -> str:
+        """The HTML drift report of the window now against the reference. Blocking (it computes
+        every feature and draws at most ``max_plots`` histogram pairs): run it off the loop.
+        Raises ``Unavailable`` while the window holds fewer than ``min_rows`` rows or the
+        reference does not fit the model's inputs."""
+        if self.unbound_reason:
+            raise Unavailable(f"drift of model '{self.model}': the reference does not fit its inputs: "
+                              f"{self.unbound_reason}")
+        with self._lock:
+            snapshots = {t: r.snapshot() for t, r in (self._rings or {}).items()}
+            columns = dict(self._columns)
+        n = max((len(s) for s in snapshots.values()), default=0)
+        if n < self.min_rows:
+            raise Unavailable(f"drift of model '{self.model}': the window holds {n} rows; "
+                              f"the report needs min_rows ({self.min_rows})")
+        current = FeatureTable({f: snapshots[t][:, c] for f, (t, c) in columns.items()},
+                               dict.fromkeys(columns, "input"), n, self.model)
+        try:
+            return drift_html.window_report(
+                self._table, current, self.thresholds, bins=self.bins, reference_label=self.reference_label,
+                current_label="the live window of this gateway process", max_plots=max_plots,
+            )
+        except DriftDataError as exc:
+            raise Unavailable(f"drift of model '{self.model}': {exc}") from None
+
     def _announce(self, results: dict[str, FeatureDrift], crossed: set[str], rows: int) -> None:
         for feature, result in results.items():
             state = "alert" if feature in crossed else "resolved"
@@ -340,7 +361,9 @@ class DriftMonitor:
         self.config = config
         self.metrics = DriftMetrics(registry)
         self.models: dict[str, LiveDrift] = {}
+        self.disabled: dict[str, str] = {}  # model -> why its reference could not be used
         self._task: asyncio.Task | None = None
+        self._rendering = False  # a report is being rendered (one at a time per process)
 
     async def start(self) -> None:
         """Load the references (off the loop) and start computing every ``interval_s``."""
@@ -349,6 +372,7 @@ class DriftMonitor:
                 table = await asyncio.to_thread(load_features, c.reference, name)
             except DriftDataError as exc:
                 log.error("drift: model %s disabled: %s", name, exc)
+                self.disabled[name] = str(exc)
                 continue
             self.models[name] = LiveDrift(
                 name,
@@ -359,6 +383,7 @@ class DriftMonitor:
                 thresholds=Thresholds(c.psi_threshold, c.ks_pvalue, c.chi2_pvalue),
                 bins=c.bins,
                 webhook=c.webhook or self.config.webhook,
+                reference_label=Path(c.reference).name,
             )
         self._task = asyncio.create_task(self._loop(), name="onnxgate-drift")
 
@@ -377,6 +402,32 @@ class DriftMonitor:
             except Exception:
                 log.exception("drift: computing model %s failed", name)
         return out
+
+    def thresholds(self) -> dict[str, dict[str, Any]]:
+        """Each configured model's thresholds and window, as ``drift.models`` sets them."""
+        return {name: {"psi_threshold": c.psi_threshold, "ks_pvalue": c.ks_pvalue, "chi2_pvalue": c.chi2_pvalue,
+                       "min_rows": c.min_rows, "window": c.window}
+                for name, c in self.config.models.items()}
+
+    async def report(self, model: str) -> str:
+        """The HTML report of ``model``'s live window, rendered in a thread (never on the loop),
+        one render at a time: a call while another renders is refused (``Overloaded``, 429).
+        ``ModelNotFound`` (404) for a model without drift, ``Unavailable`` (503) while its window
+        is short of ``min_rows`` or its reference is unusable, ``Unsupported`` (501) without matplotlib."""
+        live = self.models.get(model)
+        if live is None:
+            if model in self.disabled:
+                raise Unavailable(f"drift of model '{model}' is disabled: {self.disabled[model]}")
+            raise ModelNotFound(f"model '{model}' has no live drift (drift.models in the config)")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise Unsupported("the drift report needs matplotlib: pip install 'onnxgate[drift]'")
+        if self._rendering:
+            raise Overloaded("a drift report is being rendered; retry in a moment", 1.0, "report_in_progress")
+        self._rendering = True
+        try:
+            return await asyncio.to_thread(live.report)
+        finally:
+            self._rendering = False
 
     async def _loop(self) -> None:
         while True:
