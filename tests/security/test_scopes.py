@@ -89,6 +89,7 @@ HTTP = {
     ("DELETE", "/v2/routes/{route}"): ("/v2/routes/doomed", "", 200),
     ("GET", "/v2/routes/{route}/comparison"): ("/v2/routes/r1/comparison", "", 200),
     ("GET", "/v2/routes/{route}/rollout"): ("/v2/routes/ro/rollout", "", 200),
+    ("GET", "/v2/drift/{model}/report"): ("/v2/drift/scaled/report", "", 503),  # no drift configured here
     ("POST", "/v2/routes/{route}/rollout/{action}"): ("/v2/routes/ro/rollout/pause", '{"reason": "scopes"}', 200),
     **{("GET", f"/v2/{k}sharedmemory{p}/status"): (f"/v2/{k}sharedmemory{p.replace('{region}', 'r')}/status", "", 501)
        for k in ("system", "cuda") for p in ("", "/region/{region}")},

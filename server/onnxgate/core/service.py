@@ -25,6 +25,7 @@ from onnxgate.core.inference import (  # the metadata records are the service's 
 )
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.monitoring.access_log import AccessLogger
+from onnxgate.core.monitoring.drift import DriftMonitor
 from onnxgate.core.monitoring.records import Sample, ShadowResult
 from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.monitoring.summary import SummaryWindow
@@ -94,6 +95,7 @@ class InferenceService:
         self.sample_headers = False  # set when the sample log copies or hashes headers
         self._summary = SummaryWindow(metrics)  # models_summary's snapshots
         self.sample_log: SampleLogger | None = None
+        self.drift: DriftMonitor | None = None  # live drift (drift.models), attached by the lifecycle
         self.exchanges = Exchanges(metrics)
         manager.shadowed_by = lambda name: name if name in self.routes.routes else None
 
@@ -161,7 +163,14 @@ class InferenceService:
         """Every model and version with its traffic over about the last minute (see
         :mod:`onnxgate.core.monitoring.summary`)."""
         return self._summary.answer(self.manager.models, self.statistics(), self.ready, self.draining,
-                             self.sample_log is not None)
+                             self.sample_log is not None, self.drift.thresholds() if self.drift else None)
+
+    async def drift_report(self, model: str) -> str:
+        """The HTML drift report of ``model``'s live window (rendered off the loop, one at a time:
+        :meth:`DriftMonitor.report`); ``Unavailable`` without drift configured."""
+        if self.drift is None:
+            raise Unavailable("live drift is not configured (drift.models in the config)")
+        return await self.drift.report(model)
 
     def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
         return self.manager.index(ready_only)

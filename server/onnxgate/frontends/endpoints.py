@@ -84,6 +84,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              (("POST", "/v2/routes/{route}/rollout/{action}"),), read_only=False, target="route"),
     Endpoint("models.summary", "read", "Every model and version: state, traffic and latency over the last minute",
              (("GET", "/v2/models/summary"),)),
+    Endpoint("drift.report", "read", "The HTML drift report of a model's live window against its reference",
+             (("GET", "/v2/drift/{model}/report"),), target="model"),
     # Public: the console's static files hold no data; the page asks the API for it with the user's token.
     Endpoint("console.index", PUBLIC, "The operator console (a static page)", (("GET", "/console"),)),
     Endpoint("console.file", PUBLIC, "A static file of the operator console", (("GET", "/console/{file}"),)),

@@ -1,10 +1,17 @@
-"""The HTTP handlers of the operator console: its static files (``/console``, ``/console/{file}``)
-and the summary it shows (``GET /v2/models/summary``).
+"""The HTTP handlers of the operator console: its static files (``/console``, ``/console/{file}``),
+the summary it shows (``GET /v2/models/summary``) and the live drift report it opens
+(``GET /v2/drift/{model}/report``).
 
 A mixin of :class:`~onnxgate.frontends.http_app.HttpApp`, which finds its handlers by endpoint
 name. The static files hold no data and need no token: the page asks the documented API for
 everything it shows, with the token the user enters. Only the files of :data:`FILES` are served
 (read from the package once), so no path reaches the file system.
+
+The drift report is HTML built from user-named models and features (every name escaped by the
+core's renderer), served under a CSP of its own, :data:`REPORT_CSP`: no script, no fetch, only
+inline images and the report's one stylesheet (allowed by its hash, :data:`REPORT_STYLE`), and
+sandboxed. The page fetches it with the token and shows it in a sandboxed frame from a ``blob:``
+URL, which takes the page's CSP: so that allows ``frame-src blob:`` and the same stylesheet.
 """
 
 from __future__ import annotations
@@ -19,9 +26,16 @@ from onnxgate.frontends.http_reply import Params, Receive, Reply, Scope, failure
 if TYPE_CHECKING:
     from onnxgate.core.service import InferenceService
 
+#: The CSP source of the drift report's stylesheet (``core/monitoring/drift_html.STYLE``, whose
+#: ``style_hash()`` a test holds this to).
+REPORT_STYLE = "'sha256-kr3KpiG1ti0uzGS2iin/KvTqg1TNu6RXf+KznzH7OKc='"
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    f"default-src 'self'; script-src 'self'; style-src 'self' {REPORT_STYLE}; img-src 'self' data:; "
+    "connect-src 'self'; frame-src blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+REPORT_CSP = (
+    f"default-src 'none'; img-src data:; style-src {REPORT_STYLE}; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'; sandbox"
 )
 #: The console's files and their content types; nothing else under /console is served.
 FILES = {
@@ -35,6 +49,12 @@ _HARDENING = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-cache"),
+]
+_REPORT_HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"content-security-policy", REPORT_CSP.encode()),
+    *((k, v) for k, v in _HARDENING if k not in (b"content-security-policy", b"cache-control")),
+    (b"cache-control", b"no-store"),  # the data of one moment, with user data in it
 ]
 _cache: dict[str, Reply] = {}
 
@@ -54,7 +74,7 @@ def static_reply(name: str) -> Reply:
 
 
 class ConsoleHandlers:
-    """``GET /console``, ``GET /console/{file}``, ``GET /v2/models/summary``."""
+    """``GET /console``, ``GET /console/{file}``, ``GET /v2/models/summary``, ``GET /v2/drift/{model}/report``."""
 
     service: InferenceService
 
@@ -66,3 +86,7 @@ class ConsoleHandlers:
 
     async def _models_summary(self, params: Params, scope: Scope, receive: Receive) -> Reply:
         return ok(orjson.dumps(self.service.models_summary()))
+
+    async def _drift_report(self, params: Params, scope: Scope, receive: Receive) -> Reply:
+        page = await self.service.drift_report(params["model"])  # rendered off the loop, one at a time
+        return Reply(200, page.encode(), list(_REPORT_HEADERS))
