@@ -71,6 +71,7 @@ def test_summary_lists_models_versions_and_traffic_over_the_window(gw):
         assert v1["row_rate"] == pytest.approx(40 / window, rel=0.05)
     assert v1["failure_rate"] == 0 and v1["inference_count"] >= 40
     assert v1["latency_mean_ms"] > 0 and 0 < model["latency_p50_ms"] <= model["latency_p99_ms"]
+    assert (v1["latency_p50_ms"], v1["latency_p99_ms"]) == (model["latency_p50_ms"], model["latency_p99_ms"])
     assert v1["execute_p50_ms"] is not None and v1["queue_p99_ms"] is not None
     sizes = {b["size"]: b for b in v1["batch_sizes"]}
     assert sum(b["window"] for b in sizes.values()) >= 1 and all(s % 2 == 0 for s in sizes)  # rows of 2

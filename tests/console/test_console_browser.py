@@ -295,3 +295,102 @@ def test_an_open_gateway_needs_no_login(tmp_path, browser):
         _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 1)
         assert "No token needed" in browser.find_element(By.ID, "login").text
         assert "401" not in _message(browser)
+
+
+def test_the_drift_report_opens_from_the_page(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    repo = tmp_path / "repo"
+    for name in ("scored", "idle"):
+        modelzoo.build_scaled(repo, name)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "reference.npz", x=rng.normal(0, 1, (4000, 4)).astype(np.float32))
+    window = {"reference": str(tmp_path / "reference.npz"), "window": 400, "min_rows": 200}
+    config = {
+        "sample_log": {"default": {"rate": 1.0}, "sink": {"type": "none"}},
+        "drift": {"interval_s": 0.5, "models": {"scored": window, "idle": window}},
+        "security": {"tokens": [
+            {"name": "reader", "sha256": hashlib.sha256(TOKENS["read"].encode()).hexdigest(), "scopes": ["read"]},
+            {"name": "admin", "sha256": hashlib.sha256(TOKENS["admin"].encode()).hexdigest(),
+             "scopes": ["infer", "read", "admin"]},
+        ]},
+    }
+    (tmp_path / "gateway.yaml").write_text(json.dumps(config))
+    with GatewayProcess(repo, ["--config", str(tmp_path / "gateway.yaml")]) as g:
+        x = rng.normal(0, 1, (400, 4)).astype(np.float32)
+        x[:, 1] += 3.0  # the second feature drifts
+        for chunk in np.array_split(x, 4):
+            body = json.dumps({"inputs": [{"name": "x", "shape": list(chunk.shape), "datatype": "FP32",
+                                           "data": chunk.ravel().tolist()}]})
+            assert _call(g, "POST", "/v2/models/scored/infer", body)[0] == 200
+        driver = browser
+        driver.get_log("browser")  # what earlier tests left
+        driver.get(f"http://127.0.0.1:{g.http_port}/console")
+        _sign_in(driver, TOKENS["read"])
+        _wait(driver, lambda d: any("400 of 400 rows" in c.text for c in d.find_elements(
+            By.CSS_SELECTOR, 'article.drift[data-drift="scored"]')), 30)
+        scored = _card(driver, "drift", "scored")
+        assert "Thresholds: PSI ≥ 0.2" in scored.text and "/ 0.2" in scored.text
+        meters = scored.find_elements(By.TAG_NAME, "meter")
+        assert len(meters) == 4 and {m.get_attribute("high") for m in meters} == {"0.2"}
+
+        # refused (the idle model's window is empty): the page says so, beside the drift section
+        idle = _card(driver, "drift", "idle")
+        idle.find_element(By.CSS_SELECTOR, 'button[aria-label="Drift report of idle"]').click()
+        _wait(driver, lambda d: "refused (503)" in _message(d))
+        assert "min_rows" in driver.find_element(By.ID, "drift-report").text
+
+        # from the keyboard: the report opens in a sandboxed frame, from a blob: URL (the token stays in a header)
+        _card(driver, "drift", "scored").find_element(
+            By.CSS_SELECTOR, 'button[aria-label="Drift report of scored"]').send_keys(Keys.ENTER)
+        frame = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#drift-report iframe.report"), 30)
+        assert frame.get_attribute("sandbox") == "" and frame.get_attribute("src").startswith("blob:")
+        assert driver.switch_to.active_element.get_attribute("aria-label") == "Close the drift report"
+        _wait(driver, lambda d: "Drift report of scored: opened" in _message(d))
+        driver.switch_to.frame(frame)
+        try:
+            _wait(driver, lambda d: d.find_element(By.TAG_NAME, "h1").text == "Drift report: scored")
+            drifted = driver.find_element(By.CSS_SELECTOR, "tr.drift td")
+            assert drifted.text == "x[1]"
+            assert drifted.find_element(By.XPATH, "..").value_of_css_property("background-color") == \
+                "rgba(255, 221, 221, 1)"  # the report's stylesheet applies (the CSP allows it by its hash)
+            assert driver.execute_script(
+                "return [...document.images].filter(i => i.complete && i.naturalWidth > 0).length") == 4
+        finally:
+            driver.switch_to.default_content()
+        problems = [e["message"] for e in driver.get_log("browser")
+                    if e.get("source") in ("security", "javascript") or "Content Security Policy" in e["message"]]
+        assert problems == [], problems
+        _screenshot(driver, "console-drift-report.png")
+
+
+def test_weights_edited_from_the_page_change_the_split_on_every_worker(tmp_path, browser):
+    """Under ``--workers 2`` the page's weight edit reaches every worker (route_share): once the
+    page says done, each worker (on a connection pinned to it) serves the new split."""
+    from selenium.webdriver.common.by import By
+
+    from workers_helpers import ARGS, children, pin_each
+
+    repo = tmp_path / "repo"
+    modelzoo.build_scaled(repo, "scaled", scale=3.0)  # what the pinned connections check their worker with
+    modelzoo.build_scaled(repo, "a")
+    modelzoo.build_scaled(repo, "b", scale=2.0)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps({"routes": [
+        {"name": "ab", "split": [{"target": "a", "weight": 1}, {"target": "b", "weight": 1}]}]}))
+    with GatewayProcess(repo, [*ARGS, "--config", str(config)]) as wgw:  # loopback, no tokens
+        assert wgw.proc is not None
+        pinned = pin_each(wgw, children(wgw.proc.pid))
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(f"http://127.0.0.1:{wgw.http_port}/console")
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "form.weights input[type=number]")) == 2)
+        inputs = _card(browser, "route", "ab").find_elements(By.CSS_SELECTOR, "form.weights input[type=number]")
+        inputs[0].clear()
+        inputs[0].send_keys("5")
+        _card(browser, "route", "ab").find_element(By.CSS_SELECTOR, "form.weights button[type=submit]").click()
+        _confirm(browser)
+        _wait(browser, lambda d: "Save weights of ab: done" in _message(d))
+        for p in pinned.values():  # at once, no waiting: the change was answered once every worker served it
+            split = p.call("GET", "/v2/routes/ab")["split"]
+            assert [(s["target"], s["weight"]) for s in split] == [("a", 5), ("b", 1)], p.worker

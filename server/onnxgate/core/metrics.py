@@ -50,7 +50,7 @@ class Metrics:
         self.request_latency = Histogram(
             "onnxgate_request_duration_seconds",
             "Time from a decoded request to its response, including queueing.",
-            ["model", "protocol"],
+            ["model", "version", "protocol"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -169,9 +169,10 @@ class Metrics:
             counter = self._request_children[key] = self.requests.labels(*key)
         counter.inc()
         if latency_s is not None:
-            hist = self._latency_children.get((model, protocol))
+            label = (model, version, protocol)
+            hist = self._latency_children.get(label)
             if hist is None:
-                hist = self._latency_children[(model, protocol)] = self.request_latency.labels(model, protocol)
+                hist = self._latency_children[label] = self.request_latency.labels(*label)
             hist.observe(latency_s)
 
     def _shadow_metrics(self, r: CollectorRegistry) -> None:

@@ -1,6 +1,7 @@
 """The console's part of the OpenAPI document: ``GET /v2/models/summary`` (the JSON the console
-shows, for anyone) and the console's static files (``GET /console``, ``/console/{file}``).
-:mod:`openapi_schemas` merges these into its tables."""
+shows, for anyone), the live drift report (``GET /v2/drift/{model}/report``, HTML) and the
+console's static files (``GET /console``, ``/console/{file}``). :mod:`openapi_schemas` merges
+these into its tables."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ _VERSION_FIELDS: dict[str, Schema] = {
     "failure_rate": _null("Requests failed a second, " + _WINDOW),
     "row_rate": _null("Rows a second, " + _WINDOW),
     "latency_mean_ms": _null("Mean request latency of its successes, " + _WINDOW),
+    "latency_p50_ms": _null("Request latency median of its successes, from onnxgate_request_duration_seconds' "
+                            "buckets (shadow copies left out), " + _WINDOW),
+    "latency_p99_ms": _null("Request latency 99th percentile of its successes, from the buckets, " + _WINDOW),
     "queue_p50_ms": _null("Queue wait median, from onnxgate_queue_wait_seconds' buckets, " + _WINDOW),
     "queue_p99_ms": _null("Queue wait 99th percentile, from the buckets, " + _WINDOW),
     "execute_p50_ms": _null("Execution time median, from onnxgate_compute_duration_seconds' buckets, " + _WINDOW),
@@ -38,6 +42,16 @@ _FEATURE: Schema = obj({"model": STR, "feature": STR,
                          "psi": {"type": "number", "nullable": True, "description": "Population stability index"},
                          "ks": {"type": "number", "nullable": True, "description": "KS statistic (numeric features)"}},
                         ("model", "feature", "psi", "ks"))
+# A drift model's settings (drift.models.<model>); null for a model the config does not name.
+_THRESHOLDS: dict[str, Schema] = {
+    "psi_threshold": {"type": "number", "nullable": True, "description": "A PSI at or above this is drift"},
+    "ks_pvalue": {"type": "number", "nullable": True, "description": "A KS p-value below this is drift (null: "
+                  "not a test)"},
+    "chi2_pvalue": {"type": "number", "nullable": True, "description": "A chi-square p-value below this is drift "
+                    "(null: not a test)"},
+    "min_rows": {**COUNT, "nullable": True, "description": "Rows the window needs for gauges and the report"},
+    "window": {**COUNT, "nullable": True, "description": "The most rows the window holds"},
+}
 SCHEMAS: dict[str, Schema] = {
     "SampleLogSummary": obj(
         {
@@ -47,8 +61,8 @@ SCHEMAS: dict[str, Schema] = {
             "queue_depth": {**COUNT, "description": "Samples waiting for the writer"},
             "drift": {"type": "array", "description": "Live drift per model of drift.models", "items": obj(
                 {"model": STR, "alert": {**BOOL, "description": "A feature crosses its threshold"},
-                 "window_rows": COUNT, "features": {"type": "array", "items": _FEATURE}},
-                ("model", "alert", "window_rows", "features"))},
+                 "window_rows": COUNT, "features": {"type": "array", "items": _FEATURE}, **_THRESHOLDS},
+                ("model", "alert", "window_rows", "features", *_THRESHOLDS))},
         },
         ("records_written", "records_dropped", "queue_depth", "drift"),
         description="The sample log and live drift (this worker's); null without a sample log",
@@ -102,6 +116,17 @@ _STATIC_HEADERS: dict[str, Schema] = {
     )
 }
 
+_REPORT_HEADERS: dict[str, Schema] = {
+    **_STATIC_HEADERS,
+    "Content-Security-Policy": {"description": "default-src 'none'; img-src data:; the report's stylesheet by "
+                                "its hash; sandbox: no script runs", "schema": STR},
+    "Cache-Control": {"description": "no-store", "schema": STR},
+}
+# Only the report has these headers; its errors are the API's JSON errors.
+_REPORT = {"description": "The report: a table of every feature (PSI, KS, chi-square, verdict) and a "
+           "reference/current histogram pair per feature, drifted first (at most 50), as inline PNGs",
+           "content": {"text/html": {"schema": _TEXT}}, "headers": _REPORT_HEADERS}
+
 
 # The console's entries of ``openapi_schemas.OPERATIONS``.
 _PAGE = {"description": "The console's page", "content": {"text/html": {"schema": _TEXT}}}
@@ -109,6 +134,9 @@ _FILES = {"description": "The file", "content": {t: {"schema": _TEXT} for t in (
     "text/html", "text/javascript", "text/css", "image/svg+xml")}}
 OPERATIONS: dict[str, dict] = {
     "models.summary": {"ok": ok(ref("ModelsSummary"))},
+    # 404: the model has no drift.models entry; 503: drift is not configured, the window is short of
+    # min_rows, or the reference does not fit; 429: another report is being rendered; 501: no matplotlib.
+    "drift.report": {"ok": _REPORT, "errors": ("NotFound", "Unsupported")},
     "console.index": {"ok": _PAGE, "reply_headers": _STATIC_HEADERS},
     "console.file": {"ok": _FILES, "errors": ("NotFound",), "reply_headers": _STATIC_HEADERS},
 }

@@ -14,8 +14,8 @@ covers no time (``window_s`` 0, rates and quantiles null): ask again, as the con
   two seconds, as in ``GET /v2/models/stats``).
 - Latency quantiles are estimated from histogram buckets, as Prometheus' ``histogram_quantile``
   does (linear within a bucket), so they are as coarse as the buckets: request latency per model
-  (``onnxgate_request_duration_seconds``, shadow copies left out), and per version the queue wait
-  (``onnxgate_queue_wait_seconds``, shadow copies left out) and the execution time
+  and per version (``onnxgate_request_duration_seconds``, shadow copies left out), and per version
+  the queue wait (``onnxgate_queue_wait_seconds``, shadow copies left out) and the execution time
   (``onnxgate_compute_duration_seconds``). These, the queue depth and the window itself are the
   answering worker's own under ``--workers N``.
 - With a sample log on, ``sample_log`` has its counts (records written, dropped by reason, queued)
@@ -49,7 +49,7 @@ class _Snapshot:
     counts: dict[Key, tuple[int, int, int]]  # successes, failures, rows
     latency_ns: dict[Key, int]  # successes' total nanoseconds
     batches: dict[Key, dict[int, int]]  # executions by batch size (rows)
-    request: Buckets  # by model
+    request: Buckets  # by (model, version)
     queue: Buckets  # by (model, version)
     execute: Buckets  # by (model, version)
 
@@ -124,18 +124,19 @@ class SummaryWindow:
             latency[key] = s.success.ns
             batches[key] = {size: b.compute_infer.count for size, b in s.batches.items()}
         m = self.metrics
-        self._bounds["request"], request = _histogram(m.request_latency, ("model",), "protocol")
+        self._bounds["request"], request = _histogram(m.request_latency, ("model", "version"), "protocol")
         self._bounds["queue"], queue = _histogram(m.queue_wait, ("model", "version"), "priority")
         self._bounds["execute"], execute = _histogram(m.compute_latency, ("model", "version"))
         return _Snapshot(time.monotonic(), counts, latency, batches, request, queue, execute)
 
     def answer(
         self, models: Mapping[str, ModelEntry], stats: Iterable[VersionStats], ready: bool, draining: bool,
-        sampling: bool = False,
+        sampling: bool = False, drift: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The summary (``openapi_console``'s ``ModelsSummary``); ``stats`` as the statistics
         extension answers them (every worker's under ``--workers N``); ``sampling``: a sample log
-        is on (its counts and the drift gauges are added)."""
+        is on (its counts and the drift gauges are added); ``drift``: each drift model's
+        thresholds and window (``DriftMonitor.thresholds``), added to its drift row."""
         now = self._snapshot(stats)
         ring = self._snapshots
         while len(ring) >= 2 and ring[1].t <= now.t - self.window_s:
@@ -151,10 +152,12 @@ class SummaryWindow:
             entry = models[name]
             out.append(self._model(name, entry, now, base, window))
         return {"time": time.time(), "window_s": round(window, 3), "ready": ready and not draining,
-                "draining": draining, "models": out, "sample_log": self._sample_log() if sampling else None}
+                "draining": draining, "models": out, "sample_log": self._sample_log(drift or {}) if sampling else None}
 
-    def _sample_log(self) -> dict[str, Any]:
-        """The sample log's counts and the live drift gauges, as this worker's metrics have them."""
+    def _sample_log(self, thresholds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """The sample log's counts and the live drift gauges, as this worker's metrics have them,
+        with each drift model's ``thresholds`` (from its config; a configured model is listed
+        before its first window too)."""
         values: dict[str, list[tuple[dict[str, str], float]]] = {}
         for metric in self.metrics.registry.collect():
             if metric.name.startswith(("onnxgate_sample_log", "onnxgate_drift")):
@@ -172,9 +175,11 @@ class SummaryWindow:
                 row[stat] = None if math.isnan(value) else round(value, 6)
         alerts = {labels.get("model", ""): value >= 1 for labels, value in values.get("onnxgate_drift_alert", ())}
         rows = {labels.get("model", ""): int(value) for labels, value in values.get("onnxgate_drift_window_rows", ())}
+        unset = dict.fromkeys(("psi_threshold", "ks_pvalue", "chi2_pvalue", "min_rows", "window"))
         drift = [{"model": m, "alert": alerts.get(m, False), "window_rows": rows.get(m, 0),
-                  "features": [f for (fm, _), f in sorted(features.items()) if fm == m]}
-                 for m in sorted(set(alerts) | set(rows) | {m for m, _ in features})]
+                  "features": [f for (fm, _), f in sorted(features.items()) if fm == m],
+                  **unset, **thresholds.get(m, {})}
+                 for m in sorted(set(alerts) | set(rows) | {m for m, _ in features} | set(thresholds))]
         lost = values.get("onnxgate_sample_log_dropped_total", ())
         dropped = {labels.get("reason", ""): int(v) for labels, v in lost}
         return {"records_written": one("onnxgate_sample_log_records_total"), "records_dropped": dropped,
@@ -184,8 +189,12 @@ class SummaryWindow:
                window: float) -> dict[str, Any]:
         versions = [self._version(name, v, now, base, window) for _, v in sorted(entry.versions.items())]
         p50 = p99 = None
-        if window > 0 and name in now.request:
-            counts = _delta(now.request[name], base.request.get(name) if base is not None else None)
+        if window > 0:  # every version's requests in the window, added up bucket by bucket
+            counts: list[float] = []
+            for label, series in now.request.items():
+                if label[0] == name:
+                    delta = _delta(series, base.request.get(label) if base is not None else None)
+                    counts = [a + b for a, b in zip(counts, delta, strict=True)] if counts else delta
             p50, p99 = (quantile(q, self._bounds["request"], counts) for q in (0.5, 0.99))
         rate = None
         if window > 0:
@@ -206,7 +215,8 @@ class SummaryWindow:
             "queue_depth": scheduler.queued if scheduler is not None else 0,
             "inference_count": now.counts.get(key, (0, 0, 0))[2],
             "request_rate": None, "failure_rate": None, "row_rate": None, "latency_mean_ms": None,
-            "queue_p50_ms": None, "queue_p99_ms": None, "execute_p50_ms": None, "execute_p99_ms": None,
+            "latency_p50_ms": None, "latency_p99_ms": None, "queue_p50_ms": None, "queue_p99_ms": None,
+            "execute_p50_ms": None, "execute_p99_ms": None,
         }
         totals = now.batches.get(key, {})
         in_window: dict[int, int] = {}
@@ -224,12 +234,12 @@ class SummaryWindow:
             before = base.batches.get(key, {}) if old != (0, 0, 0) else {}
             in_window = {size: count - before.get(size, 0) for size, count in totals.items()}
             label = (name, str(ver.version))
-            for part in ("queue", "execute"):
+            for part, field in (("request", "latency"), ("queue", "queue"), ("execute", "execute")):
                 series: Buckets = getattr(now, part)
                 if label in series:
                     counts = _delta(series[label], getattr(base, part).get(label))
-                    doc[f"{part}_p50_ms"] = _ms(quantile(0.5, self._bounds[part], counts))
-                    doc[f"{part}_p99_ms"] = _ms(quantile(0.99, self._bounds[part], counts))
+                    doc[f"{field}_p50_ms"] = _ms(quantile(0.5, self._bounds[part], counts))
+                    doc[f"{field}_p99_ms"] = _ms(quantile(0.99, self._bounds[part], counts))
         doc["batch_sizes"] = [{"size": size, "executions": totals[size], "window": max(0, in_window.get(size, 0))}
                               for size in sorted(totals)]
         return doc

@@ -38,8 +38,9 @@
     constructor(status, message) { super(message); this.status = status; }
   }
 
-  async function api(method, path, body) {
-    const headers = { "Accept": "application/json" };
+  // One call with the token; a refusal (its JSON error) is thrown as Refused.
+  async function send(method, path, body, accept) {
+    const headers = { "Accept": accept };
     const t = token();
     if (t) headers["Authorization"] = `Bearer ${t}`;
     if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -47,11 +48,16 @@
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
       credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer",
     });
-    const text = await reply.text();
-    let doc = null;
-    try { doc = text ? JSON.parse(text) : null; } catch (_) { doc = null; }
-    if (!reply.ok) throw new Refused(reply.status, (doc && doc.error) || reply.statusText || "failed");
-    return doc;
+    if (!reply.ok) throw new Refused(reply.status, (parse(await reply.text()) || {}).error || reply.statusText || "failed");
+    return reply;
+  }
+
+  function parse(text) {
+    try { return text ? JSON.parse(text) : null; } catch (_) { return null; }
+  }
+
+  async function api(method, path, body) {
+    return parse(await (await send(method, path, body, "application/json")).text());
   }
 
   function explain(err, what) {
@@ -59,7 +65,9 @@
     const hints = {
       401: "refused (401): sign in with a token",
       403: "refused (403): this token lacks the scope it needs (actions need admin)",
+      404: "refused (404): not found",
       409: "refused (409): conflict",
+      429: "refused (429): busy, try again in a moment",
       501: "refused (501): not supported here",
       503: "refused (503): unavailable",
     };
@@ -108,7 +116,7 @@
     return h;
   }
 
-  function chart(label, values, unit) {
+  function chart(label, values, unit, span = HISTORY) {
     const w = 300, h = 70;
     const known = values.filter((v) => v !== null && Number.isFinite(v));
     const svg = document.createElementNS(SVG, "svg");
@@ -125,13 +133,18 @@
       const points = [];
       values.forEach((v, i) => {
         if (v === null || !Number.isFinite(v)) return;
-        const x = w - 2 - ((values.length - 1 - i) / Math.max(1, HISTORY - 1)) * (w - 4); // newest at the right
+        const x = w - 2 - ((values.length - 1 - i) / Math.max(1, span - 1)) * (w - 4); // newest at the right
         const y = h - 14 - ((v - lo) / (hi - lo)) * (h - 22);
         points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
       });
       const line = document.createElementNS(SVG, "polyline");
       line.setAttribute("points", points.join(" "));
-      svg.append(line);
+      const [cx, cy] = points[points.length - 1].split(",");
+      const dot = document.createElementNS(SVG, "circle"); // the newest value, seen even when it is the only one
+      dot.setAttribute("cx", cx);
+      dot.setAttribute("cy", cy);
+      dot.setAttribute("r", "2.5");
+      svg.append(line, dot);
     }
     const caption = document.createElementNS(SVG, "text");
     caption.setAttribute("x", "4");
@@ -209,17 +222,19 @@
           el("td", { text: fmt(v.request_rate) }),
           el("td", { text: fmt(v.failure_rate) }),
           el("td", { text: fmt(v.latency_mean_ms) }),
+          el("td", { text: fmt(v.latency_p50_ms) }),
+          el("td", { text: fmt(v.latency_p99_ms) }),
           el("td", { text: fmt(v.queue_p99_ms) }),
           el("td", { text: fmt(v.execute_p99_ms) }),
           el("td", { text: v.queue_depth }),
           el("td", {}, v.batch_sizes.length ? bars(v.batch_sizes) : "–")));
         if (v.reason) {
           rows.push(el("tr", { class: "reason-row" }, el("td", {}),
-            el("td", { class: "reason", colspan: 10, text: v.reason })));
+            el("td", { class: "reason", colspan: 12, text: v.reason })));
         }
       }
       const head = el("tr", {}, ...["version", "state", "provider", "instances", "req/s", "failed/s", "mean ms",
-        "queue p99 ms", "exec p99 ms", "queued", "batch sizes"].map((t) => el("th", { scope: "col", text: t })));
+        "p50 ms", "p99 ms", "queue p99 ms", "exec p99 ms", "queued", "batch sizes"].map((t) => el("th", { scope: "col", text: t })));
       const table = el("table", {}, el("caption", { class: "note",
         text: `${m.request_rate === null ? "–" : fmt(m.request_rate)} req/s · p50 ${fmt(m.latency_p50_ms)} ms · ` +
           `p99 ${fmt(m.latency_p99_ms)} ms` }), el("thead", {}, head), el("tbody", {}, rows));
@@ -248,8 +263,88 @@
   }
 
   // -- sample log and drift ----------------------------------------------------------------
+  // The drift report is HTML from the gateway (GET /v2/drift/{model}/report). A URL cannot carry
+  // the token, so it is fetched with it, as a Blob, and shown from a blob: URL in a frame that is
+  // sandboxed (no script, an origin of its own); the frame lives outside what each poll rebuilds.
+  const report = { panel: null, url: null, busy: false };
+
+  function reportPanel() {
+    if (!report.panel) {
+      report.panel = el("div", { id: "drift-report", class: "drift-report", "aria-live": "polite" });
+      $("samples").after(report.panel);
+    }
+    return report.panel;
+  }
+
+  function closeReport() {
+    if (report.url) URL.revokeObjectURL(report.url);
+    report.url = null;
+    reportPanel().replaceChildren();
+  }
+
+  async function openReport(model) {
+    const what = `Drift report of ${model}`;
+    if (report.busy) { say(`${what}: a report is being fetched already`, "error"); return; }
+    report.busy = true;
+    say(`${what}: rendering…`, "");
+    try {
+      const reply = await send("GET", `/v2/drift/${encodeURIComponent(model)}/report`, undefined, "text/html");
+      const blob = await reply.blob();
+      closeReport();
+      report.url = URL.createObjectURL(blob);
+      const close = el("button", { type: "button", text: "Close report", "aria-label": "Close the drift report",
+        onclick: () => { closeReport(); say("", ""); } });
+      reportPanel().replaceChildren(
+        el("div", { class: "actions" }, el("h3", { text: what }), close,
+          el("a", { href: report.url, download: "drift-report.html", text: "Download" })),
+        el("iframe", { class: "report", src: report.url, sandbox: "", title: what, referrerpolicy: "no-referrer" }));
+      say(`${what}: opened below the drift section`, "done");
+      close.focus();
+    } catch (err) {
+      const text = explain(err, what);
+      say(text, "error");
+      closeReport();
+      reportPanel().replaceChildren(el("p", { class: "reason", role: "alert", text }));
+    } finally {
+      report.busy = false;
+    }
+  }
+
+  const threshold = (t) => (t === null || t === undefined ? "–" : String(t));
+
+  function driftCard(d) {
+    const psiMax = Math.max(1, 2 * (d.psi_threshold || 0));
+    const rows = d.features.map((f) => {
+      const meter = el("meter", { min: 0, max: psiMax, value: Math.min(psiMax, f.psi || 0), optimum: 0,
+        low: d.psi_threshold, high: d.psi_threshold,
+        "aria-label": `PSI of ${f.feature}: ${fmt(f.psi, 3)}, threshold ${threshold(d.psi_threshold)}` });
+      const over = d.psi_threshold !== null && f.psi !== null && f.psi >= d.psi_threshold;
+      return el("tr", { class: over ? "drifted" : "" }, el("td", { text: f.feature }),
+        el("td", {}, meter, ` ${fmt(f.psi, 3)} / ${threshold(d.psi_threshold)}`),
+        el("td", { text: fmt(f.ks, 3) }));
+    });
+    const tests = [`PSI ≥ ${threshold(d.psi_threshold)}`];
+    if (d.ks_pvalue !== null) tests.push(`KS p < ${d.ks_pvalue}`);
+    if (d.chi2_pvalue !== null) tests.push(`chi-square p < ${d.chi2_pvalue}`);
+    return el("article", { class: "card drift", "data-drift": d.model },
+      el("h3", { text: `Drift of ${d.model}` }),
+      el("p", { class: d.alert ? "reason" : "note",
+        text: `${d.alert ? "A feature crosses its drift threshold" : "Within the thresholds"} · ` +
+          `${d.window_rows}${d.window === null ? "" : ` of ${d.window}`} rows in the window` +
+          (d.min_rows === null ? "" : ` (statistics from ${d.min_rows})`) }),
+      el("p", { class: "note", text: `Thresholds: ${tests.join(", ")}` }),
+      el("div", { class: "table-wrap" }, el("table", {},
+        el("thead", {}, el("tr", {}, ["feature", "PSI / threshold", "KS"].map((t) => el("th", { scope: "col", text: t })))),
+        el("tbody", {}, rows))),
+      el("div", { class: "actions" }, el("button", { type: "button", text: "Drift report",
+        "aria-label": `Drift report of ${d.model}`, onclick: () => openReport(d.model) })));
+  }
+
   function renderSamples(log) {
     const box = $("samples");
+    reportPanel();
+    // Refresh, and give the focus back to the same control (a keyboard user stays where they were).
+    const focused = box.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
     if (!log) {
       box.replaceChildren(el("p", { class: "note", text: "No sample log is configured (sample_log in the config file)." }));
       return;
@@ -258,23 +353,12 @@
     const parts = [el("p", { text: `Records written ${log.records_written}, queued ${log.queue_depth}, dropped ` +
       (dropped.length ? dropped.map(([r, n]) => `${n} (${r})`).join(", ") : "none") })];
     parts.push(chart("records written", remember("records", log.records_written), "records"));
-    for (const d of log.drift) {
-      const rows = d.features.map((f) => {
-        const meter = el("meter", { min: 0, max: 1, value: Math.min(1, f.psi || 0),
-          "aria-label": `PSI of ${f.feature}: ${fmt(f.psi, 3)}` });
-        return el("tr", {}, el("td", { text: f.feature }), el("td", {}, meter, ` ${fmt(f.psi, 3)}`),
-          el("td", { text: fmt(f.ks, 3) }));
-      });
-      parts.push(el("div", { class: "card drift" },
-        el("h3", { text: `Drift of ${d.model}` }),
-        el("p", { class: d.alert ? "reason" : "note",
-          text: `${d.alert ? "A feature crosses its drift threshold" : "Within the thresholds"} · ` +
-            `${d.window_rows} rows in the window` }),
-        el("div", { class: "table-wrap" }, el("table", {},
-          el("thead", {}, el("tr", {}, ["feature", "PSI", "KS"].map((t) => el("th", { scope: "col", text: t })))),
-          el("tbody", {}, rows)))));
-    }
+    for (const d of log.drift) parts.push(driftCard(d));
     box.replaceChildren(...parts);
+    if (focused) {
+      const again = [...box.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === focused);
+      if (again) again.focus();
+    }
   }
 
   // -- routes ------------------------------------------------------------------------------
@@ -329,18 +413,31 @@
       el("div", { class: "actions" }, buttons));
   }
 
+  // The gateway's history of a comparison: one value per slot of the last ten minutes (null where
+  // no request was compared), oldest first, so the page draws the last minutes as soon as it opens.
+  function slots(comparison, field, scale = 1) {
+    const step = comparison.slot_s || 10, count = 60;
+    const newest = Math.floor(Date.now() / 1000 / step) * step;
+    const byStart = new Map((comparison.history || []).map((s) => [s.t, s[field]]));
+    const out = [];
+    for (let i = count - 1; i >= 0; i--) {
+      const v = byStart.get(newest - i * step);
+      out.push(v === null || v === undefined ? null : v * scale);
+    }
+    return out;
+  }
+
   function comparisonPart(name, comparison) {
     const agreement = comparison.argmax_agreement || {};
-    const pair = (comparison.pairs || [])[0];
-    const diff = pair && pair.max_abs_diff ? pair.max_abs_diff.p99 : null;
-    const latency = pair && pair.latency_diff_s ? pair.latency_diff_s.p50 * 1000 : null;
     const c = comparison.counts;
+    const step = comparison.slot_s || 10;
+    const span = `${step} s slots, last 10 min`;
     return el("div", { class: "comparison" },
       el("p", { text: `Shadow comparison: ${c.compared} compared, ${c.failed} failed, ${c.dropped} dropped; ` +
         `agreement ${agreement.rate === null || agreement.rate === undefined ? "–" : fmt(agreement.rate * 100, 1) + " %"}` }),
-      chart("agreement", remember(`agree:${name}`, agreement.rate === null ? null : agreement.rate), "share"),
-      chart("max |diff| p99", remember(`diff:${name}`, diff), ""),
-      chart("latency diff p50", remember(`lat:${name}`, latency), "ms"));
+      chart(`agreement (${span})`, slots(comparison, "agreement"), "share", 60),
+      chart(`worst max |diff| (${span})`, slots(comparison, "max_abs_diff"), "", 60),
+      chart(`latency diff, mean (${span})`, slots(comparison, "latency_diff_mean_s", 1000), "ms", 60));
   }
 
   async function renderRoutes() {
