@@ -344,6 +344,13 @@ def _identify_refused(exchange: Exchange, raw: object) -> None:
         exchange.identify(target[2])
 
 
+# The client's deadline runs out before the call's deadline here: the server's is the timeout the
+# client sent, counted from when its headers arrived. When the client's clock runs out first it
+# cancels the call (an HTTP/2 RST_STREAM, which does not say why), so a cancellation that arrives
+# with less than this left is the client's deadline, not a cancel of its own.
+DEADLINE_SLACK_S = 0.1
+
+
 def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
     """The status a unary call that raised ``exc`` ends with, as the client sees it (``_mapped``
     answers core errors; the drain's cut, UNAVAILABLE; a deadline the client set, its own
@@ -354,7 +361,7 @@ def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[g
         if exc.args and exc.args[0] == CUT_MESSAGE:  # RpcCutter.cut: answered UNAVAILABLE
             return grpc.StatusCode.UNAVAILABLE, "unavailable"
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded"
         return grpc.StatusCode.CANCELLED, "cancelled"
     if isinstance(exc, grpc.aio.AbortError):
