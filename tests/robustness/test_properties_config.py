@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from onnxgate import config as gateway_config
@@ -54,12 +55,22 @@ def test_config_load_any_text(config_file):
     check()
 
 
+_ONE = [{"target": "a", "weight": 1}]
+
+
 @given(st.lists(ROUTE_DOCS, max_size=3) | YAML_VALUES | json_values())
+@example([{"name": "r\ud800", "split": "a"}])  # YAML's "\ud800" escape: not Unicode text
+@example([{"name": "r", "split": "a", "sticky": "header:x\udc00"}])
+@example([{"name": "r", "split": [{"target": "a", "weight": 10**30}]}])  # a YAML int past 64 bits
+@example([{"name": "r", "split": _ONE, "shadow": {"target": "b", "max_in_flight": 10**30}}])
+@example([{"name": "r", "split": _ONE, "rollout": {"candidate": "b", "min_comparisons": 10**30}}])
+@example([{"name": "r", "split": _ONE, "sticky": "header:a b"}])  # not a header name
 @settings_(200)
 def test_parse_routes_any_document(doc):
     routes = result_or_gateway_error(router.parse_routes, doc)
     for route in routes or ():
-        assert router.parse_route(route.to_dict()) == route  # to_dict is what GET /v2/routes shows
+        # to_dict is what GET /v2/routes shows and the workers' shared table holds
+        assert router.parse_route(orjson.loads(orjson.dumps(route.to_dict()))) == route
 
 
 @given(SAMPLE_LOG_DOCS | YAML_VALUES)
@@ -111,9 +122,15 @@ def test_model_config_parse_json_any_text(text):
         "routes: [{1: a, b: c}]",  # sorted() of int and str keys: TypeError (router, registry)
         "registry: {1: a, b: c}",
         "registry: {mlflow: {models: [{1: a, b: c}]}}",
+        # JSON cannot show these (GET /v2/routes, the console's summary): orjson raised TypeError, a 500
+        'routes: [{name: "r\\ud800", split: a}]',
+        'sample_log: {sink: {type: none}}\ndrift: {models: {"a\\ud800": {reference: /x.parquet}}}',
+        "sample_log: {sink: {type: none}, queue_size: 100000000000000000000000}",
+        "routes: [{name: r, split: a, shadow: {target: b, max_in_flight: 100000000000000000000000}}]",
     ],
     ids=["int-section", "int-server-key", "timestamp", "timestamp-tag", "not-utf8", "deep", "nan-drain", "nan-poll",
-         "nan-keepalive", "route-keys", "registry-keys", "registry-model-keys"],
+         "nan-keepalive", "route-keys", "registry-keys", "registry-model-keys", "surrogate-route", "surrogate-drift",
+         "big-int", "big-int-route"],
 )
 def test_config_errors_found_by_the_campaign(config_file, text):
     if isinstance(text, bytes):

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from onnxgate.core.traffic.rollout_config import RolloutConfig
 from onnxgate.core.traffic.targets import Target
 from onnxgate.errors import InvalidInput
 
 __all__ = ["Route", "RouteTable", "Shadow", "Target", "parse_route", "parse_routes"]
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 token, lower-cased
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,11 @@ def parse_route(doc: Any) -> Route:
     """One route from its YAML/JSON form; raises InvalidInput naming what is wrong."""
     if not isinstance(doc, Mapping):
         raise InvalidInput(f"a route must be a mapping, got {doc!r}")
+    try:  # what is stored is shown as JSON (GET /v2/routes) and shared as JSON between workers
+        orjson.dumps(doc)
+    except TypeError as exc:  # orjson.JSONEncodeError: a YAML int past 64 bits, a lone surrogate, bytes
+        raise InvalidInput(f"route {doc.get('name')!r}: not representable as JSON ({exc}): integers must fit "
+                           "in 64 bits and text must be Unicode") from None
     unknown = sorted(map(str, set(doc) - {"name", "split", "sticky", "shadow", "rollout"}))
     if unknown:
         raise InvalidInput(f"route {doc.get('name')!r}: unknown key(s) {unknown}")
@@ -115,6 +125,9 @@ def parse_route(doc: Any) -> Route:
         if not isinstance(sticky, str) or not sticky.startswith("header:") or len(sticky) <= len("header:"):
             raise InvalidInput(f"route '{name}': sticky must be 'header:<name>', got {sticky!r}")
         sticky = sticky[len("header:") :].strip().lower()
+        if not _HEADER_NAME.fullmatch(sticky):
+            raise InvalidInput(f"route '{name}': sticky must be 'header:<name>' with an HTTP header name, "
+                               f"got {doc['sticky']!r}")
     shadow = None
     if doc.get("shadow") is not None:
         s = doc["shadow"]
