@@ -28,7 +28,8 @@ from onnxgate.errors import ModelNotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-_PUBLISH_TRIES = 5  # compare-and-swap attempts of one change against other workers' changes
+_LOCK_WAIT_S = 10.0  # how long a change waits for other workers' changes (each holds the lock ms)
+_LOCK_POLL_S = 0.005
 
 
 class TrafficControl:
@@ -89,16 +90,20 @@ class TrafficControl:
                 self._check_shared(what)
                 self.set(edit(self.configured), what)
                 return
-            for _ in range(_PUBLISH_TRIES):
+            await _lock(share)
+            unlock = share.unlock
+            try:  # no other worker changes the table until it is unlocked
                 await self._catch_up(share)
                 routes = tuple(edit(self.configured))
                 self._check(routes, what)
-                docs = [r.to_dict() for r in routes]
-                generation = await asyncio.to_thread(share.publish, self.generation, docs, what)
-                if generation is not None:
-                    break
-            else:
-                raise Unavailable("the route table is being changed by other workers at the same time; retry")
+                generation = self.generation + 1
+                write = asyncio.ensure_future(asyncio.to_thread(
+                    share.write, generation, [r.to_dict() for r in routes], what))
+                write.add_done_callback(lambda _: share.unlock())  # not before the write ends, even if
+                unlock = _nothing  # this change is cancelled meanwhile (the poll then takes it up)
+                await asyncio.shield(write)
+            finally:
+                unlock()
             self._commit(routes)
             self.generation = generation
             await asyncio.to_thread(share.applied, generation)
@@ -107,6 +112,7 @@ class TrafficControl:
     async def share_routes(self, share: RouteShare) -> None:
         """Under ``--workers N``: serve the workers' shared table from now on (after the routes
         are first set, before listening: a restarted worker takes up the changes made so far)."""
+        await asyncio.to_thread(share.open_lock)
         self._share = share
         await self.catch_up()
 
@@ -230,3 +236,17 @@ class RolloutWatch:
             self._mirror.primary_failed()
         else:
             self._rollouts.live_result(self._route, error)
+
+
+async def _lock(share: RouteShare) -> None:
+    """Take the workers' lock on the shared table, waiting while another worker changes it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _LOCK_WAIT_S
+    while not share.try_lock():
+        if loop.time() > deadline:
+            raise Unavailable(f"another worker has held the route table's lock for over {_LOCK_WAIT_S:g} s; retry")
+        await asyncio.sleep(_LOCK_POLL_S)
+
+
+def _nothing() -> None:
+    pass

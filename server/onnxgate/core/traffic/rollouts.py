@@ -21,8 +21,8 @@ gate compares the execution time of the batch that answered the primary with tha
 that answered the candidate, both without their queue wait (:attr:`InferResponse.compute_ns`).
 
 Under ``--workers N`` worker 0 judges on every worker's evidence and the others follow its
-state (:mod:`rollout_share`); route changes stay refused there (they would reach one worker),
-operators' actions are applied by worker 0 wherever they arrive.
+state (:mod:`rollout_share`); route changes reach every worker through their shared route table
+(:mod:`route_share`), operators' actions are applied by worker 0 wherever they arrive.
 """
 
 from __future__ import annotations

@@ -10,15 +10,16 @@ directory>/routes``)::
 Generation 0 is the config file's routes, which every worker starts with; table.json appears
 with the first change. A change (a route PUT or DELETE on any worker, or SIGHUP, which worker 0
 alone publishes) is made by the worker that took it, in :class:`~onnxgate.core.traffic.control.
-TrafficControl`: it catches up with table.json, checks the change against that table (validation,
-rollout conflicts), and writes generation n+1 only if table.json still holds n (compare and swap
-under the lock; otherwise it catches up and checks again). It then serves it, and waits until
-every worker says it serves n+1 (at most :data:`WAIT_S`), so once a change is answered every
-worker routes by it. Every worker looks at table.json every :data:`POLL_S`; a worker that starts
-(or restarts) takes it up before it listens.
+TrafficControl`: holding the lock, it catches up with table.json, checks the change against that
+table (validation, rollout conflicts) and writes generation n+1; no other worker can change the
+table in between, so concurrent changes on different workers are made one after the other, each
+checked against the one before. It then serves it, and waits until every worker says it serves
+n+1 (at most :data:`WAIT_S`), so once a change is answered every worker routes by it. Every
+worker looks at table.json every :data:`POLL_S`; a worker that starts (or restarts) takes it up
+before it listens. Readers take no lock.
 
 Files are written whole and renamed into place; a reader never sees half of one. Every method
-blocks: call them in threads.
+but :meth:`RouteShare.try_lock` and :meth:`RouteShare.unlock` blocks: call them in threads.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class RouteShare:
         self.directory = Path(directory)
         self.index, self.count = index, count
         self._table = self.directory / "table.json"
-        self._seen: tuple[int, int, int] | None = None  # table.json's (mtime_ns, size, generation) last read
+        self._seen: tuple[int, int, int, int] | None = None  # table.json's (inode, mtime_ns, size, generation)
+        self._lock_fd: int | None = None  # .lock, opened by open_lock in the worker's own process
 
     def newer(self, generation: int) -> tuple[int, list[dict[str, Any]]] | None:
         """The shared table when its generation is above ``generation``: (generation, route
@@ -55,32 +57,47 @@ class RouteShare:
             st = self._table.stat()
         except FileNotFoundError:
             return None
-        seen = self._seen
-        if seen is not None and seen[:2] == (st.st_mtime_ns, st.st_size) and seen[2] <= generation:
+        seen, key = self._seen, (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen is not None and seen[:3] == key and seen[3] <= generation:
             return None  # unchanged since it was last read (cheap: one stat every POLL_S)
         doc = read_json(self._table)
         if doc is None or not isinstance(doc.get("routes"), list) or not isinstance(doc.get("generation"), int):
             return None
         found = doc["generation"]
-        self._seen = (st.st_mtime_ns, st.st_size, found)
+        self._seen = (*key, found)
         return (found, doc["routes"]) if found > generation else None
 
-    def publish(self, expected: int, routes: Sequence[dict[str, Any]], what: str) -> int | None:
-        """Write ``routes`` as the next generation if the shared one is still ``expected``: the
-        new generation, or None when another worker changed the table first (catch up, retry)."""
+    def open_lock(self) -> None:
+        """Open the lock file, in the worker's own process (a descriptor inherited across a fork
+        would share its lock with the parent's)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                current = read_json(self._table) if self._table.exists() else {"generation": 0}
-                if current is None or int(current.get("generation", 0)) != expected:
-                    return None
-                generation = expected + 1
-                write_json(self._table, {"generation": generation, "routes": list(routes), "what": what,
-                                         "worker": self.index, "time": time.time()})
-                return generation
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def try_lock(self) -> bool:
+        """Take the lock if no other worker holds it (one system call on an open descriptor,
+        which never waits: callable on the event loop). The caller's changes are serialized in
+        the process already, and a descriptor's own ``flock`` never blocks itself."""
+        if self._lock_fd is None:
+            raise RuntimeError("RouteShare.open_lock was not called")
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self) -> None:
+        """Let the other workers change the table."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def write(self, generation: int, routes: Sequence[dict[str, Any]], what: str) -> None:
+        """Write ``routes`` as ``generation``, holding the lock (:meth:`try_lock`), having caught up
+        with the generation before it."""
+        current = read_json(self._table) if self._table.exists() else {"generation": 0}
+        if current is None or current.get("generation", 0) != generation - 1:
+            raise RuntimeError(f"routes: the shared table is not at generation {generation - 1} under the lock")
+        write_json(self._table, {"generation": generation, "routes": list(routes), "what": what,
+                                 "worker": self.index, "time": time.time()})
 
     def applied(self, generation: int) -> None:
         """This worker serves ``generation`` now."""
