@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.traffic.control import TrafficControl
+from onnxgate.core.traffic.rollout_share import write_json
 from onnxgate.core.traffic.route_share import RouteShare
 from onnxgate.core.traffic.routes import Route, parse_route
 
@@ -67,6 +68,31 @@ async def _a_change_refused(tmp_path: Path) -> None:
         assert type(results[0]).__name__ == "InvalidInput" and results[1] is None, results
         await controls[0].catch_up()
         assert [r.name for r in controls[0].configured] == [r.name for r in controls[1].configured] == ["good"]
+    finally:
+        for task in followers:
+            task.cancel()
+
+
+def test_an_unusable_shared_table_is_logged_once_and_replaced_by_the_next_change(tmp_path: Path, caplog):
+    asyncio.run(_an_unusable_table(tmp_path, caplog))
+
+
+async def _an_unusable_table(tmp_path: Path, caplog) -> None:
+    controls, followers = await _workers(tmp_path)
+    try:
+        await controls[0].change(_put("r", "a"), "PUT /v2/routes/r")
+        table = {"generation": 7, "routes": [{"name": "r", "split": "a", "colour": "red"}]}  # another build's
+        write_json(tmp_path / "table.json", table)
+        for _ in range(3):
+            for control in controls:
+                await control.catch_up()
+        unusable = [r for r in caplog.records if "unusable" in r.getMessage()]
+        assert len(unusable) == 2, unusable  # once per worker, not at every look
+        assert [str(r.primary) for r in controls[1].configured] == ["a"]  # still serving what it served
+        await controls[1].change(_put("s", "b"), "PUT /v2/routes/s")
+        await controls[0].catch_up()
+        assert controls[0].generation == controls[1].generation == 8
+        assert [r.name for r in controls[0].configured] == [r.name for r in controls[1].configured] == ["r", "s"]
     finally:
         for task in followers:
             task.cancel()

@@ -24,7 +24,7 @@ from onnxgate.core.traffic.route_share import RouteShare
 from onnxgate.core.traffic.routes import Route, RouteTable, parse_route, parse_routes
 from onnxgate.core.traffic.shadow import Mirror, RunShadow, ShadowRunner
 from onnxgate.core.traffic.targets import Target
-from onnxgate.errors import ModelNotFound, Unavailable
+from onnxgate.errors import InvalidInput, ModelNotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class TrafficControl:
         self._check_shared = check_shared
         self._share: RouteShare | None = None  # --workers N: the workers' shared table
         self.generation = 0  # of the shared table this process serves (0: the config file's)
+        self._unusable = -1  # the shared table's generation found unusable last (logged once)
         self._changing = asyncio.Lock()  # one change (or catch-up) at a time in this process
 
     def configure_rollouts(self, config: RolloutsConfig, *notify: Callable[[Any, dict], None],
@@ -96,7 +97,7 @@ class TrafficControl:
                 await self._catch_up(share)
                 routes = tuple(edit(self.configured))
                 self._check(routes, what)
-                generation = self.generation + 1
+                generation = max(self.generation, self._unusable) + 1  # a change replaces an unusable table
                 write = asyncio.ensure_future(asyncio.to_thread(
                     share.write, generation, [r.to_dict() for r in routes], what))
                 write.add_done_callback(lambda _: share.unlock())  # not before the write ends, even if
@@ -107,7 +108,7 @@ class TrafficControl:
             self._commit(routes)
             self.generation = generation
             await asyncio.to_thread(share.applied, generation)
-        await asyncio.to_thread(share.wait_served, generation)
+        await _wait_served(share, generation)
 
     async def share_routes(self, share: RouteShare) -> None:
         """Under ``--workers N``: serve the workers' shared table from now on (after the routes
@@ -139,7 +140,15 @@ class TrafficControl:
         generation, docs = found
         # checked by the worker that published it; this one's view of the repository may differ
         # for a moment (a pinned version it has not loaded answers 404 / 503, as after an unload)
-        self._commit(parse_routes(docs))
+        try:
+            routes = parse_routes(docs)
+        except InvalidInput as exc:  # written by another build of the gateway, or by hand
+            if generation != self._unusable:  # once, not at every look
+                log.error("routes: generation %d of the workers' shared table is unusable, not taken up: %s",
+                          generation, exc.message)
+                self._unusable = generation
+            return
+        self._commit(routes)
         self.generation = generation
         await asyncio.to_thread(share.applied, generation)
         log.info("routes: took up generation %d from the workers' share: %s", generation,
@@ -250,3 +259,16 @@ async def _lock(share: RouteShare) -> None:
 
 def _nothing() -> None:
     pass
+
+
+async def _wait_served(share: RouteShare, generation: int) -> None:
+    """Wait until every worker serves ``generation`` (at most ``route_share.WAIT_S``; a worker
+    still behind then takes it up when it next looks, or when it restarts)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + route_share.WAIT_S
+    while behind := await asyncio.to_thread(share.lagging, generation):
+        if loop.time() > deadline:
+            log.warning("routes: generation %d is not served yet by worker(s) %s after %.1f s; they take it up "
+                        "when they next look (or when they restart)", generation, behind, route_share.WAIT_S)
+            return
+        await asyncio.sleep(route_share.POLL_S / 4)

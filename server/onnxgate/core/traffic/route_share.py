@@ -25,7 +25,6 @@ but :meth:`RouteShare.try_lock` and :meth:`RouteShare.unlock` blocks: call them 
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -33,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from onnxgate.core.traffic.rollout_share import read_json, write_json
-
-log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a worker looks for a newer table
 WAIT_S = 5.0  # how long a change waits for every worker to serve it
@@ -113,13 +110,3 @@ class RouteShare:
             if not isinstance(served, int) or served < generation:
                 out.append(i)
         return out
-
-    def wait_served(self, generation: int, timeout: float = WAIT_S) -> list[int]:
-        """Wait until every worker serves ``generation``; the ones that still did not at the end."""
-        deadline = time.monotonic() + timeout
-        while (behind := self.lagging(generation)) and time.monotonic() < deadline:
-            time.sleep(POLL_S / 4)
-        if behind:
-            log.warning("routes: generation %d is not served yet by worker(s) %s after %.1f s; they take it up "
-                        "when they next look (or when they restart)", generation, behind, timeout)
-        return behind
