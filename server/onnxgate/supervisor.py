@@ -5,9 +5,9 @@ each load their own sessions with ``cores // N`` threads and then listen on the 
 kernel spreads connections between them), serves the Prometheus metrics of all workers together
 (prometheus-client multiprocess mode) on the metrics port, and on SIGTERM/SIGINT forwards SIGTERM
 so every worker drains, then exits 0. SIGHUP is forwarded (each worker runs its reloaders: routes,
-tokens, TLS certificates). With TLS each worker builds its own contexts from the same files; the
-supervisor only checks them first, so that a bad file exits 2 at once instead of failing every
-worker's start.
+tokens, TLS certificates); a worker not serving yet gets it once it is ready. With TLS each
+worker builds its own contexts from the same files; the supervisor only checks them first, so
+that a bad file exits 2 at once instead of failing every worker's start.
 
 A worker that dies is restarted after a delay that starts at 0.5 s and doubles with each exit in
 a row, up to 30 s; a worker that stayed up 60 s starts the sequence afresh. So a worker that
@@ -186,6 +186,7 @@ class _Slot:
     started: float = 0.0
     restart_at: float | None = None
     restarts: int = 0
+    reload_due: bool = False  # a SIGHUP came while it was not serving: sent once it is ready
 
 
 class Supervisor:
@@ -244,7 +245,7 @@ class Supervisor:
         # before anything is announced: a SIGTERM right after "listening" must stop us cleanly
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._forward(signal.SIGHUP))
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         holds = [reserve(s.host, s.http_port), reserve(s.host, s.grpc_port)]
         http_port, grpc_port = (h.getsockname()[1] for h in holds)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
@@ -271,6 +272,7 @@ class Supervisor:
                         h.close()
                     log.info("ready: %d workers serving", self.count)
                 self._restart_dead(http_port, grpc_port)
+                self._reload(due_only=True)
             return self._stop()
         finally:
             for h in holds:
@@ -300,6 +302,21 @@ class Supervisor:
                 slot.proc, slot.restart_at = None, now + delay
             if slot.proc is None and slot.restart_at is not None and now >= slot.restart_at:
                 self._spawn(i, http_port, grpc_port)
+
+    def _reload(self, due_only: bool = False) -> None:
+        """SIGHUP: forwarded to every worker that serves; one that is starting (it may have read
+        the files before they changed) or waiting to restart gets it once it is ready. Worker 0
+        publishes the config file's routes to all (route_share): a restarted one would otherwise
+        take up the shared table and the reload would be lost. ``due_only``: deliver those due."""
+        for i, slot in enumerate(self.slots):
+            if due_only and not slot.reload_due:
+                continue
+            proc = slot.proc
+            if proc is not None and proc.poll() is None and (self.ready_dir / str(i)).exists():
+                slot.reload_due = False
+                proc.send_signal(signal.SIGHUP)
+            else:
+                slot.reload_due = True
 
     def _forward(self, sig: int) -> None:
         for proc in self.workers:

@@ -122,3 +122,32 @@ def test_a_route_change_on_one_worker_is_served_by_every_worker_when_answered(re
         assert _answering(fresh, "r") == _answering(b, "r") == "scaled"
     assert gw.proc.returncode == 0, gw.log
 
+
+
+def _worker_index(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (value,) = [v for v in environ if v.startswith(b"ONNXGATE_WORKER=")]
+    return int(value.split(b"=", 1)[1].split(b":")[0])
+
+
+def test_a_sighup_while_worker_0_restarts_reaches_every_worker_once_it_is_back(repo, tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("routes:\n  - name: r\n    split: [{target: double, weight: 1}]\n", encoding="utf-8")
+    with GatewayProcess(repo, [*ARGS, "--config", str(config)]) as gw:
+        assert gw.proc is not None
+        pinned = pin_each(gw, children(gw.proc.pid))
+        status, doc = _request(next(iter(pinned.values())), "PUT", "/v2/routes/r", _split("tenfold"))
+        assert status == 200, doc  # the workers' shared table exists now: a restarted worker takes it up
+        (first,) = [pid for pid in pinned if _worker_index(pid) == 0]
+        (other,) = set(pinned) - {first}
+
+        # worker 0, which publishes the file's routes, is down when the file changes and SIGHUP comes
+        config.write_text("routes:\n  - name: r\n    split: [{target: scaled, weight: 1}]\n", encoding="utf-8")
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: f"worker 0 (pid {first}) exited" in gw.log, 30), gw.log  # down, restarting
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
+        assert wait_until(lambda: _answering(pinned[other], "r") == "scaled", 30), gw.log
+        (newcomer,) = children(gw.proc.pid) - {other}
+        assert _answering(pin_each(gw, {newcomer})[newcomer], "r") == "scaled"
+    assert gw.proc.returncode == 0, gw.log
