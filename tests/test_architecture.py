@@ -21,7 +21,7 @@ CLIENT = ROOT / "client" / "onnxgate_client"
 UNITS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("errors", ("onnxgate.errors",), 0),
     ("core vocabulary", ("onnxgate.core.inference", "onnxgate.core.metrics", "onnxgate.core.sections",
-                         "onnxgate.core.urls", "onnxgate.core.tracing"), 1),
+                         "onnxgate.core.urls", "onnxgate.core.tracing", "onnxgate.core.shared_table"), 1),
     ("serving", ("onnxgate.core.serving",), 2),
     ("registry", ("onnxgate.core.registry",), 3),
     ("traffic", ("onnxgate.core.traffic",), 3),

@@ -43,10 +43,10 @@ from onnxgate.core.serving.model import LoadOptions
 from onnxgate.core.serving.poller import RepositoryPoller
 from onnxgate.core.serving.sessions import available_cores
 from onnxgate.core.serving.stats_share import SharedStats
+from onnxgate.core.shared_table import SharedTable
 from onnxgate.core.tracing import Tracing
 from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollout_webhook import RolloutWebhooks
-from onnxgate.core.traffic.route_share import RouteShare
 from onnxgate.errors import GatewayError
 from onnxgate.frontends import grpc_service
 from onnxgate.frontends.grpc_access import GrpcAccess
@@ -223,9 +223,9 @@ class Gateway:
         await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
         self.service.set_routes(self.config.routes)  # validated against the repository's models
         if self.worker is not None and (stats_dir := worker_stats_dir()) is not None:
-            # every worker serves one table, whichever worker a route change reaches (route_share)
+            # every worker serves one table, whichever worker a route change reaches (core.shared_table)
             index, count, _ = self.worker
-            await self.service.traffic.share_routes(RouteShare(stats_dir / "routes", index, count))
+            await self.service.traffic.share_routes(SharedTable(stats_dir / "routes", index, count))
             self._route_task = asyncio.get_running_loop().create_task(self.service.traffic.follow())
         # always: a route PUT may add a rollout later (a judgement without rollouts does nothing)
         self._rollout_task = asyncio.get_running_loop().create_task(self.service.rollouts.run())
@@ -270,7 +270,7 @@ class Gateway:
             return
         try:
             if self.worker is not None and self.worker[0] != 0:
-                return  # worker 0 publishes the file's routes to every worker (route_share)
+                return  # worker 0 publishes the file's routes to every worker (core.shared_table)
             routes = await asyncio.to_thread(config_mod.load_routes, self.config.path)
             await self.service.traffic.change(lambda _: routes, "SIGHUP")  # refused under an active rollout
         except GatewayError as exc:

@@ -306,7 +306,7 @@ class Supervisor:
     def _reload(self, due_only: bool = False) -> None:
         """SIGHUP: forwarded to every worker that serves; one that is starting (it may have read
         the files before they changed) or waiting to restart gets it once it is ready. Worker 0
-        publishes the config file's routes to all (route_share): a restarted one would otherwise
+        publishes the config file's routes to all (core.shared_table): a restarted one would otherwise
         take up the shared table and the reload would be lost. ``due_only``: deliver those due."""
         for i, slot in enumerate(self.slots):
             if due_only and not slot.reload_due:

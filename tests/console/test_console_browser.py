@@ -366,7 +366,7 @@ def test_the_drift_report_opens_from_the_page(tmp_path, browser):
 
 
 def test_weights_edited_from_the_page_change_the_split_on_every_worker(tmp_path, browser):
-    """Under ``--workers 2`` the page's weight edit reaches every worker (route_share): once the
+    """Under ``--workers 2`` the page's weight edit reaches every worker (core.shared_table): once the
     page says done, each worker (on a connection pinned to it) serves the new split."""
     from selenium.webdriver.common.by import By
 

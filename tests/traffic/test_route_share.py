@@ -9,9 +9,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from onnxgate.core.metrics import Metrics
+from onnxgate.core.shared_table import SharedTable, write_json
 from onnxgate.core.traffic.control import TrafficControl
-from onnxgate.core.traffic.rollout_share import write_json
-from onnxgate.core.traffic.route_share import RouteShare
 from onnxgate.core.traffic.routes import Route, parse_route
 
 KNOWN = {"a": {1}, "b": {1}}
@@ -29,7 +28,7 @@ async def _workers(directory: Path, count: int = 2) -> tuple[list[TrafficControl
     for i in range(count):
         control = TrafficControl(Metrics(CollectorRegistry()), lambda: KNOWN, lambda what: None)
         control.set(())
-        await control.share_routes(RouteShare(directory, i, count))
+        await control.share_routes(SharedTable(directory, i, count))
         controls.append(control)
     return controls, [asyncio.create_task(c.follow()) for c in controls]
 
@@ -81,7 +80,7 @@ async def _an_unusable_table(tmp_path: Path, caplog) -> None:
     controls, followers = await _workers(tmp_path)
     try:
         await controls[0].change(_put("r", "a"), "PUT /v2/routes/r")
-        table = {"generation": 7, "routes": [{"name": "r", "split": "a", "colour": "red"}]}  # another build's
+        table = {"generation": 7, "entries": [{"name": "r", "split": "a", "colour": "red"}]}  # another build's
         write_json(tmp_path / "table.json", table)
         for _ in range(3):
             for control in controls:

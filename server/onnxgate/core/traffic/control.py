@@ -14,22 +14,21 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
+from onnxgate.core import shared_table
 from onnxgate.core.inference import InferRequest, InferResponse
 from onnxgate.core.metrics import Metrics
-from onnxgate.core.traffic import route_share
+from onnxgate.core.shared_table import SharedTable
 from onnxgate.core.traffic.comparison import Comparator
 from onnxgate.core.traffic.rollout_share import RolloutShare
 from onnxgate.core.traffic.rollouts import Rollouts, RolloutsConfig
-from onnxgate.core.traffic.route_share import RouteShare
 from onnxgate.core.traffic.routes import Route, RouteTable, parse_route, parse_routes
 from onnxgate.core.traffic.shadow import Mirror, RunShadow, ShadowRunner
 from onnxgate.core.traffic.targets import Target
-from onnxgate.errors import InvalidInput, ModelNotFound, Unavailable
+from onnxgate.errors import InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
 
-_LOCK_WAIT_S = 10.0  # how long a change waits for other workers' changes (each holds the lock ms)
-_LOCK_POLL_S = 0.005
+_WAIT_S = 5.0  # how long a route change waits for every worker to serve it
 
 
 class TrafficControl:
@@ -48,7 +47,7 @@ class TrafficControl:
         self.sticky = False  # whether a route splits by a header
         self._known_models = known_models
         self._check_shared = check_shared
-        self._share: RouteShare | None = None  # --workers N: the workers' shared table
+        self._share: SharedTable | None = None  # --workers N: the workers' shared table
         self.generation = 0  # of the shared table this process serves (0: the config file's)
         self._unusable = -1  # the shared table's generation found unusable last (logged once)
         self._changing = asyncio.Lock()  # one change (or catch-up) at a time in this process
@@ -83,7 +82,7 @@ class TrafficControl:
 
     async def change(self, edit: Callable[[tuple[Route, ...]], Iterable[Route]], what: str) -> None:
         """Replace the table by ``edit(the table as configured)``, checked as :meth:`set` checks;
-        under ``--workers N`` on every worker (:mod:`~onnxgate.core.traffic.route_share`): the
+        under ``--workers N`` on every worker (:mod:`~onnxgate.core.shared_table`): the
         edit is made to the shared table, and this returns once every worker serves the result."""
         async with self._changing:
             share = self._share
@@ -91,26 +90,23 @@ class TrafficControl:
                 self._check_shared(what)
                 self.set(edit(self.configured), what)
                 return
-            await _lock(share)
-            unlock = share.unlock
+            await shared_table.lock(share)
             try:  # no other worker changes the table until it is unlocked
                 await self._catch_up(share)
                 routes = tuple(edit(self.configured))
                 self._check(routes, what)
-                generation = max(self.generation, self._unusable) + 1  # a change replaces an unusable table
-                write = asyncio.ensure_future(asyncio.to_thread(
-                    share.write, generation, [r.to_dict() for r in routes], what))
-                write.add_done_callback(lambda _: share.unlock())  # not before the write ends, even if
-                unlock = _nothing  # this change is cancelled meanwhile (the poll then takes it up)
-                await asyncio.shield(write)
-            finally:
-                unlock()
+                docs = [r.to_dict() for r in routes]
+            except BaseException:
+                share.unlock()
+                raise
+            generation = max(self.generation, self._unusable) + 1  # a change replaces an unusable table
+            await shared_table.write_and_unlock(share, generation, docs, what)
             self._commit(routes)
             self.generation = generation
             await asyncio.to_thread(share.applied, generation)
-        await _wait_served(share, generation)
+        await shared_table.wait_served(share, generation, _WAIT_S)
 
-    async def share_routes(self, share: RouteShare) -> None:
+    async def share_routes(self, share: SharedTable) -> None:
         """Under ``--workers N``: serve the workers' shared table from now on (after the routes
         are first set, before listening: a restarted worker takes up the changes made so far)."""
         await asyncio.to_thread(share.open_lock)
@@ -128,12 +124,12 @@ class TrafficControl:
             log.exception("routes: the workers' shared route table could not be taken up")
 
     async def follow(self) -> None:
-        """Under ``--workers N``: :meth:`catch_up` every ``route_share.POLL_S``, until cancelled."""
+        """Under ``--workers N``: :meth:`catch_up` every ``shared_table.POLL_S``, until cancelled."""
         while self._share is not None:
             await self.catch_up()
-            await asyncio.sleep(route_share.POLL_S)
+            await asyncio.sleep(shared_table.POLL_S)
 
-    async def _catch_up(self, share: RouteShare) -> None:
+    async def _catch_up(self, share: SharedTable) -> None:
         found = await asyncio.to_thread(share.newer, self.generation)
         if found is None:
             return
@@ -246,29 +242,3 @@ class RolloutWatch:
         else:
             self._rollouts.live_result(self._route, error)
 
-
-async def _lock(share: RouteShare) -> None:
-    """Take the workers' lock on the shared table, waiting while another worker changes it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _LOCK_WAIT_S
-    while not share.try_lock():
-        if loop.time() > deadline:
-            raise Unavailable(f"another worker has held the route table's lock for over {_LOCK_WAIT_S:g} s; retry")
-        await asyncio.sleep(_LOCK_POLL_S)
-
-
-def _nothing() -> None:
-    pass
-
-
-async def _wait_served(share: RouteShare, generation: int) -> None:
-    """Wait until every worker serves ``generation`` (at most ``route_share.WAIT_S``; a worker
-    still behind then takes it up when it next looks, or when it restarts)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + route_share.WAIT_S
-    while behind := await asyncio.to_thread(share.lagging, generation):
-        if loop.time() > deadline:
-            log.warning("routes: generation %d is not served yet by worker(s) %s after %.1f s; they take it up "
-                        "when they next look (or when they restart)", generation, behind, route_share.WAIT_S)
-            return
-        await asyncio.sleep(route_share.POLL_S / 4)

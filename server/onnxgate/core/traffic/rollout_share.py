@@ -24,14 +24,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from onnxgate.core.shared_table import read_json, write_json
 from onnxgate.core.traffic.rollout_gates import Evidence
 from onnxgate.errors import Conflict, GatewayError, ModelNotFound, Unavailable
 
@@ -43,27 +41,6 @@ _STALE_S = 600.0  # an action or answer file older than this is removed
 
 def _key(route: str) -> str:
     return hashlib.sha256(route.encode("utf-8", "surrogatepass")).hexdigest()[:24]
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(doc))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        log.warning("%s unreadable: %s", path, exc)
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 class RolloutShare:

@@ -22,7 +22,7 @@ that answered the candidate, both without their queue wait (:attr:`InferResponse
 
 Under ``--workers N`` worker 0 judges on every worker's evidence and the others follow its
 state (:mod:`rollout_share`); route changes reach every worker through their shared route table
-(:mod:`route_share`), operators' actions are applied by worker 0 wherever they arrive.
+(:mod:`~onnxgate.core.shared_table`), operators' actions are applied by worker 0 wherever they arrive.
 """
 
 from __future__ import annotations
