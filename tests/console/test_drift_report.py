@@ -18,13 +18,10 @@ import html
 import http.client
 import json
 import threading
-from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
@@ -37,18 +34,6 @@ FEATURE_MARKUP = "<b onmouseover=alert(2)>f"  # an input name (and so a feature'
 WIDE = 12  # features of the "wide" model: a histogram pair each, so its report takes a while to render
 
 
-def _markup_model(repo: Path) -> None:
-    """``MODEL_MARKUP``: input ``FEATURE_MARKUP`` float32 [batch, 1] -> ``y``, the same."""
-    graph = helper.make_graph(
-        [helper.make_node("Identity", [FEATURE_MARKUP], ["y"])], "markup",
-        [helper.make_tensor_value_info(FEATURE_MARKUP, TensorProto.FLOAT, ["batch", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", modelzoo.OPSET)])
-    model.ir_version = modelzoo.IR_VERSION
-    (repo / MODEL_MARKUP / "1").mkdir(parents=True)
-    onnx.save(model, str(repo / MODEL_MARKUP / "1" / "model.onnx"))
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("drift-report")
@@ -56,7 +41,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory):
     for name in ("scored", "idle", "plain"):
         modelzoo.build_scaled(repo, name)
     modelzoo.build_rowwise(repo, "wide")
-    _markup_model(repo)
+    modelzoo.build_identity(repo, MODEL_MARKUP, input_name=FEATURE_MARKUP)  # float32 [batch, 1] -> y
     rng = np.random.default_rng(0)
     np.savez(root / "scored.npz", x=rng.normal(0, 1, (4000, 4)).astype(np.float32))
     np.savez(root / "wide.npz", x=rng.normal(0, 1, (4000, WIDE)).astype(np.float32))

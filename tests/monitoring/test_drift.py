@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 from onnxgate import drift_report
 from onnxgate.core.inference import InferInput, InferOutput, InferRequest, InferResponse
 from onnxgate.core.monitoring.config import SampleLogConfig
-from onnxgate.core.monitoring.drift import DriftConfig, DriftMetrics, DriftMonitor, LiveDrift, _Ring
+from onnxgate.core.monitoring.drift import DriftConfig, DriftMonitor
+from onnxgate.core.monitoring.drift_live import DriftMetrics, LiveDrift, _Ring
 from onnxgate.core.monitoring.drift_stats import Thresholds, compare_feature
 from onnxgate.core.monitoring.records import Sample
 from onnxgate.core.monitoring.sample_log import SampleLogger

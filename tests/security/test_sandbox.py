@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 import modelzoo
 import swap_helpers as sh
 from gateway import GatewayProcess, wait_until
-from onnxgate.core.monitoring.drift import DriftMetrics, LiveDrift
+from onnxgate.core.monitoring.drift_live import DriftMetrics, LiveDrift
 from onnxgate.core.monitoring.drift_stats import FeatureTable
 from onnxgate.core.monitoring.http_sink import post
 from onnxgate.core.serving.model_config import (

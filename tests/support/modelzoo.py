@@ -285,6 +285,20 @@ def build_scaled(repo: Path, name: str = "scaled", version: int = 1, scale: floa
     )
 
 
+def build_identity(repo: Path, name: str = "identity", version: int = 1, input_name: str = "x",
+                   width: int = 1) -> Path:
+    """``input_name`` float32 [batch, width] -> ``y``, the same (Identity). Any string is a valid
+    ONNX name, so ``name`` and ``input_name`` may hold markup, for tests of escaping."""
+    return _save(
+        repo,
+        name,
+        version,
+        [helper.make_node("Identity", [input_name], ["y"])],
+        [_vi(input_name, TensorProto.FLOAT, [BATCH, width])],
+        [_vi("y", TensorProto.FLOAT, [BATCH, width])],
+    )
+
+
 def build_int_types(repo: Path, name: str = "int_types", version: int = 1) -> Path:
     """Remaining integer types, each passed through Identity.
 

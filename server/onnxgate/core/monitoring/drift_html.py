@@ -3,7 +3,7 @@ summary (:func:`analyse`) and a self-contained HTML page (:func:`render_html`).
 
 Both the ``onnxgate drift`` command (``drift_report.py``: a sample-log directory against
 training data) and the gateway's live report (``GET /v2/drift/{model}/report``: a model's live
-window, :meth:`LiveDrift.report <onnxgate.core.monitoring.drift.LiveDrift.report>`) build it
+window, :meth:`LiveDrift.report <onnxgate.core.monitoring.drift_live.LiveDrift.report>`) build it
 here. The page has one table row per feature and a reference/current histogram pair per feature
 (drifted first, at most ``max_plots``), as inline PNGs; every name and text in it is escaped
 (feature and model names come from users), it has no script, and its only style is
