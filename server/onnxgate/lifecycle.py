@@ -38,6 +38,7 @@ from onnxgate.core.registry.rollout_actions import RolloutRegistryActions
 from onnxgate.core.security.access import AccessPolicy
 from onnxgate.core.security.audit import AuditLog
 from onnxgate.core.service import InferenceService
+from onnxgate.core.serving.control_share import ModelControlShare
 from onnxgate.core.serving.manager import ModelManager
 from onnxgate.core.serving.model import LoadOptions
 from onnxgate.core.serving.poller import RepositoryPoller
@@ -123,6 +124,7 @@ class Gateway:
         )
         self._rollout_task: asyncio.Task | None = None
         self._route_task: asyncio.Task | None = None  # --workers N: following the shared route table
+        self._model_task: asyncio.Task | None = None  # --workers N: following the shared model control state
         self.poller = RepositoryPoller(self.manager, s.repository_poll_secs) if s.model_control_mode == "poll" else None
         self.access = AccessPolicy(config.security, s.host, require_client_cert=bool(s.tls_client_ca_file))
         self.audit = AuditLog(config.security.audit_log)
@@ -220,9 +222,17 @@ class Gateway:
             await self.manager.load_all(s.load_model)
         else:
             await self.manager.load_all()
+        stats_dir = worker_stats_dir() if self.worker is not None else None
+        if self.worker is not None and stats_dir is not None and s.model_control_mode != "none":
+            # loads, unloads, pins and rollbacks reach every worker, whichever took them (control_share)
+            index, count, _ = self.worker
+            share = ModelControlShare(self.manager, SharedTable(stats_dir / "models", index, count))
+            await share.start()
+            self.service.model_share = share
+            self._model_task = asyncio.get_running_loop().create_task(share.follow())
         await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
         self.service.set_routes(self.config.routes)  # validated against the repository's models
-        if self.worker is not None and (stats_dir := worker_stats_dir()) is not None:
+        if self.worker is not None and stats_dir is not None:
             # every worker serves one table, whichever worker a route change reaches (core.shared_table)
             index, count, _ = self.worker
             await self.service.traffic.share_routes(SharedTable(stats_dir / "routes", index, count))
@@ -309,7 +319,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.drain_timeout_s
         await self._stop_listeners(deadline)
-        for task in (self._rollout_task, self._route_task):
+        for task in (self._rollout_task, self._route_task, self._model_task):
             if task is not None:
                 task.cancel()
         steps: list[tuple[str, Callable[[float], Awaitable[object]]]] = [("shadows", self.service.shadows.close)]

@@ -1,7 +1,7 @@
-"""``--workers N`` answers for the whole gateway (issue 11, item 3): control-plane changes that
-would reach only the worker whose socket took the call (model loads and unloads) are refused on
-both transports (501 / UNIMPLEMENTED, saying what to do instead), and statistics add up every
-worker's counts. Route changes reach every worker: test_worker_routes.py.
+"""``--workers N`` answers for the whole gateway: model control (load, unload, pin, rollback)
+reaches every worker, whichever worker's socket took the call, on both transports, and is
+answered once every worker serves the result; statistics add up every worker's counts. Route
+changes reach every worker: test_worker_routes.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
-from workers_helpers import ARGS, children, listening_workers, pin_each
+from workers_helpers import ARGS, Pinned, children, listening_workers, pin_each
 
 CONTROL = ["--model-control-mode", "explicit", "--load-model", "*"]
 
@@ -43,43 +43,79 @@ def _http(gw: GatewayProcess, method: str, path: str, body: dict | None = None) 
         conn.close()
 
 
-def _refused(message: str) -> bool:
-    return "refused under --workers N" in message and "--workers 1" in message and "SIGHUP" in message
+def _index(p: Pinned) -> list[tuple[str, str, str]]:
+    """This worker's repository index: (name, version, state) rows."""
+    return sorted((r["name"], r.get("version", ""), r["state"]) for r in p.call("POST", "/v2/repository/index", {}))
 
 
-def test_control_plane_changes_are_refused_on_both_transports_and_change_nothing(repo):
+def _ready(p: Pinned) -> list[str]:
+    return [v for _, v, state in _index(p) if state == "READY"]
+
+
+def _load(channel: grpc.Channel, **parameters: object) -> None:
+    request = service_pb2.RepositoryModelLoadRequest(model_name="scaled")
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        else:
+            request.parameters[key].int64_param = int(value)  # type: ignore[call-overload]
+    service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(request, timeout=120)
+
+
+def test_model_control_reaches_every_worker_whichever_takes_it_on_both_transports(repo):
     with GatewayProcess(repo, [*ARGS, *CONTROL]) as gw:
         assert gw.proc is not None
-        for path, body in (
-            ("/v2/repository/models/scaled/load", {}),
-            ("/v2/repository/models/scaled/load", {"parameters": {"version": 1}}),  # pin
-            ("/v2/repository/models/scaled/load", {"parameters": {"rollback": True}}),
-            ("/v2/repository/models/scaled/unload", {}),
-        ):
-            status, doc = _http(gw, "POST", path, body)
-            assert status == 501 and _refused(doc["error"]), (path, body, status, doc)
+        a, b = pin_each(gw, children(gw.proc.pid)).values()
+        assert _ready(a) == _ready(b) == ["1", "2"]
 
-        with grpc.insecure_channel(gw.grpc_url) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            for call, request in (
-                (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="scaled")),
-                (stub.RepositoryModelUnload, service_pb2.RepositoryModelUnloadRequest(model_name="scaled")),
-            ):
-                with pytest.raises(grpc.RpcError) as failure:
-                    call(request, timeout=30)
-                assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED, failure.value
-                assert _refused(failure.value.details()), failure.value.details()
+        # a pin taken by one worker: answered once the other serves it too
+        status, doc = _http_on(a, "/v2/repository/models/scaled/load", {"parameters": {"version": 1}})
+        assert status == 200, doc
+        assert _ready(b) == _ready(a) == ["1"]
+        # a rollback on gRPC, whichever worker takes it: the version that served before, everywhere
+        with grpc.insecure_channel(gw.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            _load(channel, rollback=True)
+            assert _ready(a) == _ready(b) == ["2"]
+            _load(channel)  # a load without a pin: every version again
+            assert _ready(a) == _ready(b) == ["1", "2"]
 
-        # every worker still serves both versions, with no route: nothing changed anywhere
-        for p in pin_each(gw, children(gw.proc.pid)).values():
-            assert p.infer("scaled") == [[3.0, 6.0, 9.0, 12.0]]
-            index = p.call("POST", "/v2/repository/index", {})
-            assert sorted((r["name"], r["version"], r["state"]) for r in index) == [
-                ("scaled", "1", "READY"), ("scaled", "2", "READY")], index
-            p.conn.request("GET", "/v2/routes")
-            resp = p.conn.getresponse()
-            assert resp.status == 200 and json.loads(resp.read()) == []
+        # a load refused on the worker that took it changes nothing anywhere
+        status, doc = _http_on(b, "/v2/repository/models/scaled/load", {"parameters": {"config": "{\"input\": 5}"}})
+        assert status == 400, doc
+        assert _ready(a) == _ready(b) == ["1", "2"]
+
+        # an unload on one worker: the model answers nowhere
+        status, doc = _http_on(b, "/v2/repository/models/scaled/unload", {})
+        assert status == 200, doc
+        assert _ready(a) == _ready(b) == []
+        a.conn.request("POST", "/v2/models/scaled/infer", json.dumps(_infer_body()).encode())
+        response = a.conn.getresponse()
+        assert response.status in (404, 503), response.read()
+        response.read()
+
+        # a restarted worker takes up what was changed before it started, before it listens
+        victim, survivor = a.worker, b.worker
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
+        (newcomer,) = children(gw.proc.pid) - {survivor}
+        pinned = pin_each(gw, {survivor, newcomer}, probe=False)
+        assert _ready(pinned[newcomer]) == [] and ("scaled", "1", "READY") not in _index(pinned[newcomer])
+        status, doc = _http_on(pinned[newcomer], "/v2/repository/models/scaled/load", {})
+        assert status == 200, doc
+        assert _ready(pinned[survivor]) == _ready(pinned[newcomer]) == ["1", "2"]
+        assert pinned[survivor].infer("scaled") == [[3.0, 6.0, 9.0, 12.0]]
     assert gw.proc.returncode == 0, gw.log
+
+
+def _infer_body() -> dict:
+    return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[1.0, 2.0, 3.0, 4.0]]}]}
+
+
+def _http_on(p: Pinned, path: str, body: dict) -> tuple[int, dict]:
+    p.conn.request("POST", path, json.dumps(body).encode())
+    resp = p.conn.getresponse()
+    raw = resp.read()
+    return resp.status, json.loads(raw) if raw else {}
 
 
 def _counts(doc: dict) -> tuple[int, int]:

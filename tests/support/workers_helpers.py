@@ -70,10 +70,14 @@ def listening_workers(gw: GatewayProcess, port: int) -> set[int]:
 class Pinned:
     """One HTTP keep-alive connection, and the worker that accepted it."""
 
-    def __init__(self, gw: GatewayProcess) -> None:
+    def __init__(self, gw: GatewayProcess, probe: bool = True) -> None:
         assert gw.proc is not None
         self.conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=30)
-        assert self.infer() == [[3.0, 6.0, 9.0, 12.0]]  # the worker has accepted the connection now
+        if probe:
+            assert self.infer() == [[3.0, 6.0, 9.0, 12.0]]  # the worker has accepted the connection now
+        else:  # a worker where "scaled" may not answer
+            self.conn.request("GET", "/v2/health/live")
+            assert self.conn.getresponse().read() is not None
         inodes = _tcp(gw.http_port, self.conn.sock.getsockname()[1])
         owners = [pid for pid in children(gw.proc.pid) if _sockets(pid) & inodes]
         assert len(owners) == 1, f"connection owned by {owners}"
@@ -99,12 +103,14 @@ class Pinned:
             "count"]
 
 
-def pin_each(gw: GatewayProcess, workers: set[int], hits: dict[int, int] | None = None) -> dict[int, Pinned]:
+def pin_each(gw: GatewayProcess, workers: set[int], hits: dict[int, int] | None = None,
+             probe: bool = True) -> dict[int, Pinned]:
     """A pinned connection to every worker in ``workers``: fresh connections until each was hit.
-    Each connection ran one inference on its worker; ``hits`` counts them per worker."""
+    Each connection ran one inference on its worker (``probe``; else a liveness check); ``hits``
+    counts them per worker."""
     pinned: dict[int, Pinned] = {}
     for _ in range(100):
-        p = Pinned(gw)
+        p = Pinned(gw, probe)
         if hits is not None:
             hits[p.worker] = hits.get(p.worker, 0) + 1
         if p.worker in pinned:

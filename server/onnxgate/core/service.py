@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from onnxgate import __version__
@@ -31,6 +31,7 @@ from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.monitoring.summary import SummaryWindow
 from onnxgate.core.serving import manager as manager_mod
 from onnxgate.core.serving import model_config
+from onnxgate.core.serving.control_share import ModelControlShare, check_loaded
 from onnxgate.core.serving.manager import IndexRow, ModelManager, VersionEntry
 from onnxgate.core.serving.memory import held_nbytes
 from onnxgate.core.serving.outputs import classification, make_output
@@ -44,7 +45,6 @@ from onnxgate.core.traffic.shadow import Report, ShadowRunner
 from onnxgate.errors import (
     GatewayError,
     InvalidInput,
-    ModelLoadError,
     ModelNotFound,
     Overloaded,
     Unavailable,
@@ -89,6 +89,7 @@ class InferenceService:
         self.control_mode = "none"  # none | poll | explicit
         self.control_plane_shared = True  # False in one of --workers N: changes would reach only it
         self.shared_stats: SharedStats | None = None  # under --workers N: the other workers' counts
+        self.model_share: ModelControlShare | None = None  # under --workers N: model control on every worker
         self.traffic = TrafficControl(
             metrics, lambda: {n: list(e.versions) for n, e in self.manager.models.items()}, self._check_shared
         )
@@ -196,24 +197,31 @@ class InferenceService:
             raise InvalidInput(f"load parameter 'rollback' must be a boolean, got {rollback!r}")
         if self.control_mode == "none":
             raise Unsupported(_NO_CONTROL % "loading")
-        self._check_shared("loading (or pinning, or rolling back) a model")
-        if rollback:
-            entry = await self.manager.rollback(name)
-        else:
+        override = None
+        if not rollback:
             override = model_config.parse_json(config_json) if config_json else None
             if version is not None:
                 override = manager_mod.merge_config(override or mc.ModelConfig(), manager_mod.pin_config(version))
-            entry = await self.manager.load(name, override)
-        if entry.last_failures or not entry.ready_versions():
-            reasons = entry.last_failures or {0: entry.reason or "no version is ready"}
-            detail = "; ".join(f"version {v}: {r}" if v else r for v, r in sorted(reasons.items()))
-            raise ModelLoadError(f"failed to load model '{name}': {detail}")
+
+        async def load() -> None:
+            check_loaded(name, await (self.manager.rollback(name) if rollback else self.manager.load(name, override)))
+
+        what = "the rollback" if rollback else "the pin" if version is not None else "the load"
+        await self._control(name, load, "loading (or pinning, or rolling back) a model", f"{what} of model '{name}'")
 
     async def unload_model(self, name: str) -> None:
         if self.control_mode == "none":
             raise Unsupported(_NO_CONTROL % "unloading")
-        self._check_shared("unloading a model")
-        await self.manager.unload(name)
+        await self._control(name, lambda: self.manager.unload(name), "unloading a model",
+                            f"the unload of model '{name}'")
+
+    async def _control(self, name: str, action: Callable[[], Awaitable[None]], refused: str, what: str) -> None:
+        """Run a model control ``action``: under ``--workers N`` on every worker (control_share)."""
+        if self.model_share is None:
+            self._check_shared(refused)
+            await action()
+        else:
+            await self.model_share.change(name, action, what)
 
     def _check_shared(self, what: str) -> None:
         """Refuse a control-plane change that would apply to this process only."""

@@ -171,9 +171,9 @@ async def write_and_unlock(table: SharedTable, generation: int, entries: Any, wh
     await asyncio.shield(write)
 
 
-async def wait_served(table: SharedTable, generation: int, timeout: float) -> list[dict[str, Any]]:
+async def wait_served(table: SharedTable, generation: int, timeout: float) -> list[dict[str, Any] | None]:
     """Wait until every worker serves ``generation`` (at most ``timeout``; a worker still behind
-    then takes it up when it next looks, or when it restarts); the workers' reports."""
+    then takes it up when it next looks, or when it restarts); every worker's report, by index."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while behind := await asyncio.to_thread(table.lagging, generation):
@@ -182,4 +182,4 @@ async def wait_served(table: SharedTable, generation: int, timeout: float) -> li
                         "they next look (or when they restart)", table.directory.name, generation, behind, timeout)
             break
         await asyncio.sleep(POLL_S / 4)
-    return [doc for doc in await asyncio.to_thread(table.reports) if doc is not None]
+    return await asyncio.to_thread(table.reports)

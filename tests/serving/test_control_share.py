@@ -1,0 +1,91 @@
+"""Model control under ``--workers N`` (core.serving.control_share), two workers' managers in one
+process on one share directory: what a change on one worker does on the other, and what the call
+answers when the other cannot follow."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import modelzoo
+from onnxgate.core.metrics import Metrics
+from onnxgate.core.registry.local import Repository
+from onnxgate.core.serving.control_share import ModelControlShare, check_loaded
+from onnxgate.core.serving.manager import ModelManager, pin_config
+from onnxgate.core.serving.model import LoadOptions
+from onnxgate.core.shared_table import SharedTable
+from onnxgate.errors import ModelLoadError
+
+
+def _repo(root: Path, versions: tuple[int, ...]) -> Path:
+    for version in versions:
+        modelzoo.build_scaled(root, "m", version=version, scale=float(version))
+    modelzoo.write_config(root / "m", "version_policy: { all { } }\n")
+    return root
+
+
+async def _workers(share: Path, *repos: Path) -> list[ModelControlShare]:
+    out = []
+    for i, repo in enumerate(repos):
+        manager = ModelManager(Repository(repo), LoadOptions(cpu_threads=1), Metrics(CollectorRegistry()))
+        await manager.load_all()
+        control = ModelControlShare(manager, SharedTable(share, i, len(repos)))
+        await control.start()
+        out.append(control)
+    return out
+
+
+def _ready(control: ModelControlShare) -> list[int]:
+    entry = control.manager.models.get("m")
+    return sorted(v.version for v in entry.ready_versions()) if entry is not None else []
+
+
+def _pin(control: ModelControlShare, version: int):
+    async def load() -> None:
+        check_loaded("m", await control.manager.load("m", pin_config(version)))
+
+    return load
+
+
+def test_a_pin_on_one_worker_is_served_by_the_other_and_by_one_that_starts_later(tmp_path: Path):
+    async def scenario() -> None:
+        repo = _repo(tmp_path / "repo", (1, 2))
+        a, b = await _workers(tmp_path / "share", repo, repo)
+        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
+        try:
+            await a.change("m", _pin(a, 1), "the pin of model 'm'")
+            assert _ready(a) == _ready(b) == [1]  # answered once b serves it
+            await b.change("m", lambda: b.manager.unload("m"), "the unload of model 'm'")
+            assert _ready(a) == _ready(b) == []
+            (late,) = await _workers(tmp_path / "share", repo)  # the same index: a restarted worker 0
+            assert _ready(late) == []
+        finally:
+            for task in followers:
+                task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_change_another_worker_cannot_follow_fails_naming_it_and_is_not_retried(tmp_path: Path, caplog):
+    async def scenario() -> None:
+        # worker 1's repository lacks version 2: it cannot serve a pin of it
+        a, b = await _workers(tmp_path / "share", _repo(tmp_path / "a", (1, 2)), _repo(tmp_path / "b", (1,)))
+        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
+        try:
+            with pytest.raises(ModelLoadError) as failure:
+                await a.change("m", _pin(a, 2), "the pin of model 'm'")
+            assert "took effect on worker 0 but failed on worker 1" in failure.value.message, failure.value.message
+            assert _ready(a) == [2]
+            await asyncio.sleep(1.0)  # five looks of the followers
+            tries = [r for r in caplog.records if "could not take up" in r.getMessage()]
+            assert len(tries) == 1, tries  # not again at every look
+            await a.change("m", _pin(a, 1), "the pin of model 'm'")  # a state both can serve
+            assert _ready(a) == _ready(b) == [1]
+        finally:
+            for task in followers:
+                task.cancel()
+
+    asyncio.run(scenario())
