@@ -27,7 +27,8 @@ UNITS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("traffic", ("onnxgate.core.traffic",), 3),
     ("monitoring", ("onnxgate.core.monitoring",), 3),
     ("security", ("onnxgate.core.security",), 3),
-    ("service", ("onnxgate.core.service", "onnxgate.core.admission", "onnxgate.core.exchange"), 4),
+    ("service", ("onnxgate.core.service", "onnxgate.core.admission", "onnxgate.core.exchange",
+                 "onnxgate.core.model_control"), 4),
     ("frontends", ("onnxgate.frontends",), 5),
     ("app", ("onnxgate",), 6),  # cli, lifecycle, listeners, config, supervisor, admin, drift_report, demo
 )

@@ -92,8 +92,8 @@ class Gateway:
             metrics=self.metrics,
         )
         self.service = InferenceService(self.manager, self.metrics, s.decode_budget_bytes)
-        self.service.control_mode = s.model_control_mode
-        self.service.control_plane_shared = self.worker is None  # a worker would change itself alone
+        self.service.control.mode = s.model_control_mode
+        self.service.control.shared = self.worker is None  # a worker would change itself alone
         stats_dir = worker_stats_dir() if self.worker is not None else None
         self.shared_stats = SharedStats(stats_dir, self.manager.all_stats) if stats_dir is not None else None
         self.service.shared_stats = self.shared_stats
@@ -228,7 +228,7 @@ class Gateway:
             index, count, _ = self.worker
             share = ModelControlShare(self.manager, SharedTable(stats_dir / "models", index, count))
             await share.start()
-            self.service.model_share = share
+            self.service.control.share = share
             self._model_task = asyncio.get_running_loop().create_task(share.follow())
         await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
         self.service.set_routes(self.config.routes)  # validated against the repository's models

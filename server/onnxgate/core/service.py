@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from onnxgate import __version__
@@ -20,18 +20,15 @@ from onnxgate.core.inference import (  # the metadata records are the service's 
     InferResponse,
     ModelMetadata,
     TensorMetadata,
-    parse_version,
     timeout_us,
 )
 from onnxgate.core.metrics import Metrics
+from onnxgate.core.model_control import ModelControl
 from onnxgate.core.monitoring.access_log import AccessLogger
 from onnxgate.core.monitoring.drift import DriftMonitor
 from onnxgate.core.monitoring.records import Sample, ShadowResult
 from onnxgate.core.monitoring.sample_log import SampleLogger
 from onnxgate.core.monitoring.summary import SummaryWindow
-from onnxgate.core.serving import manager as manager_mod
-from onnxgate.core.serving import model_config
-from onnxgate.core.serving.control_share import ModelControlShare, check_loaded
 from onnxgate.core.serving.manager import IndexRow, ModelManager, VersionEntry
 from onnxgate.core.serving.memory import held_nbytes
 from onnxgate.core.serving.outputs import classification, make_output
@@ -44,11 +41,9 @@ from onnxgate.core.traffic.routes import Route, RouteTable, Target
 from onnxgate.core.traffic.shadow import Report, ShadowRunner
 from onnxgate.errors import (
     GatewayError,
-    InvalidInput,
     ModelNotFound,
     Overloaded,
     Unavailable,
-    Unsupported,
 )
 from onnxgate_client.pb import model_config_pb2 as mc
 
@@ -64,15 +59,6 @@ EXTENSIONS = (
 DEFAULT_DECODE_BUDGET = 512 * 1024 * 1024  # bytes all requests may be reading and decoding at once
 UNKNOWN_MODEL_LABEL = ""  # the metrics' model label of requests for names the repository lacks
 
-_NO_CONTROL = "model control mode 'none' does not allow %s; start with --model-control-mode explicit or poll"
-_NOT_SHARED = (
-    "%s is refused under --workers N: it would change only the worker process that took this call, "
-    "not the others. Run with --workers 1, or change the repository or config file and restart the "
-    "workers one at a time (SIGHUP to the supervisor re-reads the routes in every worker)"
-)
-
-
-
 class InferenceService:
     """The core's one entry point for front ends."""
 
@@ -86,12 +72,10 @@ class InferenceService:
         self.live = True
         self.ready = False
         self.draining = False
-        self.control_mode = "none"  # none | poll | explicit
-        self.control_plane_shared = True  # False in one of --workers N: changes would reach only it
+        self.control = ModelControl(manager)  # load, unload, pin, rollback
         self.shared_stats: SharedStats | None = None  # under --workers N: the other workers' counts
-        self.model_share: ModelControlShare | None = None  # under --workers N: model control on every worker
         self.traffic = TrafficControl(
-            metrics, lambda: {n: list(e.versions) for n, e in self.manager.models.items()}, self._check_shared
+            metrics, lambda: {n: list(e.versions) for n, e in self.manager.models.items()}, self.control.check_shared
         )
         self.sample_headers = False  # set when the sample log copies or hashes headers
         self._summary = SummaryWindow(metrics)  # models_summary's snapshots
@@ -177,56 +161,11 @@ class InferenceService:
         return self.manager.index(ready_only)
 
     async def load_model(self, name: str, params: Mapping[str, Any] | None = None) -> None:
-        """(Re)load ``name`` per the repository load API's parameters: ``config`` (JSON, merged
-        over config.pbtxt and kept until a load without it), ``version`` (pin one version),
-        ``rollback`` (pin the version that served before). Raises when a wanted version failed."""
-        params = dict(params or {})
-        if any(k.startswith("file:") for k in params):
-            raise Unsupported("loading model files through the API is not supported")
-        config_json = params.pop("config", None)
-        if config_json is not None and not isinstance(config_json, str):
-            raise InvalidInput("load parameter 'config' must be a string holding JSON")
-        version = params.pop("version", None)
-        if version is not None:
-            if isinstance(version, str) and (number := parse_version(version)) is not None:
-                version = number
-            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-                raise InvalidInput(f"load parameter 'version' must be a positive integer, got {version!r}")
-        rollback = params.pop("rollback", False)
-        if not isinstance(rollback, bool):
-            raise InvalidInput(f"load parameter 'rollback' must be a boolean, got {rollback!r}")
-        if self.control_mode == "none":
-            raise Unsupported(_NO_CONTROL % "loading")
-        override = None
-        if not rollback:
-            override = model_config.parse_json(config_json) if config_json else None
-            if version is not None:
-                override = manager_mod.merge_config(override or mc.ModelConfig(), manager_mod.pin_config(version))
-
-        async def load() -> None:
-            check_loaded(name, await (self.manager.rollback(name) if rollback else self.manager.load(name, override)))
-
-        what = "the rollback" if rollback else "the pin" if version is not None else "the load"
-        await self._control(name, load, "loading (or pinning, or rolling back) a model", f"{what} of model '{name}'")
+        """(Re)load ``name`` per the repository load API's parameters (:meth:`ModelControl.load`)."""
+        await self.control.load(name, params)
 
     async def unload_model(self, name: str) -> None:
-        if self.control_mode == "none":
-            raise Unsupported(_NO_CONTROL % "unloading")
-        await self._control(name, lambda: self.manager.unload(name), "unloading a model",
-                            f"the unload of model '{name}'")
-
-    async def _control(self, name: str, action: Callable[[], Awaitable[None]], refused: str, what: str) -> None:
-        """Run a model control ``action``: under ``--workers N`` on every worker (control_share)."""
-        if self.model_share is None:
-            self._check_shared(refused)
-            await action()
-        else:
-            await self.model_share.change(name, action, what)
-
-    def _check_shared(self, what: str) -> None:
-        """Refuse a control-plane change that would apply to this process only."""
-        if not self.control_plane_shared:
-            raise Unsupported(_NOT_SHARED % what.capitalize())
+        await self.control.unload(name)
 
     def attach_observers(self, tracing: Tracing | None, access_log: AccessLogger | None) -> None:
         """Trace requests with ``tracing`` and log them to ``access_log`` (either may be None: off)."""
