@@ -77,6 +77,7 @@ class SharedTable:
         self._table = self.directory / "table.json"
         self._seen: tuple[int, int, int, int] | None = None  # table.json's (inode, mtime_ns, size, generation)
         self._lock_fd: int | None = None  # .lock, opened by open_lock in the worker's own process
+        self._held = False  # this process holds the lock (a change, or the write of a cancelled one)
 
     def newer(self, generation: int) -> tuple[int, Any] | None:
         """The table when its generation is above ``generation``: (generation, entries); None
@@ -90,6 +91,10 @@ class SharedTable:
             return None  # unchanged since it was last read (cheap: one stat every POLL_S)
         doc = read_json(self._table)
         if doc is None or "entries" not in doc or not isinstance(doc.get("generation"), int):
+            if doc is not None:  # (read_json logged why it could not read it)
+                log.warning("%s holds no generation and entries: not taken up; the next change replaces it",
+                            self._table)
+            self._seen = (*key, -1)  # looked at once, not at every look
             return None
         found = doc["generation"]
         self._seen = (*key, found)
@@ -102,21 +107,33 @@ class SharedTable:
         self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def try_lock(self) -> bool:
-        """Take the lock if no other worker holds it (one system call on an open descriptor,
-        which never waits: callable on the event loop). The caller serializes its own changes in
-        the process; a descriptor's own ``flock`` never blocks itself."""
+        """Take the lock if no one holds it: no other worker, and no change of this process (a
+        descriptor's own ``flock`` never blocks itself, so that is remembered here: a cancelled
+        change's write may still hold it). One system call on an open descriptor, which never
+        waits: callable on the event loop."""
         if self._lock_fd is None:
             raise RuntimeError("SharedTable.open_lock was not called")
+        if self._held:
+            return False
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        self._held = True
         return True
 
     def unlock(self) -> None:
-        """Let the other workers change the table."""
-        if self._lock_fd is not None:
+        """Let the other workers (and this process's next change) change the table."""
+        if self._lock_fd is not None and self._held:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._held = False
+
+    def write_unlocking(self, generation: int, entries: Any, what: str) -> None:
+        """:meth:`write`, then :meth:`unlock` whatever happens (in the same thread, after the file is in place)."""
+        try:
+            self.write(generation, entries, what)
+        finally:
+            self.unlock()
 
     def write(self, generation: int, entries: Any, what: str) -> None:
         """Write ``entries`` as ``generation``, holding the lock, having caught up with the one
@@ -166,8 +183,7 @@ async def lock(table: SharedTable, wait_s: float = LOCK_WAIT_S) -> None:
 async def write_and_unlock(table: SharedTable, generation: int, entries: Any, what: str) -> None:
     """Write ``generation`` (holding the lock) and unlock once the write ended, not before it,
     even if the caller is cancelled meanwhile (its process then takes it up at its next look)."""
-    write = asyncio.ensure_future(asyncio.to_thread(table.write, generation, entries, what))
-    write.add_done_callback(lambda _: table.unlock())
+    write = asyncio.ensure_future(asyncio.to_thread(table.write_unlocking, generation, entries, what))
     await asyncio.shield(write)
 
 
