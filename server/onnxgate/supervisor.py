@@ -275,6 +275,10 @@ class Supervisor:
                 self._reload(due_only=True)
             return self._stop()
         finally:
+            # stopped: a signal now changes nothing (Python's exit would put back the default
+            # action, which kills: a clean stop would exit -1 or -15 instead of 0)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             for h in holds:
                 h.close()
             for fd in self._lifeline:
@@ -307,7 +311,10 @@ class Supervisor:
         """SIGHUP: forwarded to every worker that serves; one that is starting (it may have read
         the files before they changed) or waiting to restart gets it once it is ready. Worker 0
         publishes the config file's routes to all (core.shared_table): a restarted one would otherwise
-        take up the shared table and the reload would be lost. ``due_only``: deliver those due."""
+        take up the shared table and the reload would be lost. ``due_only``: deliver those due.
+        Nothing once stopping: a draining worker has dropped its handler, and SIGHUP would kill it."""
+        if self._stopping.is_set():
+            return
         for i, slot in enumerate(self.slots):
             if due_only and not slot.reload_due:
                 continue

@@ -9,6 +9,7 @@ control plane and statistics across workers in ``test_worker_control.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -176,3 +177,16 @@ def test_sigterm_while_workers_start_or_restart_exits_0(repo):
             time.sleep(0.02)
     assert gw.proc.returncode == 0, gw.log
     assert seen <= {survivor}, f"a replacement worker was started while stopping: {seen - {survivor}}"
+
+
+def test_sighups_while_the_workers_drain_are_not_sent_to_them_and_the_exit_is_0(repo):
+    # a draining worker drops its SIGHUP handler as it ends: a SIGHUP sent then would kill it (-1)
+    with GatewayProcess(repo, [*ARGS, "--drain-delay-s", "0.5"]) as gw:
+        assert gw.proc is not None
+        gw.signal(signal.SIGTERM)
+        while gw.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                gw.signal(signal.SIGHUP)
+            time.sleep(0.01)
+    assert gw.proc.returncode == 0, gw.log
+    assert "exited with" not in gw.log, gw.log

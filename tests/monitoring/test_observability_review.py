@@ -7,6 +7,7 @@ behaviour that was checked and found right."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -25,6 +26,7 @@ import pytest
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
+from onnxgate.frontends import grpc_service
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
 from routing_helpers import metric, metrics
@@ -273,6 +275,32 @@ def test_a_deadline_that_runs_out_at_the_client_first_is_logged_deadline_exceede
         proxy.close()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _line(gw, "lagging-deadline")["status"] == "DEADLINE_EXCEEDED"
+
+
+class _Remaining:
+    """The one part of a grpc.aio context that the status of a cancelled call depends on."""
+
+    def __init__(self, *left: float | None) -> None:
+        self.left = list(left)
+
+    def time_remaining(self) -> float | None:
+        return self.left.pop(0)
+
+
+@pytest.mark.parametrize(("window", "left", "status"), [
+    (0.5, 0.07, "CANCELLED"),  # cancelled 70 ms before a 0.5 s deadline: more than a tenth of it left
+    (0.5, 0.03, "DEADLINE_EXCEEDED"),  # the headers' delay: the client's deadline
+    (10.0, 0.09, "DEADLINE_EXCEEDED"),
+    (10.0, 0.2, "CANCELLED"),  # more than the slack's bound
+    (0.05, 0.01, "CANCELLED"),  # a short deadline: not every cancel of its calls is the deadline
+    (0.05, 0.0, "DEADLINE_EXCEEDED"),
+    (None, None, "CANCELLED"),  # no deadline
+])
+def test_a_cancel_is_taken_for_the_client_deadline_only_within_the_slack(window, left, status):
+    context = _Remaining(window, left)
+    slack = grpc_service._deadline_slack(context)  # at the call's start
+    code, _ = grpc_service._status_of(asyncio.CancelledError(), context, slack)  # when it is cancelled
+    assert code.name == status
 
 
 @pytest.fixture

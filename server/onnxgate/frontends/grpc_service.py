@@ -132,6 +132,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         client_id, trace = _call_ids(context, svc.trace_headers)
         peer = context.peer() if svc.logs_access else None
         exchange = svc.begin("grpc", "", client_id, trace, peer, _INFER_SPAN)
+        slack = _deadline_slack(context)
         try:
             deadline = _deadline_ns(context)
             decoded = await self._decode(request)
@@ -142,7 +143,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 decoded.headers = _metadata(context)
             reply = await self._encode(await svc.infer(decoded))
         except BaseException as exc:
-            code, kind = _status_of(exc, context)
+            code, kind = _status_of(exc, context, slack)
             _identify_refused(exchange, request)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, exchange.identify("")),))
             exchange.finish(code.name, code.value[0], exc, kind)
@@ -202,6 +203,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         svc = self.service
         headers = _metadata(context) if svc.wants_headers else {}
         deadline = _deadline_ns(context)  # the stream's: every request's answer is due by it
+        slack = _deadline_slack(context)
         trace = _call_ids(context, svc.trace_headers)[1]  # the stream's: every request continues it
         peer = context.peer() if svc.logs_access else None
         close_on_error = _grpc_error_mode(context)
@@ -210,7 +212,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task] = set()
 
         async def run_one(req: bytes) -> None:
-            replies.put_nowait(await self._stream_one(req, context, headers, deadline, trace, peer))
+            replies.put_nowait(await self._stream_one(req, context, headers, deadline, trace, peer, slack))
 
         async def read() -> None:
             try:
@@ -248,11 +250,11 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             _cancel_all(running, None)
-            _unwritten(item, replies, ended, context)
+            _unwritten(item, replies, ended, context, slack)
 
     async def _stream_one(
         self, req: bytes, context: grpc.aio.ServicerContext, headers: dict[str, str], deadline_ns: int = 0,
-        trace: dict[str, str] | None = None, peer: str | None = None,
+        trace: dict[str, str] | None = None, peer: str | None = None, slack_s: float = 0.0,
     ) -> tuple[bytes, str, grpc.StatusCode | None, Exchange | None]:
         """The serialized reply to one streamed request, the error message and status it failed
         with (None: it did not), and its exchange when it is still to be finished (a success,
@@ -276,7 +278,7 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             _identify_refused(exchange, req)
             exchange.finish(code.name, code.value[0], exc)
         except asyncio.CancelledError as exc:  # logged with the status the stream ends with
-            code, kind = _status_of(exc, context)
+            code, kind = _status_of(exc, context, slack_s)
             exchange.finish(code.name, code.value[0], exc, kind)
             raise
         except Exception as exc:
@@ -294,10 +296,10 @@ class GrpcInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _unwritten(current: object, replies: asyncio.Queue, ended: BaseException,
-               context: grpc.aio.ServicerContext) -> None:
+               context: grpc.aio.ServicerContext, slack_s: float) -> None:
     """The stream ended: the successful replies it did not write (``current`` being written,
     and those still queued) are logged with the status the stream ended with."""
-    code, kind = _status_of(ended, context) if isinstance(ended, asyncio.CancelledError) else (
+    code, kind = _status_of(ended, context, slack_s) if isinstance(ended, asyncio.CancelledError) else (
         grpc.StatusCode.CANCELLED, "cancelled")
     items = [current]
     while not replies.empty():
@@ -347,11 +349,21 @@ def _identify_refused(exchange: Exchange, raw: object) -> None:
 # The client's deadline runs out before the call's deadline here: the server's is the timeout the
 # client sent, counted from when its headers arrived. When the client's clock runs out first it
 # cancels the call (an HTTP/2 RST_STREAM, which does not say why), so a cancellation that arrives
-# with less than this left is the client's deadline, not a cancel of its own.
+# with less than the slack left is taken for the client's deadline, not a cancel of its own: a
+# guess, which the slack bounds to the headers' plausible delay (at most DEADLINE_SLACK_S) and to
+# a tenth of the call's whole window (a short deadline's calls are not all deadlines).
 DEADLINE_SLACK_S = 0.1
+DEADLINE_SLACK_SHARE = 0.1
 
 
-def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+def _deadline_slack(context: grpc.aio.ServicerContext) -> float:
+    """The slack (above) of the call, from the time it has left as it starts (0: no deadline)."""
+    remaining = context.time_remaining()
+    return 0.0 if remaining is None else min(DEADLINE_SLACK_S, DEADLINE_SLACK_SHARE * remaining)
+
+
+def _status_of(exc: BaseException, context: grpc.aio.ServicerContext,
+               slack_s: float = 0.0) -> tuple[grpc.StatusCode, str]:
     """The status a unary call that raised ``exc`` ends with, as the client sees it (``_mapped``
     answers core errors; the drain's cut, UNAVAILABLE; a deadline the client set, its own
     DEADLINE_EXCEEDED), and the outcome to log when the error's class does not say it."""
@@ -361,7 +373,7 @@ def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[g
         if exc.args and exc.args[0] == CUT_MESSAGE:  # RpcCutter.cut: answered UNAVAILABLE
             return grpc.StatusCode.UNAVAILABLE, "unavailable"
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        if remaining is not None and remaining <= slack_s:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded"
         return grpc.StatusCode.CANCELLED, "cancelled"
     if isinstance(exc, grpc.aio.AbortError):
