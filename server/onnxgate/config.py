@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import yaml
 
 from onnxgate.core.monitoring.access_log import AccessLogConfig
 from onnxgate.core.monitoring.config import SampleLogConfig
 from onnxgate.core.monitoring.drift import DriftConfig
 from onnxgate.core.registry.config import RegistryConfig
+from onnxgate.core.sections import unrepresentable
 from onnxgate.core.security.config import SecurityConfig
 from onnxgate.core.serving.batch_policy import SCHEDULERS
 from onnxgate.core.traffic.rollouts import RolloutsConfig
@@ -212,11 +212,9 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        try:  # what the config names is shown and shared as JSON (the API, the workers' tables, logs)
-            orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError as exc:  # orjson.JSONEncodeError: an int past 64 bits, a "\ud800" escape, !!binary
-            raise ConfigError(f"config file {path} holds a value JSON cannot represent ({exc}): integers must "
-                              "fit in 64 bits and text must be Unicode") from None
+        if (problem := unrepresentable(doc)) is not None:  # shown and shared as JSON (the API, the workers)
+            raise ConfigError(f"config file {path} holds a value JSON cannot represent, {problem}: integers "
+                              "must fit in 64 bits and text must be Unicode")
     unknown = sorted(map(str, set(doc) - set(SECTIONS)))
     if unknown:
         raise ConfigError(f"unknown section(s) in config file: {', '.join(unknown)}; known: {', '.join(SECTIONS)}")

@@ -107,6 +107,10 @@ def test_model_config_parse_json_any_text(text):
     result_or_gateway_error(model_config.parse_json, text)
 
 
+_ALIAS_BOMB = "l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 11))
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -127,10 +131,11 @@ def test_model_config_parse_json_any_text(text):
         'sample_log: {sink: {type: none}}\ndrift: {models: {"a\\ud800": {reference: /x.parquet}}}',
         "sample_log: {sink: {type: none}, queue_size: 100000000000000000000000}",
         "routes: [{name: r, split: a, shadow: {target: b, max_in_flight: 100000000000000000000000}}]",
+        _ALIAS_BOMB,  # a kilobyte naming 9**10 leaves: checked once each, not expanded
     ],
     ids=["int-section", "int-server-key", "timestamp", "timestamp-tag", "not-utf8", "deep", "nan-drain", "nan-poll",
          "nan-keepalive", "route-keys", "registry-keys", "registry-model-keys", "surrogate-route", "surrogate-drift",
-         "big-int", "big-int-route"],
+         "big-int", "big-int-route", "alias-bomb"],
 )
 def test_config_errors_found_by_the_campaign(config_file, text):
     if isinstance(text, bytes):

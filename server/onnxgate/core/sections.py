@@ -38,3 +38,38 @@ def check(ok: bool, message: str) -> None:
     """Raise ``ConfigError(message)`` unless ``ok``."""
     if not ok:
         raise ConfigError(message)
+
+
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what JSON encoders (orjson) write as integers
+
+
+def unrepresentable(doc: Any) -> str | None:
+    """Why ``doc`` (a YAML or JSON document) cannot be shown as JSON, or None: an integer past 64
+    bits, text that is not Unicode (a lone surrogate, YAML's ``"\\ud800"``), bytes (``!!binary``).
+    Each object is looked at once, so YAML's aliases cost nothing (a document can name one
+    list a billion times over)."""
+    seen: set[int] = set()
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"text that is not Unicode: {value!r}"
+        elif isinstance(value, bool | float) or value is None:
+            continue
+        elif isinstance(value, int):
+            if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+                return "an integer past 64 bits"
+        elif isinstance(value, bytes | bytearray):
+            return "bytes (!!binary)"
+        elif isinstance(value, Mapping | list | tuple | set):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            stack.extend(value.keys() if isinstance(value, Mapping) else value)
+            if isinstance(value, Mapping):
+                stack.extend(value.values())
+    return None

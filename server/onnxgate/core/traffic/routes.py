@@ -24,8 +24,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from onnxgate.core.sections import unrepresentable
 from onnxgate.core.traffic.rollout_config import RolloutConfig
 from onnxgate.core.traffic.targets import Target
 from onnxgate.errors import InvalidInput
@@ -91,11 +90,9 @@ def parse_route(doc: Any) -> Route:
     """One route from its YAML/JSON form; raises InvalidInput naming what is wrong."""
     if not isinstance(doc, Mapping):
         raise InvalidInput(f"a route must be a mapping, got {doc!r}")
-    try:  # what is stored is shown as JSON (GET /v2/routes) and shared as JSON between workers
-        orjson.dumps(doc)
-    except TypeError as exc:  # orjson.JSONEncodeError: a YAML int past 64 bits, a lone surrogate, bytes
-        raise InvalidInput(f"route {doc.get('name')!r}: not representable as JSON ({exc}): integers must fit "
-                           "in 64 bits and text must be Unicode") from None
+    if (problem := unrepresentable(doc)) is not None:  # shown (GET /v2/routes) and shared as JSON
+        raise InvalidInput(f"route {doc.get('name')!r}: not representable as JSON, {problem}: integers must fit "
+                           "in 64 bits and text must be Unicode")
     unknown = sorted(map(str, set(doc) - {"name", "split", "sticky", "shadow", "rollout"}))
     if unknown:
         raise InvalidInput(f"route {doc.get('name')!r}: unknown key(s) {unknown}")
