@@ -365,10 +365,12 @@ def test_the_drift_report_opens_from_the_page(tmp_path, browser):
         _screenshot(driver, "console-drift-report.png")
 
 
-def test_weights_edited_from_the_page_change_the_split_on_every_worker(tmp_path, browser):
-    """Under ``--workers 2`` the page's weight edit reaches every worker (core.shared_table): once the
-    page says done, each worker (on a connection pinned to it) serves the new split."""
+def test_weights_edited_and_a_pin_from_the_page_reach_every_worker(tmp_path, browser):
+    """Under ``--workers 2`` the page's weight edit and version pin reach every worker
+    (core.shared_table, serving.control_share): once the page says done, each worker (on a
+    connection pinned to it) serves the new split and the pinned version."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     from workers_helpers import ARGS, children, pin_each
 
@@ -376,10 +378,14 @@ def test_weights_edited_from_the_page_change_the_split_on_every_worker(tmp_path,
     modelzoo.build_scaled(repo, "scaled", scale=3.0)  # what the pinned connections check their worker with
     modelzoo.build_scaled(repo, "a")
     modelzoo.build_scaled(repo, "b", scale=2.0)
+    for version in (1, 2):
+        modelzoo.build_scaled(repo, "v", version=version)
+    modelzoo.write_config(repo / "v", "version_policy: { all { } }\n")
     config = tmp_path / "gateway.yaml"
     config.write_text(json.dumps({"routes": [
         {"name": "ab", "split": [{"target": "a", "weight": 1}, {"target": "b", "weight": 1}]}]}))
-    with GatewayProcess(repo, [*ARGS, "--config", str(config)]) as wgw:  # loopback, no tokens
+    control = ["--model-control-mode", "explicit", "--load-model", "*"]
+    with GatewayProcess(repo, [*ARGS, *control, "--config", str(config)]) as wgw:  # loopback, no tokens
         assert wgw.proc is not None
         pinned = pin_each(wgw, children(wgw.proc.pid))
         browser.execute_script("sessionStorage.clear()")
@@ -394,3 +400,11 @@ def test_weights_edited_from_the_page_change_the_split_on_every_worker(tmp_path,
         for p in pinned.values():  # at once, no waiting: the change was answered once every worker served it
             split = p.call("GET", "/v2/routes/ab")["split"]
             assert [(s["target"], s["weight"]) for s in split] == [("a", 5), ("b", 1)], p.worker
+
+        model = _card(browser, "model", "v")
+        Select(model.find_element(By.TAG_NAME, "select")).select_by_value("1")
+        model.find_element(By.CSS_SELECTOR, 'button[aria-label="Pin v to the chosen version"]').click()
+        _confirm(browser)
+        _wait(browser, lambda d: "Pin v to 1: done" in _message(d))
+        for p in pinned.values():  # the pin, answered once every worker served it
+            assert p.call("POST", "/v2/models/v/infer", json.loads(BODY))["model_version"] == "1", p.worker
