@@ -222,16 +222,17 @@ class Gateway:
             await self.manager.load_all(s.load_model)
         else:
             await self.manager.load_all()
+        await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
+        self.service.set_routes(self.config.routes)  # validated against the repository's models
         stats_dir = worker_stats_dir() if self.worker is not None else None
         if self.worker is not None and stats_dir is not None and s.model_control_mode != "none":
-            # loads, unloads, pins and rollbacks reach every worker, whichever took them (control_share)
+            # loads, unloads, pins and rollbacks reach every worker, whichever took them (control_share);
+            # after the routes: a route to a version the others unloaded answers 404 / 503, as there
             index, count, _ = self.worker
             share = ModelControlShare(self.manager, SharedTable(stats_dir / "models", index, count))
             await share.start()
             self.service.control.share = share
             self._model_task = asyncio.get_running_loop().create_task(share.follow())
-        await asyncio.to_thread(self.service.rollouts.load_states)  # a saved rollout wins over the split
-        self.service.set_routes(self.config.routes)  # validated against the repository's models
         if self.worker is not None and stats_dir is not None:
             # every worker serves one table, whichever worker a route change reaches (core.shared_table)
             index, count, _ = self.worker

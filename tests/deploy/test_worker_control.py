@@ -169,3 +169,21 @@ def test_statistics_add_up_every_worker_from_any_worker_and_outlive_a_killed_one
         assert wait_until(lambda: _counts(fresh.call("GET", "/v2/models/scaled/versions/1/stats"))
                           == (total, total), 30), lost
     assert gw.proc.returncode == 0, gw.log
+
+
+def test_a_worker_restarts_while_a_pin_leaves_a_config_route_without_its_version(repo, tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("routes:\n  - name: r\n    split: [{target: 'scaled:2', weight: 1}]\n", encoding="utf-8")
+    with GatewayProcess(repo, [*ARGS, *CONTROL, "--config", str(config)]) as gw:
+        assert gw.proc is not None
+        a, b = pin_each(gw, children(gw.proc.pid)).values()
+        status, doc = _http_on(a, "/v2/repository/models/scaled/load", {"parameters": {"version": 1}})
+        assert status == 200, doc  # the route to version 2 answers 503 now, on both workers
+        # the restarted worker checks the config's routes against the repository, then takes the pin up
+        os.kill(b.worker, signal.SIGKILL)
+        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
+        (newcomer,) = children(gw.proc.pid) - {a.worker}
+        fresh = pin_each(gw, {a.worker, newcomer})[newcomer]
+        assert _ready(fresh) == _ready(a) == ["1"]
+    assert gw.proc.returncode == 0, gw.log
+    assert "restart 2" not in gw.log, gw.log  # it came back at the first try

@@ -13,11 +13,12 @@ from prometheus_client import CollectorRegistry
 import modelzoo
 from onnxgate.core.metrics import Metrics
 from onnxgate.core.registry.local import Repository
+from onnxgate.core.serving import control_share
 from onnxgate.core.serving.control_share import ModelControlShare, check_loaded
 from onnxgate.core.serving.manager import ModelManager, pin_config
 from onnxgate.core.serving.model import LoadOptions
 from onnxgate.core.shared_table import SharedTable
-from onnxgate.errors import ModelLoadError
+from onnxgate.errors import Unavailable
 
 
 def _repo(root: Path, versions: tuple[int, ...]) -> Path:
@@ -41,6 +42,13 @@ async def _workers(share: Path, *repos: Path) -> list[ModelControlShare]:
 def _ready(control: ModelControlShare) -> list[int]:
     entry = control.manager.models.get("m")
     return sorted(v.version for v in entry.ready_versions()) if entry is not None else []
+
+
+def _load(control: ModelControlShare):
+    async def load() -> None:
+        check_loaded("m", await control.manager.load("m"))
+
+    return load
 
 
 def _pin(control: ModelControlShare, version: int):
@@ -69,23 +77,62 @@ def test_a_pin_on_one_worker_is_served_by_the_other_and_by_one_that_starts_later
     asyncio.run(scenario())
 
 
-def test_a_change_another_worker_cannot_follow_fails_naming_it_and_is_not_retried(tmp_path: Path, caplog):
+def test_a_change_another_worker_cannot_follow_is_refused_naming_it_and_retried_by_the_next_call(
+        tmp_path: Path, caplog):
     async def scenario() -> None:
         # worker 1's repository lacks version 2: it cannot serve a pin of it
         a, b = await _workers(tmp_path / "share", _repo(tmp_path / "a", (1, 2)), _repo(tmp_path / "b", (1,)))
         followers = [asyncio.create_task(c.follow()) for c in (a, b)]
         try:
-            with pytest.raises(ModelLoadError) as failure:
+            with pytest.raises(Unavailable) as failure:
                 await a.change("m", _pin(a, 2), "the pin of model 'm'")
-            assert "took effect on worker 0 but failed on worker 1" in failure.value.message, failure.value.message
+            message = failure.value.message
+            assert "took effect on worker 0 but not on every worker: worker 1: failed to load" in message, message
             assert _ready(a) == [2]
             await asyncio.sleep(1.0)  # five looks of the followers
             tries = [r for r in caplog.records if "could not take up" in r.getMessage()]
             assert len(tries) == 1, tries  # not again at every look
-            await a.change("m", _pin(a, 1), "the pin of model 'm'")  # a state both can serve
-            assert _ready(a) == _ready(b) == [1]
+            _repo(tmp_path / "b", (2,))  # worker 1's copy mended: the same call again reaches it
+            await a.change("m", _pin(a, 2), "the pin of model 'm'")
+            assert _ready(a) == _ready(b) == [2]
         finally:
             for task in followers:
                 task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_load_without_parameters_picks_up_new_files_on_every_worker(tmp_path: Path):
+    async def scenario() -> None:
+        repo = _repo(tmp_path / "repo", (1,))
+        a, b = await _workers(tmp_path / "share", repo, repo)
+        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
+        try:
+            await a.change("m", _load(a), "the load of model 'm'")  # nothing new: the same state
+            _repo(repo, (2,))  # a new version's files
+            await b.change("m", _load(b), "the load of model 'm'")  # the same state again, a new change
+            assert _ready(a) == _ready(b) == [1, 2]
+        finally:
+            for task in followers:
+                task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_does_not_take_a_change_up_in_time_is_named(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(control_share, "WAIT_S", 0.5)
+
+    async def scenario() -> None:
+        repo = _repo(tmp_path / "repo", (1, 2))
+        a, b = await _workers(tmp_path / "share", repo, repo)
+        follower = asyncio.create_task(a.follow())  # b does not look (a worker busy loading, or stuck)
+        try:
+            with pytest.raises(Unavailable) as failure:
+                await a.change("m", _pin(a, 1), "the pin of model 'm'")
+            assert "worker 1: not taken up within 0.5 s" in failure.value.message, failure.value.message
+            await b.catch_up()  # it takes it up when it can
+            assert _ready(a) == _ready(b) == [1]
+        finally:
+            follower.cancel()
 
     asyncio.run(scenario())

@@ -2,19 +2,23 @@
 
 The control state of every model an operator changed lives in a table the workers share
 (:mod:`~onnxgate.core.shared_table`, ``<the supervisor's statistics directory>/models``); per
-model, ``{"loaded": true, "override": the config override it serves with (a pin), or null}`` or
-``{"loaded": false}``. The worker that takes a call makes the change itself first, so a load that
-fails changes nothing anywhere; then, holding the table's lock, it writes the model's new state
-over the table as the other workers left it. A pin or a rollback is written as what it did (a
-load pinned to a version): every worker serves the same version, whatever its own history.
+model, ``{"loaded": true, "override": the config override it serves with (a pin), or null,
+"serial": the generation of the change}`` or ``{"loaded": false, "serial": ...}``. The worker
+that takes a call holds the table's lock from before it acts until the table is written: it
+takes up what the other workers changed, makes the change itself (one it refuses or fails
+changes nothing anywhere), and writes the model's new state over the table. Calls on different
+workers are so made one after the other; a pin or a rollback is written as what it did (a load
+pinned to a version), so every worker serves the same version whatever its own history.
 
-Every worker looks for a newer table every ``POLL_S`` and makes its models match it: it loads a
-model the table says loaded (with its override) and unloads one it says unloaded, each through
-the manager, so requests keep being answered while versions swap. A worker remembers what it
-could not take up (and why, in its report) and tries again only when the table's state for that
-model changes. A worker that starts (or restarts) takes the table up before it listens. The call
-is answered once every worker has taken it up (at most :data:`WAIT_S`), with the failure of any
-worker that could not.
+Every worker looks for a newer table every ``POLL_S`` and takes up each change it has not taken
+up yet (by its serial): it loads a model the table says loaded (with its override: a load
+without one also picks up new files, as on the worker that took it) and unloads one it says
+unloaded, through the manager, so requests keep being answered while versions swap. What it
+could not take up is in its report, with why, until a later change of that model. A worker that
+starts (or restarts) takes the table up before it listens, skipping what it serves already.
+
+The call is answered once every worker has taken it up. A worker that could not, or did not
+within :data:`WAIT_S`, is named in a 503 (the change stands where it was taken up).
 """
 
 from __future__ import annotations
@@ -22,21 +26,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf import json_format
 
 from onnxgate.core import shared_table
 from onnxgate.core.serving.manager import ModelEntry, ModelManager
 from onnxgate.core.shared_table import SharedTable
-from onnxgate.errors import GatewayError, ModelLoadError
+from onnxgate.errors import GatewayError, ModelLoadError, Unavailable
 from onnxgate_client.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 
-WAIT_S = 120.0  # how long a call waits for every worker to take it up (they load the model too)
-
-T = TypeVar("T")
+WAIT_S = 50.0  # how long a call waits for the lock and then for every worker (under clients' 60 s)
 
 
 def check_loaded(name: str, entry: ModelEntry) -> None:
@@ -55,11 +57,13 @@ class ModelControlShare:
         self.table = table
         self.generation = 0  # of the shared table this worker has taken up
         self._entries: dict[str, Any] = {}  # the table's entries at that generation
-        self._failed: dict[str, tuple[Any, str]] = {}  # model: (state it could not take up, why)
+        self._taken: dict[str, Any] = {}  # model: the serial of the change taken up last (or failed)
+        self._failed: dict[str, str] = {}  # model: why its latest change could not be taken up
         self._changing = asyncio.Lock()  # one change (or catch-up) at a time in this process
+        self._background: set[asyncio.Task] = set()
 
     def state_of(self, name: str) -> dict[str, Any]:
-        """What this worker serves of ``name``, in the table's form."""
+        """What this worker serves of ``name``, in the table's form (without the serial)."""
         entry = self.manager.models.get(name)
         if entry is None or not entry.versions:
             return {"loaded": False}
@@ -70,7 +74,7 @@ class ModelControlShare:
     async def start(self) -> None:
         """Take up the table (after the repository's models are loaded, before listening)."""
         await asyncio.to_thread(self.table.open_lock)
-        await self.catch_up()
+        await self.catch_up(starting=True)
 
     async def follow(self) -> None:
         """:meth:`catch_up` every ``POLL_S``, until cancelled."""
@@ -78,66 +82,81 @@ class ModelControlShare:
             await self.catch_up()
             await asyncio.sleep(shared_table.POLL_S)
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, starting: bool = False) -> None:
         """Take up the table if another worker changed it (what fails is logged and reported)."""
         try:
             async with self._changing:
-                found = await asyncio.to_thread(self.table.newer, self.generation)
-                if found is not None:
-                    await self._take_up(*found)
+                await self._catch_up(starting)
         except Exception:
             log.exception("models: the workers' shared control state could not be taken up")
 
-    async def change(self, name: str, action: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run ``action`` (this worker's load or unload of ``name``), then make every worker match
-        what it did; its result, once every worker has (ModelLoadError naming those that failed)."""
+    async def change(self, name: str, action: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run ``action`` (this worker's load or unload of ``name``) and make every worker match
+        what it did; returns once every worker has (Unavailable naming those that did not). A
+        caller gone meanwhile does not stop it: what was done here is published all the same."""
+        task = asyncio.ensure_future(self._change(name, action, what))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_retrieve)
+        generation = await asyncio.shield(task)
+        reports = await shared_table.wait_served(self.table, generation, WAIT_S)
+        behind = []
+        for i, doc in enumerate(reports):
+            if doc is None or not isinstance(doc.get("generation"), int) or doc["generation"] < generation:
+                behind.append(f"worker {i}: not taken up within {WAIT_S:g} s (it takes it up when it can)")
+            elif isinstance(doc.get("failed"), dict) and name in doc["failed"]:
+                behind.append(f"worker {i}: {doc['failed'][name]}")
+        if behind:
+            raise Unavailable(f"{what} took effect on worker {self.table.index} but not on every worker: "
+                              + "; ".join(behind))
+
+    async def _change(self, name: str, action: Callable[[], Awaitable[None]], what: str) -> int:
         async with self._changing:
-            result = await action()  # refused or failed: nothing is published
-            state = self.state_of(name)
-            await shared_table.lock(self.table)
-            try:  # no other worker changes the table until it is unlocked
-                found = await asyncio.to_thread(self.table.newer, self.generation)
-                generation, entries = found if found is not None else (self.generation, self._entries)
-                if not isinstance(entries, dict):
-                    entries = {}  # unusable (another build's): replaced
-                entries = {**entries, name: state}
+            await shared_table.lock(self.table, WAIT_S)
+            try:  # no other worker changes the table (or acts) until it is unlocked
+                await self._catch_up()
+                await action()  # refused or failed: nothing is published
+                generation = self.generation + 1
+                entries = {**self._entries, name: {**self.state_of(name), "serial": generation}}
             except BaseException:
                 self.table.unlock()
                 raise
-            await shared_table.write_and_unlock(self.table, generation + 1, entries, what)
-            await self._take_up(generation + 1, entries)  # the other workers' changes meanwhile
-        reports = await shared_table.wait_served(self.table, generation + 1, WAIT_S)
-        failed = [(i, doc["failed"][name]) for i, doc in enumerate(reports)
-                  if doc is not None and doc.get("generation", 0) >= generation + 1
-                  and isinstance(doc.get("failed"), dict) and name in doc["failed"]]
-        if failed:
-            detail = "; ".join(f"worker {i}: {reason}" for i, reason in failed)
-            raise ModelLoadError(f"{what} took effect on worker {self.table.index} but failed on {detail}")
-        return result
+            await shared_table.write_and_unlock(self.table, generation, entries, what)
+            self._taken[name] = generation
+            self._failed.pop(name, None)
+            await self._record(generation, entries)
+            return generation
 
-    async def _take_up(self, generation: int, entries: Any) -> None:
+    async def _catch_up(self, starting: bool = False) -> None:
+        found = await asyncio.to_thread(self.table.newer, self.generation)
+        if found is None:
+            return
+        generation, entries = found
         if not isinstance(entries, dict):
             log.error("models: generation %d of the workers' shared control state is unusable, not taken up",
                       generation)
             entries = {}
         for name, state in entries.items():
-            if self.state_of(name) == state:
-                self._failed.pop(name, None)
-                continue
-            if (failed := self._failed.get(name)) is not None and failed[0] == state:
-                continue  # failed already: again when the state changes
+            serial = state.get("serial") if isinstance(state, dict) else None
+            if name in self._taken and self._taken[name] == serial:
+                continue  # taken up (or failed) already
+            self._taken[name] = serial
+            if starting and isinstance(state, dict) and self.state_of(name) == _without_serial(state):
+                continue  # a worker that starts serves it already (its repository read afresh)
             try:
                 await self._apply(name, state)
             except Exception as exc:  # a GatewayError, or a state another build wrote
                 reason = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
                 log.error("models: could not take up %s of model %s from the workers' share: %s", state, name, reason)
-                self._failed[name] = (state, reason)
+                self._failed[name] = reason
             else:
                 self._failed.pop(name, None)
                 log.info("models: took up %s of model %s from the workers' share", state, name)
+        await self._record(generation, entries)
+
+    async def _record(self, generation: int, entries: dict[str, Any]) -> None:
         self.generation, self._entries = generation, entries
-        failed = {name: reason for name, (_, reason) in self._failed.items()}
-        await asyncio.to_thread(self.table.applied, generation, failed)
+        await asyncio.to_thread(self.table.applied, generation, dict(self._failed))
 
     async def _apply(self, name: str, state: Any) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("loaded"), bool):
@@ -150,3 +169,13 @@ class ModelControlShare:
         if state.get("override") is not None:
             override = json_format.ParseDict(state["override"], mc.ModelConfig())
         check_loaded(name, await self.manager.load(name, override))
+
+
+def _without_serial(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "serial"}
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A change whose caller is gone: its failure is logged, not left unretrieved."""
+    if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, GatewayError):
+        log.error("models: a control change failed", exc_info=exc)
