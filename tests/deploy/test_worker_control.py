@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 from pathlib import Path
 
 import grpc
@@ -18,7 +16,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
-from workers_helpers import ARGS, Pinned, children, listening_workers, pin_each
+from workers_helpers import ARGS, Pinned, children, kill_and_replace, pin_each
 
 CONTROL = ["--model-control-mode", "explicit", "--load-model", "*"]
 
@@ -95,9 +93,7 @@ def test_model_control_reaches_every_worker_whichever_takes_it_on_both_transport
 
         # a restarted worker takes up what was changed before it started, before it listens
         victim, survivor = a.worker, b.worker
-        os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
-        (newcomer,) = children(gw.proc.pid) - {survivor}
+        newcomer = kill_and_replace(gw, victim)
         pinned = pin_each(gw, {survivor, newcomer}, probe=False)
         assert _ready(pinned[newcomer]) == [] and ("scaled", "1", "READY") not in _index(pinned[newcomer])
         status, doc = _http_on(pinned[newcomer], "/v2/repository/models/scaled/load", {})
@@ -158,11 +154,9 @@ def test_statistics_add_up_every_worker_from_any_worker_and_outlive_a_killed_one
         # the other worker's answer above included them)
         victim, survivor = sorted(workers)
         lost = hits[victim]
-        os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
+        newcomer = kill_and_replace(gw, victim)
         assert wait_until(lambda: _counts(pinned[survivor].call("GET", "/v2/models/scaled/versions/1/stats"))
                           == (total, total), 30)
-        (newcomer,) = children(gw.proc.pid) - {survivor}
         more: dict[int, int] = {}
         fresh = pin_each(gw, {survivor, newcomer}, more)[newcomer]  # each connection ran one inference
         total += sum(more.values())
@@ -180,9 +174,7 @@ def test_a_worker_restarts_while_a_pin_leaves_a_config_route_without_its_version
         status, doc = _http_on(a, "/v2/repository/models/scaled/load", {"parameters": {"version": 1}})
         assert status == 200, doc  # the route to version 2 answers 503 now, on both workers
         # the restarted worker checks the config's routes against the repository, then takes the pin up
-        os.kill(b.worker, signal.SIGKILL)
-        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
-        (newcomer,) = children(gw.proc.pid) - {a.worker}
+        newcomer = kill_and_replace(gw, b.worker)
         fresh = pin_each(gw, {a.worker, newcomer})[newcomer]
         assert _ready(fresh) == _ready(a) == ["1"]
     assert gw.proc.returncode == 0, gw.log

@@ -16,7 +16,7 @@ import pytest
 
 import modelzoo
 from gateway import GatewayProcess, wait_until
-from workers_helpers import ARGS, Pinned, children, listening_workers, pin_each
+from workers_helpers import ARGS, Pinned, children, kill_and_replace, listening_workers, pin_each
 
 X = [[1.0, 2.0, 3.0, 4.0]]
 ANSWER = {"scaled": [[3.0, 6.0, 9.0, 12.0]], "double": [[2.0, 4.0, 6.0, 8.0]], "tenfold": [[10.0, 20.0, 30.0, 40.0]]}
@@ -108,9 +108,7 @@ def test_a_route_change_on_one_worker_is_served_by_every_worker_when_answered(re
 
         # a restarted worker takes up the changes made before it started, before it listens
         victim, survivor = a.worker, b.worker
-        os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: len(listening_workers(gw, gw.http_port)) == 2, 120), gw.log
-        (newcomer,) = children(gw.proc.pid) - {survivor}
+        newcomer = kill_and_replace(gw, victim)
         fresh = pin_each(gw, {survivor, newcomer})[newcomer]
         assert _routes(fresh) == _routes(b)
         assert _answering(fresh, "s") == "double"

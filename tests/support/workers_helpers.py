@@ -10,13 +10,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from gateway import GatewayProcess
+from gateway import GatewayProcess, wait_until
 
 ARGS = ["--workers", "2", "--cpu-threads", "1", "--drain-delay-s", "0.5", "--drain-timeout-s", "20"]
 X = [[1.0, 2.0, 3.0, 4.0]]
@@ -64,6 +65,19 @@ def listening_workers(gw: GatewayProcess, port: int) -> set[int]:
     assert gw.proc is not None
     inodes = _tcp(port)
     return {pid for pid in children(gw.proc.pid) if _sockets(pid) & inodes}
+
+
+def kill_and_replace(gw: GatewayProcess, victim: int, timeout: float = 120.0) -> int:
+    """SIGKILL the worker ``victim``; the pid of the worker the supervisor starts in its place,
+    once it listens. (Right after the signal the victim may still hold its listening socket, so
+    two listening workers alone do not say that the newcomer is up.)"""
+    assert gw.proc is not None
+    os.kill(victim, signal.SIGKILL)
+    survivors = children(gw.proc.pid) - {victim}
+    assert wait_until(lambda: victim not in children(gw.proc.pid), timeout), gw.log
+    assert wait_until(lambda: len(listening_workers(gw, gw.http_port) - survivors - {victim}) == 1, timeout), gw.log
+    (newcomer,) = listening_workers(gw, gw.http_port) - survivors - {victim}
+    return newcomer
 
 
 # -- requests ------------------------------------------------------------------------------------
