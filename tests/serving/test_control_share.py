@@ -136,3 +136,27 @@ def test_a_worker_that_does_not_take_a_change_up_in_time_is_named(tmp_path: Path
             follower.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_rollback_goes_back_to_the_same_version_on_a_worker_that_restarted(tmp_path: Path):
+    async def scenario() -> None:
+        repo = _repo(tmp_path / "repo", (1, 2))
+        a, b = await _workers(tmp_path / "share", repo, repo)
+        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
+        try:
+            await a.change("m", _pin(a, 1), "the pin of model 'm'")
+            await a.change("m", _load(a), "the load of model 'm'")  # unpinned: version 2 serves again
+            (late,) = await _workers(tmp_path / "share", repo)  # a restarted worker 0: it serves that already
+            followers.append(asyncio.create_task(late.follow()))
+
+            async def rollback() -> None:
+                check_loaded("m", await late.manager.rollback("m"))
+
+            await late.change("m", rollback, "the rollback of model 'm'")  # its own history began at 2
+            await b.catch_up()  # (late's table counts one worker: it does not wait for b)
+            assert _ready(late) == _ready(b) == [1]
+        finally:
+            for task in followers:
+                task.cancel()
+
+    asyncio.run(scenario())

@@ -3,19 +3,21 @@
 The control state of every model an operator changed lives in a table the workers share
 (:mod:`~onnxgate.core.shared_table`, ``<the supervisor's statistics directory>/models``); per
 model, ``{"loaded": true, "override": the config override it serves with (a pin), or null,
-"serial": the generation of the change}`` or ``{"loaded": false, "serial": ...}``. The worker
-that takes a call holds the table's lock from before it acts until the table is written: it
-takes up what the other workers changed, makes the change itself (one it refuses or fails
-changes nothing anywhere), and writes the model's new state over the table. Calls on different
-workers are so made one after the other; a pin or a rollback is written as what it did (a load
-pinned to a version), so every worker serves the same version whatever its own history.
+"serial": the generation of the change, "history": the versions that served}`` or
+``{"loaded": false, ...}``. The worker that takes a call holds the table's lock from before it
+acts until the table is written: it takes up what the other workers changed, makes the change
+itself (one it refuses or fails changes nothing anywhere), and writes the model's new state over
+the table. Calls on different workers are so made one after the other; a pin or a rollback is
+written as what it did (a load pinned to a version), so every worker serves the same version.
 
 Every worker looks for a newer table every ``POLL_S`` and takes up each change it has not taken
 up yet (by its serial): it loads a model the table says loaded (with its override: a load
 without one also picks up new files, as on the worker that took it) and unloads one it says
-unloaded, through the manager, so requests keep being answered while versions swap. What it
-could not take up is in its report, with why, until a later change of that model. A worker that
-starts (or restarts) takes the table up before it listens, skipping what it serves already.
+unloaded, through the manager, so requests keep being answered while versions swap, and adopts
+the history of the worker that took the change (a rollback then goes back to the same version
+whichever worker takes it). What it could not take up is in its report, with why, until a later
+change of that model. A worker that starts (or restarts) takes the table up before it listens,
+skipping what it serves already.
 
 The call is answered once every worker has taken it up. A worker that could not, or did not
 within :data:`WAIT_S`, is named in a 503 (the change stands where it was taken up).
@@ -117,7 +119,8 @@ class ModelControlShare:
                 await self._catch_up()
                 await action()  # refused or failed: nothing is published
                 generation = self.generation + 1
-                entries = {**self._entries, name: {**self.state_of(name), "serial": generation}}
+                entries = {**self._entries, name: {**self.state_of(name), "serial": generation,
+                                                   "history": self._history(name)}}
             except BaseException:
                 self.table.unlock()
                 raise
@@ -141,18 +144,28 @@ class ModelControlShare:
             if name in self._taken and self._taken[name] == serial:
                 continue  # taken up (or failed) already
             self._taken[name] = serial
-            if starting and isinstance(state, dict) and self.state_of(name) == _without_serial(state):
-                continue  # a worker that starts serves it already (its repository read afresh)
-            try:
-                await self._apply(name, state)
-            except Exception as exc:  # a GatewayError, or a state another build wrote
-                reason = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-                log.error("models: could not take up %s of model %s from the workers' share: %s", state, name, reason)
-                self._failed[name] = reason
-            else:
-                self._failed.pop(name, None)
-                log.info("models: took up %s of model %s from the workers' share", state, name)
+            if not (starting and isinstance(state, dict) and self.state_of(name) == _served(state)):
+                await self._take_up(name, state)
+            # a rollback goes back along the history of the worker that took the last change
+            entry, history = self.manager.models.get(name), state.get("history") if isinstance(state, dict) else None
+            if entry is not None and isinstance(history, list) and all(type(v) is int for v in history):
+                entry.history = history[-16:]
         await self._record(generation, entries)
+
+    async def _take_up(self, name: str, state: Any) -> None:
+        try:
+            await self._apply(name, state)
+        except Exception as exc:  # a GatewayError, or a state another build wrote
+            reason = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+            log.error("models: could not take up %s of model %s from the workers' share: %s", state, name, reason)
+            self._failed[name] = reason
+        else:
+            self._failed.pop(name, None)
+            log.info("models: took up %s of model %s from the workers' share", state, name)
+
+    def _history(self, name: str) -> list[int]:
+        entry = self.manager.models.get(name)
+        return list(entry.history) if entry is not None else []
 
     async def _record(self, generation: int, entries: dict[str, Any]) -> None:
         self.generation, self._entries = generation, entries
@@ -171,8 +184,9 @@ class ModelControlShare:
         check_loaded(name, await self.manager.load(name, override))
 
 
-def _without_serial(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k != "serial"}
+def _served(state: dict[str, Any]) -> dict[str, Any]:
+    """A table state as :meth:`ModelControlShare.state_of` gives it (what serves, not the change)."""
+    return {k: v for k, v in state.items() if k not in ("serial", "history")}
 
 
 def _retrieve(task: asyncio.Task) -> None:
