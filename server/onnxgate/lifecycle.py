@@ -229,7 +229,8 @@ class Gateway:
             # loads, unloads, pins and rollbacks reach every worker, whichever took them (control_share);
             # after the routes: a route to a version the others unloaded answers 404 / 503, as there
             index, count, _ = self.worker
-            share = ModelControlShare(self.manager, SharedTable(stats_dir / "models", index, count))
+            share = ModelControlShare(self.manager, SharedTable(stats_dir / "models", index, count),
+                                      prune=s.model_control_mode == "poll")
             await share.start()
             self.service.control.share = share
             self._model_task = asyncio.get_running_loop().create_task(share.follow())

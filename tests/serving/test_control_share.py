@@ -5,6 +5,7 @@ answers when the other cannot follow."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,12 @@ def _repo(root: Path, versions: tuple[int, ...]) -> Path:
     return root
 
 
-async def _workers(share: Path, *repos: Path) -> list[ModelControlShare]:
+async def _workers(share: Path, *repos: Path, prune: bool = False) -> list[ModelControlShare]:
     out = []
     for i, repo in enumerate(repos):
         manager = ModelManager(Repository(repo), LoadOptions(cpu_threads=1), Metrics(CollectorRegistry()))
         await manager.load_all()
-        control = ModelControlShare(manager, SharedTable(share, i, len(repos)))
+        control = ModelControlShare(manager, SharedTable(share, i, len(repos)), prune)
         await control.start()
         out.append(control)
     return out
@@ -160,3 +161,31 @@ def test_a_rollback_goes_back_to_the_same_version_on_a_worker_that_restarted(tmp
                 task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_poll_mode_a_model_that_leaves_the_repository_leaves_the_table(tmp_path: Path):
+    async def scenario() -> None:
+        repo = _repo(tmp_path / "repo", (1, 2))
+        a, b = await _workers(tmp_path / "share", repo, repo, prune=True)
+        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
+        try:
+            await a.change("m", lambda: a.manager.unload("m"), "the unload of model 'm'")
+            for control in (a, b):  # what each worker's poller does when the model's directory goes
+                await control.manager.unload("m", "removed from the repository")
+                control.manager.forget("m")
+            assert await _until(lambda: "m" not in a._entries and "m" not in b._entries)
+            # the directory is back: a worker that starts now serves it, as the others' pollers do
+            (late,) = await _workers(tmp_path / "share", repo, prune=True)
+            assert _ready(late) == [1, 2]
+        finally:
+            for task in followers:
+                task.cancel()
+
+    asyncio.run(scenario())
+
+
+async def _until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        await asyncio.sleep(0.02)
+    return predicate()

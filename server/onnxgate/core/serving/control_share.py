@@ -54,9 +54,10 @@ def check_loaded(name: str, entry: ModelEntry) -> None:
 class ModelControlShare:
     """One worker's side of the shared model control state (module docstring)."""
 
-    def __init__(self, manager: ModelManager, table: SharedTable) -> None:
+    def __init__(self, manager: ModelManager, table: SharedTable, prune: bool = False) -> None:
         self.manager = manager
         self.table = table
+        self.prune = prune  # poll mode: a model that left the repository leaves the table (_prune)
         self.generation = 0  # of the shared table this worker has taken up
         self._entries: dict[str, Any] = {}  # the table's entries at that generation
         self._taken: dict[str, Any] = {}  # model: the serial of the change taken up last (or failed)
@@ -82,7 +83,34 @@ class ModelControlShare:
         """:meth:`catch_up` every ``POLL_S``, until cancelled."""
         while True:
             await self.catch_up()
+            if self.prune and any(name not in self.manager.models for name in self._entries):
+                await self._prune()
             await asyncio.sleep(shared_table.POLL_S)
+
+    async def _prune(self) -> None:
+        """Poll mode: drop the state of models the poller forgot (they left the repository), as
+        one worker alone forgets an operator's unload or pin then; a model that comes back is the
+        repository's again, also on a worker that restarts."""
+        try:
+            async with self._changing:
+                await shared_table.lock(self.table)
+                try:
+                    await self._catch_up()
+                    gone = sorted(name for name in self._entries if name not in self.manager.models)
+                    entries = {n: state for n, state in self._entries.items() if n not in gone}
+                except BaseException:
+                    self.table.unlock()
+                    raise
+                if not gone:  # another worker dropped them first
+                    self.table.unlock()
+                    return
+                generation = self.generation + 1
+                await shared_table.write_and_unlock(self.table, generation, entries,
+                                                    f"left the repository: {', '.join(gone)}")
+                await self._record(generation, entries)
+                log.info("models: %s left the repository; dropped from the workers' shared control state", gone)
+        except Exception:
+            log.exception("models: the workers' shared control state could not be pruned")
 
     async def catch_up(self, starting: bool = False) -> None:
         """Take up the table if another worker changed it (what fails is logged and reported)."""
