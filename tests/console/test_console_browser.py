@@ -194,6 +194,9 @@ def test_the_console_in_a_browser(gw, browser):
     _confirm(driver)
     _wait(driver, lambda d: "done" in _message(d))
     assert _call(gw, "POST", "/v2/models/scaled/infer", BODY)[1]["model_version"] == "1"
+    # version 2 is not loaded now, and still a version the page can pin (it is in the repository)
+    _wait(driver, lambda d: "2 (not loaded)" in [o.text for o in Select(
+        _card(d, "model", "scaled").find_element(By.TAG_NAME, "select")).options])
 
     # edit the route's weights from the page
     route = _card(driver, "route", "ab")
@@ -229,6 +232,30 @@ def test_the_console_in_a_browser(gw, browser):
 
     _wait(driver, compared, 20)
     _wait(driver, lambda d: "Records written" in d.find_element(By.ID, "samples").text)
+    quantiles = _card(driver, "route", "sh").find_element(By.CSS_SELECTOR, "table.quantiles")
+    rows = [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in quantiles.find_elements(By.TAG_NAME, "tr")]
+    measures = {r[1]: r[2:] for r in rows if r}  # pair, measure, p50, p90, p99, max
+    assert set(measures) == {"max |diff|", "mean |diff|", "latency diff (shadow - primary), ms"}, rows
+    assert len([float(v) for values in measures.values() for v in values]) == 12, rows  # each quantile a number
+
+    # the page refreshes every 2 s and keeps the keyboard where it is: a focused control stays
+    # focused, and what is typed into a weight lands whole, across refreshes
+    polls = "return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v2/models/summary')).length"
+    pin = _card(driver, "model", "a").find_element(By.CSS_SELECTOR, 'button[aria-label="Pin a to the chosen version"]')
+    driver.execute_script("arguments[0].focus()", pin)
+    seen = driver.execute_script(polls)
+    _wait(driver, lambda d: d.execute_script(polls) >= seen + 2, 20)
+    assert driver.switch_to.active_element == pin
+    weight = _card(driver, "route", "ab").find_element(By.CSS_SELECTOR, "form.weights input[type=number]")
+    weight.click()
+    seen = driver.execute_script(polls)
+    for digit in "12345":
+        weight.send_keys(digit)
+        _wait(driver, lambda d, n=seen: d.execute_script(polls) > n, 20)  # a refresh between keys
+        seen = driver.execute_script(polls)
+    assert weight.get_attribute("value").endswith("12345"), weight.get_attribute("value")
+    weight.clear()
+    weight.send_keys("3")
 
     # a route under a rollout: its state and gates show; pause it from the page; a weight change is refused (409)
     _wait(driver, lambda d: "Rollout of b" in _card(d, "route", "ro").text)
@@ -257,7 +284,7 @@ def test_the_console_in_a_browser(gw, browser):
     problems = [e["message"] for e in driver.get_log("browser")  # CSP violations, uncaught script errors
                 if e.get("source") in ("security", "javascript") or "Content Security Policy" in e["message"]]
     assert problems == [], problems  # (the refused calls above are logged as failed loads, not as script errors)
-    _screenshot(driver, "console-1280x800.png")
+    _screenshot(driver, "console.png")  # the README shows docs/console.png
 
 
 def test_the_console_on_a_narrow_window(gw, browser):

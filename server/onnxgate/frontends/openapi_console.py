@@ -73,13 +73,17 @@ SCHEMAS: dict[str, Schema] = {
             "name": {**STR, "description": "As the repository names it; text, never markup"},
             "reason": {**STR, "description": "A model-level failure (bad config, no versions, unloaded)"},
             "ready_versions": {"type": "array", "items": {"type": "integer"}, "description": "Highest first"},
+            "available_versions": {"type": "array", "items": {"type": "integer"}, "description":
+                                   "The versions in the repository at the latest load, lowest first: what a pin "
+                                   "(POST /v2/repository/models/{name}/load, parameters.version) may name"},
             "request_rate": _null("Requests a second over every version, " + _WINDOW),
             "latency_p50_ms": _null("Request latency median, from onnxgate_request_duration_seconds' buckets "
                                     "(shadow copies left out), " + _WINDOW),
             "latency_p99_ms": _null("Request latency 99th percentile, from the same buckets, " + _WINDOW),
             "versions": {"type": "array", "items": ref("VersionSummary")},
         },
-        ("name", "reason", "ready_versions", "request_rate", "latency_p50_ms", "latency_p99_ms", "versions"),
+        ("name", "reason", "ready_versions", "available_versions", "request_rate", "latency_p50_ms",
+         "latency_p99_ms", "versions"),
     ),
     "ModelsSummary": obj(
         {
@@ -87,7 +91,9 @@ SCHEMAS: dict[str, Schema] = {
             "window_s": {"type": "number", "minimum": 0, "description":
                          "The seconds the rates and quantiles cover: about the last minute, measured between "
                          "calls to this endpoint (so 0 on the first call after a quiet spell: call again)"},
-            "ready": {**BOOL, "description": "As GET /v2/health/ready: every model loaded and not draining"},
+            "ready": {**BOOL, "description": "As GET /v2/health/ready: the repository's models were loaded (a "
+                      "model that failed says so in its own entry and GET /v2/models/{name}/ready) and the "
+                      "gateway is not draining"},
             "draining": BOOL,
             "models": {"type": "array", "items": ref("ModelSummary")},
             "sample_log": {**ref("SampleLogSummary"), "nullable": True},

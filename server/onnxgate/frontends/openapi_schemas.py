@@ -329,7 +329,8 @@ _MODEL = ("NotFound", "Unavailable")
 # own 503), "reply_headers" (headers of every answer).
 OPERATIONS: dict[str, dict[str, Any]] = {
     "health.live": {"ok": _ok(ref("Live"), "Live"), "unavailable": ref("Live")},
-    "health.ready": {"ok": _ok(ref("Ready"), "Ready: every model loaded and not draining"),
+    "health.ready": {"ok": _ok(ref("Ready"), "Ready: the repository's models were loaded (one that failed answers "
+                                             "503 on its own ready endpoint) and not draining"),
                      "unavailable": ref("Ready")},
     "server.metadata": {"ok": _ok(ref("ServerMetadata"))},
     "model.metadata": {"ok": _ok(ref("ModelMetadata")), "errors": _MODEL},

@@ -200,7 +200,8 @@ class SummaryWindow:
         if window > 0:
             rate = round(sum(v["request_rate"] or 0.0 for v in versions), 3)
         return {"name": name, "reason": entry.reason, "ready_versions": [v.version for v in entry.ready_versions()],
-                "request_rate": rate, "latency_p50_ms": _ms(p50), "latency_p99_ms": _ms(p99), "versions": versions}
+                "available_versions": list(entry.available), "request_rate": rate, "latency_p50_ms": _ms(p50),
+                "latency_p99_ms": _ms(p99), "versions": versions}
 
     def _version(self, name: str, ver: Any, now: _Snapshot, base: _Snapshot | None,
                  window: float) -> dict[str, Any]:

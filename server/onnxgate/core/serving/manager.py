@@ -64,6 +64,7 @@ class ModelEntry:
     override: mc.ModelConfig | None = None  # operator's config override (pin), kept until cleared
     history: list[int] = field(default_factory=list)  # versions that served, oldest first
     last_failures: dict[int, str] = field(default_factory=dict)  # of the latest load; 0 = model-level
+    available: tuple[int, ...] = ()  # the versions in the repository at the latest load (a pin may name any)
     _ready: list[VersionEntry] = field(default_factory=list, repr=False)
     _ready_of: dict | None = field(default=None, repr=False)
 
@@ -210,6 +211,7 @@ class ModelManager:
             if (hider := self.shadowed_by(name)) is not None:
                 log.warning("model %s is hidden by route %s: requests for '%s' go to the route", name, hider, name)
             entry = self.models.setdefault(name, ModelEntry(name))
+            entry.available = tuple(sorted(source.versions))
             # The override is remembered only once the load took effect: a load cancelled while
             # it runs (a client gone, a deadline) or refused changes nothing, not even that.
             planned = override if override is not None else (entry.override if keep_override else None)

@@ -164,7 +164,10 @@
       bar.style.height = `${Math.max(4, (100 * n) / max)}%`;
       box.append(bar);
     }
-    return box;
+    const sizes = batchSizes.map((b) => b.size);
+    const label = sizes.length > 1 ? `sizes ${sizes[0]}–${sizes[sizes.length - 1]}` : `size ${sizes[0]}`;
+    return el("div", { class: "bars-box" }, box, el("span", { class: "note bars-label", "aria-hidden": "true",
+      text: label }));
   }
 
   // -- models ------------------------------------------------------------------------------
@@ -204,6 +207,13 @@
     return entry;
   }
 
+  // Put ``card`` at position ``index`` of ``grid`` only if it is not there already: moving a node
+  // takes the keyboard focus from whatever inside it has it (every 2 s, for a card that stays).
+  function place(grid, card, index) {
+    const at = grid.children[index] || null;
+    if (at !== card) grid.insertBefore(card, at);
+  }
+
   function renderModels(summary) {
     const box = $("models");
     let grid = box.querySelector(".stack");
@@ -239,6 +249,7 @@
         text: `${m.request_rate === null ? "–" : fmt(m.request_rate)} req/s · p50 ${fmt(m.latency_p50_ms)} ms · ` +
           `p99 ${fmt(m.latency_p99_ms)} ms` }), el("thead", {}, head), el("tbody", {}, rows));
       const parts = [table];
+      if (!m.versions.length) parts.push(el("p", { class: "state-UNAVAILABLE", text: "No version serves: UNAVAILABLE" }));
       if (m.reason) parts.push(el("p", { class: "reason", text: m.reason }));
       entry.stats.replaceChildren(...parts);
       const rate = remember(`rate:${m.name}`, m.request_rate);
@@ -246,13 +257,16 @@
       if (m.ready_versions.length) entry.charts.replaceChildren(chart("requests/s", rate, "req/s"),
         chart("p99 latency", p99, "ms"));
       else entry.charts.replaceChildren();
-      const versions = m.versions.map((v) => v.version).join(",");
+      // a pin may name any version in the repository, loaded or not
+      const states = new Map(m.versions.map((v) => [v.version, v.state]));
+      const choices = [...new Set([...(m.available_versions || []), ...states.keys()])].sort((a, b) => a - b);
+      const versions = choices.map((v) => `${v}:${states.get(v) || ""}`).join(",");
       if (versions !== entry.versions && document.activeElement !== entry.select) {
         entry.versions = versions;
         entry.select.replaceChildren(el("option", { value: "", text: "choose…" }),
-          ...m.versions.map((v) => el("option", { value: v.version, text: `${v.version} (${v.state})` })));
+          ...choices.map((v) => el("option", { value: v, text: `${v} (${states.get(v) || "not loaded"})` })));
       }
-      grid.append(entry.card); // in the summary's order
+      place(grid, entry.card, seen.size - 1); // in the summary's order
     }
     for (const [name, entry] of modelCards) {
       if (!seen.has(name)) { entry.card.remove(); modelCards.delete(name); }
@@ -437,7 +451,29 @@
         `agreement ${agreement.rate === null || agreement.rate === undefined ? "–" : fmt(agreement.rate * 100, 1) + " %"}` }),
       chart(`agreement (${span})`, slots(comparison, "agreement"), "share", 60),
       chart(`worst max |diff| (${span})`, slots(comparison, "max_abs_diff"), "", 60),
-      chart(`latency diff, mean (${span})`, slots(comparison, "latency_diff_mean_s", 1000), "ms", 60));
+      chart(`latency diff, mean (${span})`, slots(comparison, "latency_diff_mean_s", 1000), "ms", 60),
+      quantilesTable(comparison));
+  }
+
+  // The difference quantiles of each (primary, shadow) pair over its window of recent comparisons.
+  function quantilesTable(comparison) {
+    const measures = [["max |diff|", "max_abs_diff", 1, 4], ["mean |diff|", "mean_abs_diff", 1, 4],
+      ["latency diff (shadow - primary), ms", "latency_diff_s", 1000, 2]];
+    const rows = [];
+    for (const pair of comparison.pairs || []) {
+      for (const [label, field, scale, digits] of measures) {
+        const q = pair[field];
+        rows.push(el("tr", {}, el("td", { text: `${pair.primary} → ${pair.shadow}` }), el("td", { text: label }),
+          ...["p50", "p90", "p99", "max"].map((k) => el("td", { text: q ? fmt(q[k] * scale, digits) : "–" }))));
+      }
+    }
+    if (!rows.length) return el("p", { class: "note", text: "No comparison yet: difference quantiles appear once "
+      + "the shadow has answered." });
+    return el("div", { class: "table-wrap" }, el("table", { class: "quantiles" },
+      el("caption", { class: "note", text: "Differences over the window of recent comparisons" }),
+      el("thead", {}, el("tr", {}, ["pair", "measure", "p50", "p90", "p99", "max"]
+        .map((t) => el("th", { scope: "col", text: t })))),
+      el("tbody", {}, rows)));
   }
 
   async function renderRoutes() {
@@ -483,7 +519,7 @@
         const again = [...entry.details.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === label);
         if (again) again.focus();
       }
-      grid.append(entry.card);
+      place(grid, entry.card, seen.size - 1);
     }
     for (const [name, entry] of routeCards) {
       if (!seen.has(name)) { entry.card.remove(); routeCards.delete(name); }
@@ -513,6 +549,7 @@
     if (timer !== null) { clearTimeout(timer); timer = null; }
     if (busy) { if (now) timer = setTimeout(poll, 200); return; }
     busy = true;
+    const started = performance.now();
     try {
       const summary = await api("GET", "/v2/models/summary");
       banner(summary);
@@ -523,14 +560,14 @@
       if (m.classList.contains("poll-error")) say("", "");
       $("login").classList.toggle("open", !token()); // an open gateway: no token needed to look
     } catch (err) {
-      if (err instanceof Refused && err.status === 503) {
-        banner({ draining: true, ready: false });
+      if (err instanceof Refused && err.status === 503) {  // the drain's answer to what it no longer serves
+        banner({ draining: /drain|shutting down/i.test(err.message), ready: false });
       }
       say(explain(err, "Reading the gateway"), "error poll-error");
       if (err instanceof Refused && err.status === 401) $("token").focus();
     } finally {
       busy = false;
-      timer = setTimeout(poll, POLL_MS);
+      timer = setTimeout(poll, Math.max(0, POLL_MS - (performance.now() - started))); // one poll every 2 s
     }
   }
 
