@@ -8,6 +8,7 @@ back with ``model_version == "2"``; a mismatch means an answer was routed or lab
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -139,14 +140,15 @@ class Load:
             except InferenceServerException as exc:
                 detail = f"{exc.status()} {exc.message()}"
                 if not exc.status():  # no answer from the gateway (connection trouble)
-                    client = None
+                    client = _close(client)
             except Exception as exc:
-                detail, client = repr(exc), None
+                detail, client = repr(exc), _close(client)
             with self._lock:
                 self.calls.append(Call(transport, idx, start, time.monotonic(), version, outcome, detail))
                 del self._pending[transport, idx]
             if outcome == "error":
                 time.sleep(0.005)
+        _close(client)
 
     def in_flight(self, older_than: float) -> int:
         """Requests sent more than ``older_than`` seconds ago and not answered yet."""
@@ -169,6 +171,14 @@ class Load:
         ok = wait_until(lambda: min(self.ok_since(since, version).values()) >= count, timeout)
         assert ok, (f"load stalled: {self.ok_since(since, version)} answers (version {version}) since "
                     f"{since - self.t0:+.3f}s; last calls: {[c.show(self.t0) for c in self.snapshot()[-4:]]}")
+
+
+def _close(client) -> None:
+    """Close a client in the thread that used it (tritonclient's HTTP client, left to the garbage
+    collector, closes its gevent pool from whichever thread collects it, and fails there)."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 # -- which versions may answer when ---------------------------------------------------------------
