@@ -209,6 +209,9 @@ def test_the_console_in_a_browser(gw, browser):
     _wait(driver, lambda d: "Save weights of ab: done" in _message(d))
     split = _call(gw, "GET", "/v2/routes/ab")[1]["split"]
     assert [(s["target"], s["weight"]) for s in split] == [("a", 3), ("b", 1)]
+    # the change moved ab to the end of GET /v2/routes; the page keeps its cards by name (a card
+    # that moves takes the focus from what is in it)
+    assert [h.text for h in driver.find_elements(By.CSS_SELECTOR, "article.route h3")] == ["ab", "ro", "sh"]
 
     # traffic, and the request-rate chart draws a line
     for _ in range(20):

@@ -181,7 +181,8 @@ class ModelManager:
         sources = await asyncio.to_thread(self.repository.scan)
         wanted = set(sources) if names is None else set(names) & set(sources)
         for name in set(sources) - wanted:
-            self.models.setdefault(name, ModelEntry(name, reason="not loaded"))
+            entry = self.models.setdefault(name, ModelEntry(name, reason="not loaded"))
+            entry.available = tuple(sorted(sources[name].versions))  # what a load or a pin may name
         await asyncio.gather(*(self.load(name, source=sources[name], keep_override=True) for name in sorted(wanted)))
 
     def lock(self, name: str) -> asyncio.Lock:

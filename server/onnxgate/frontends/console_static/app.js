@@ -155,19 +155,18 @@
   }
 
   function bars(batchSizes) {
-    const max = Math.max(1, ...batchSizes.map((b) => b.window || b.executions));
-    const box = el("div", { class: "bars", role: "img",
-      "aria-label": "executions by batch size: " + batchSizes.map((b) => `${b.size}: ${b.window}`).join(", ") });
+    // executions in the window when there were any, else since the start: one measure for every bar
+    const inWindow = batchSizes.some((b) => b.window > 0);
+    const count = (b) => (inWindow ? b.window : b.executions);
+    const max = Math.max(1, ...batchSizes.map(count));
+    const box = el("div", { class: "bars", role: "img", "aria-label": `executions by batch size ` +
+      `(${inWindow ? "in the window" : "since the start"}): ` + batchSizes.map((b) => `${b.size}: ${count(b)}`).join(", ") });
     for (const b of batchSizes) {
-      const n = b.window || b.executions;
       const bar = el("span", { title: `batch ${b.size}: ${b.window} in the window, ${b.executions} in all` });
-      bar.style.height = `${Math.max(4, (100 * n) / max)}%`;
-      box.append(bar);
+      bar.style.height = `${Math.max(0.1, (2 * count(b)) / max).toFixed(2)}rem`;
+      box.append(el("span", { class: "bar-col" }, bar, el("small", { "aria-hidden": "true", text: b.size })));
     }
-    const sizes = batchSizes.map((b) => b.size);
-    const label = sizes.length > 1 ? `sizes ${sizes[0]}–${sizes[sizes.length - 1]}` : `size ${sizes[0]}`;
-    return el("div", { class: "bars-box" }, box, el("span", { class: "note bars-label", "aria-hidden": "true",
-      text: label }));
+    return box;
   }
 
   // -- models ------------------------------------------------------------------------------
@@ -176,7 +175,7 @@
   function modelCard(name) {
     let entry = modelCards.get(name);
     if (entry) return entry;
-    const stats = el("div", { class: "table-wrap" });
+    const stats = el("div", { class: "table-wrap", role: "region", "aria-label": `versions of ${name}` });
     const charts = el("div", { class: "charts" });
     const selectId = nextId("pin");
     const select = el("select", { id: selectId });
@@ -202,7 +201,7 @@
         onclick: () => act(`Unload model "${name}"? It stops serving.`, `Unload ${name}`,
           () => api("POST", `/v2/repository/models/${encodeURIComponent(name)}/unload`, {})) }));
     const card = el("article", { class: "card model", "data-model": name }, heading, stats, charts, actions);
-    entry = { card, stats, charts, select, versions: "" };
+    entry = { card, stats, charts, select, versions: null };
     modelCards.set(name, entry);
     return entry;
   }
@@ -326,7 +325,18 @@
 
   const threshold = (t) => (t === null || t === undefined ? "–" : String(t));
 
-  function driftCard(d) {
+  // A drift card stays in the page from one refresh to the next (its button and its scrolling
+  // table keep the keyboard focus); what it shows is replaced inside it.
+  function driftCard(model) {
+    const body = el("div");
+    const wrap = el("div", { class: "table-wrap", role: "region", "aria-label": `drift of ${model} by feature` });
+    const card = el("article", { class: "card drift", "data-drift": model }, el("h3", { text: `Drift of ${model}` }),
+      body, wrap, el("div", { class: "actions" }, el("button", { type: "button", text: "Drift report",
+        "aria-label": `Drift report of ${model}`, onclick: () => openReport(model) })));
+    return { card, body, wrap };
+  }
+
+  function fillDrift(entry, d) {
     const psiMax = Math.max(1, 2 * (d.psi_threshold || 0));
     const rows = d.features.map((f) => {
       const meter = el("meter", { min: 0, max: psiMax, value: Math.min(psiMax, f.psi || 0), optimum: 0,
@@ -340,38 +350,49 @@
     const tests = [`PSI ≥ ${threshold(d.psi_threshold)}`];
     if (d.ks_pvalue !== null) tests.push(`KS p < ${d.ks_pvalue}`);
     if (d.chi2_pvalue !== null) tests.push(`chi-square p < ${d.chi2_pvalue}`);
-    return el("article", { class: "card drift", "data-drift": d.model },
-      el("h3", { text: `Drift of ${d.model}` }),
+    entry.body.replaceChildren(
       el("p", { class: d.alert ? "reason" : "note",
         text: `${d.alert ? "A feature crosses its drift threshold" : "Within the thresholds"} · ` +
           `${d.window_rows}${d.window === null ? "" : ` of ${d.window}`} rows in the window` +
           (d.min_rows === null ? "" : ` (statistics from ${d.min_rows})`) }),
-      el("p", { class: "note", text: `Thresholds: ${tests.join(", ")}` }),
-      el("div", { class: "table-wrap" }, el("table", {},
-        el("thead", {}, el("tr", {}, ["feature", "PSI / threshold", "KS"].map((t) => el("th", { scope: "col", text: t })))),
-        el("tbody", {}, rows))),
-      el("div", { class: "actions" }, el("button", { type: "button", text: "Drift report",
-        "aria-label": `Drift report of ${d.model}`, onclick: () => openReport(d.model) })));
+      el("p", { class: "note", text: `Thresholds: ${tests.join(", ")}` }));
+    entry.wrap.replaceChildren(el("table", {},
+      el("thead", {}, el("tr", {}, ["feature", "PSI / threshold", "KS"].map((t) => el("th", { scope: "col", text: t })))),
+      el("tbody", {}, rows)));
   }
+
+  const samples = { counts: null, chart: null, list: null, drift: new Map() }; // model -> driftCard
 
   function renderSamples(log) {
     const box = $("samples");
     reportPanel();
-    // Refresh, and give the focus back to the same control (a keyboard user stays where they were).
-    const focused = box.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
     if (!log) {
       box.replaceChildren(el("p", { class: "note", text: "No sample log is configured (sample_log in the config file)." }));
+      samples.counts = null;
+      samples.drift.clear();
       return;
     }
+    if (!samples.counts || !box.contains(samples.counts)) {
+      samples.counts = el("p");
+      samples.chart = el("div");
+      samples.list = el("div");
+      samples.drift.clear();
+      box.replaceChildren(samples.counts, samples.chart, samples.list);
+    }
     const dropped = Object.entries(log.records_dropped).filter(([, n]) => n > 0);
-    const parts = [el("p", { text: `Records written ${log.records_written}, queued ${log.queue_depth}, dropped ` +
-      (dropped.length ? dropped.map(([r, n]) => `${n} (${r})`).join(", ") : "none") })];
-    parts.push(chart("records written", remember("records", log.records_written), "records"));
-    for (const d of log.drift) parts.push(driftCard(d));
-    box.replaceChildren(...parts);
-    if (focused) {
-      const again = [...box.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === focused);
-      if (again) again.focus();
+    samples.counts.textContent = `Records written ${log.records_written}, queued ${log.queue_depth}, dropped ` +
+      (dropped.length ? dropped.map(([r, n]) => `${n} (${r})`).join(", ") : "none");
+    samples.chart.replaceChildren(chart("records written", remember("records", log.records_written), "records"));
+    const seen = new Set();
+    for (const d of log.drift) {
+      seen.add(d.model);
+      let entry = samples.drift.get(d.model);
+      if (!entry) samples.drift.set(d.model, (entry = driftCard(d.model)));
+      fillDrift(entry, d);
+      place(samples.list, entry.card, seen.size - 1);
+    }
+    for (const [model, entry] of samples.drift) {
+      if (!seen.has(model)) { entry.card.remove(); samples.drift.delete(model); }
     }
   }
 
@@ -403,14 +424,19 @@
     return form;
   }
 
-  function rolloutPart(name, rollout) {
-    const buttons = ["pause", "resume", "promote", "abort"].map((action) =>
+  // The rollout's actions are made once per route and stay (they keep the focus, and a press that
+  // spans a refresh still lands); what it shows (phase, gates, decisions) is replaced at each refresh.
+  function rolloutActions(name) {
+    return el("div", { class: "actions" }, ["pause", "resume", "promote", "abort"].map((action) =>
       el("button", { type: "button", class: action === "abort" ? "danger" : "", text: action,
         "aria-label": `${action} the rollout of route ${name}`,
         onclick: () => act(`${action[0].toUpperCase()}${action.slice(1)} the rollout of route "${name}"?`,
           `Rollout ${action} on ${name}`,
           () => api("POST", `/v2/routes/${encodeURIComponent(name)}/rollout/${action}`,
-            { reason: "from the console" })) }));
+            { reason: "from the console" })) })));
+  }
+
+  function rolloutInfo(name, rollout) {
     const gates = el("table", {}, el("thead", {}, el("tr", {}, ["gate", "threshold", "value", "bound", "verdict"]
       .map((t) => el("th", { scope: "col", text: t })))),
       el("tbody", {}, (rollout.gates || []).map((g) => el("tr", {}, el("td", { text: g.name }),
@@ -419,12 +445,11 @@
     const history = el("ol", {}, (rollout.history || []).slice(-5).map((d) => el("li", {
       text: `${new Date(d.time * 1000).toLocaleTimeString()} ${d.decision} → ${d.weight} % (${d.by || ""}): ` +
         d.reason })));
-    return el("div", { class: "rollout" },
-      el("p", { text: `Rollout of ${rollout.candidate}: ${rollout.phase}, step ${rollout.step_index + 1} of ` +
+    return [el("p", { text: `Rollout of ${rollout.candidate}: ${rollout.phase}, step ${rollout.step_index + 1} of ` +
         `${rollout.steps.length}, candidate weight ${rollout.candidate_weight} %` +
         (rollout.reason ? ` — ${rollout.reason}` : "") }),
-      el("div", { class: "table-wrap" }, gates), el("p", { class: "note", text: "Latest decisions" }), history,
-      el("div", { class: "actions" }, buttons));
+      el("div", { class: "table-wrap", role: "region", "aria-label": `gates of the rollout of route ${name}` }, gates),
+      el("p", { class: "note", text: "Latest decisions" }), history];
   }
 
   // The gateway's history of a comparison: one value per slot of the last ten minutes (null where
@@ -441,18 +466,28 @@
     return out;
   }
 
-  function comparisonPart(name, comparison) {
+  // A route's comparison stays in the page (its scrolling table keeps the focus); its text,
+  // charts and quantiles are replaced inside it at every refresh.
+  function comparisonPart(name) {
+    const text = el("p"), charts = el("div"), note = el("div");
+    const wrap = el("div", { class: "table-wrap", role: "region", "aria-label": `difference quantiles of route ${name}` });
+    return { node: el("div", { class: "comparison" }, text, charts, note, wrap), text, charts, note, wrap };
+  }
+
+  function fillComparison(part, comparison) {
     const agreement = comparison.argmax_agreement || {};
     const c = comparison.counts;
     const step = comparison.slot_s || 10;
     const span = `${step} s slots, last 10 min`;
-    return el("div", { class: "comparison" },
-      el("p", { text: `Shadow comparison: ${c.compared} compared, ${c.failed} failed, ${c.dropped} dropped; ` +
-        `agreement ${agreement.rate === null || agreement.rate === undefined ? "–" : fmt(agreement.rate * 100, 1) + " %"}` }),
+    part.text.textContent = `Shadow comparison: ${c.compared} compared, ${c.failed} failed, ${c.dropped} dropped; ` +
+      `agreement ${agreement.rate === null || agreement.rate === undefined ? "–" : fmt(agreement.rate * 100, 1) + " %"}`;
+    part.charts.replaceChildren(
       chart(`agreement (${span})`, slots(comparison, "agreement"), "share", 60),
       chart(`worst max |diff| (${span})`, slots(comparison, "max_abs_diff"), "", 60),
-      chart(`latency diff, mean (${span})`, slots(comparison, "latency_diff_mean_s", 1000), "ms", 60),
-      quantilesTable(comparison));
+      chart(`latency diff, mean (${span})`, slots(comparison, "latency_diff_mean_s", 1000), "ms", 60));
+    const table = quantilesTable(comparison);
+    if (table.tagName === "TABLE") { part.note.replaceChildren(); part.wrap.hidden = false; part.wrap.replaceChildren(table); }
+    else { part.note.replaceChildren(table); part.wrap.hidden = true; part.wrap.replaceChildren(); }
   }
 
   // The difference quantiles of each (primary, shadow) pair over its window of recent comparisons.
@@ -469,11 +504,11 @@
     }
     if (!rows.length) return el("p", { class: "note", text: "No comparison yet: difference quantiles appear once "
       + "the shadow has answered." });
-    return el("div", { class: "table-wrap" }, el("table", { class: "quantiles" },
+    return el("table", { class: "quantiles" },
       el("caption", { class: "note", text: "Differences over the window of recent comparisons" }),
       el("thead", {}, el("tr", {}, ["pair", "measure", "p50", "p90", "p99", "max"]
         .map((t) => el("th", { scope: "col", text: t })))),
-      el("tbody", {}, rows)));
+      el("tbody", {}, rows));
   }
 
   async function renderRoutes() {
@@ -483,13 +518,17 @@
     let grid = box.querySelector(".cards");
     if (!grid) box.replaceChildren((grid = el("div", { class: "cards" })));
     const seen = new Set();
-    for (const route of routes) {
+    // by name: a change moves a route to the end of GET /v2/routes, and a card that moves loses the focus
+    for (const route of [...routes].sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0))) {
       seen.add(route.name);
       let entry = routeCards.get(route.name);
       const config = JSON.stringify(route);
       if (!entry) {
         entry = { card: el("article", { class: "card route", "data-route": route.name }), summary: el("div"),
-          editor: el("div"), details: el("div"), config: "" };
+          editor: el("div"), details: el("div"), error: el("div"), comparison: comparisonPart(route.name),
+          rollout: el("div", { class: "rollout" }), rolloutInfo: el("div"), rolloutActions: null, config: "" };
+        entry.rollout.append(entry.rolloutInfo);
+        entry.details.append(entry.error, entry.comparison.node, entry.rollout);
         entry.card.append(el("h3", { text: route.name }), entry.summary, entry.editor, entry.details);
         routeCards.set(route.name, entry);
       }
@@ -502,22 +541,17 @@
         `${s.target} ${fmt((100 * s.weight) / total, 1)} %`).join(", ") +
         (route.sticky ? ` · sticky ${route.sticky}` : "") +
         (route.shadow ? ` · shadow ${route.shadow.target} (${fmt(route.shadow.fraction * 100, 0)} %)` : "") }));
-      const parts = [];
       try {
-        if (route.shadow || route.rollout) parts.push(comparisonPart(route.name,
-          await api("GET", `/v2/routes/${encodeURIComponent(route.name)}/comparison`)));
-        if (route.rollout) parts.push(rolloutPart(route.name,
-          await api("GET", `/v2/routes/${encodeURIComponent(route.name)}/rollout`)));
+        entry.comparison.node.hidden = !(route.shadow || route.rollout);
+        if (route.shadow || route.rollout) fillComparison(entry.comparison,
+          await api("GET", `/v2/routes/${encodeURIComponent(route.name)}/comparison`));
+        const rollout = route.rollout ? await api("GET", `/v2/routes/${encodeURIComponent(route.name)}/rollout`) : null;
+        entry.rollout.hidden = !rollout;
+        entry.rolloutInfo.replaceChildren(...(rollout ? rolloutInfo(route.name, rollout) : []));
+        if (rollout && !entry.rolloutActions) entry.rollout.append((entry.rolloutActions = rolloutActions(route.name)));
+        entry.error.replaceChildren();
       } catch (err) {
-        parts.push(el("p", { class: "reason", text: explain(err, "Reading the route") }));
-      }
-      // Refresh, and give the focus back to the same control (a keyboard user stays where they were).
-      const focused = entry.details.contains(document.activeElement) ? document.activeElement : null;
-      const label = focused ? focused.getAttribute("aria-label") : null;
-      entry.details.replaceChildren(...parts);
-      if (label) {
-        const again = [...entry.details.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === label);
-        if (again) again.focus();
+        entry.error.replaceChildren(el("p", { class: "reason", text: explain(err, "Reading the route") }));
       }
       place(grid, entry.card, seen.size - 1);
     }
@@ -534,7 +568,7 @@
       b.className = "banner bad";
       b.hidden = false;
     } else if (!summary.ready) {
-      b.textContent = "The gateway is not ready: a model is not loaded, or it is still starting.";
+      b.textContent = "The gateway is not ready: it is still loading its models, or it has stopped serving.";
       b.className = "banner";
       b.hidden = false;
     } else {
@@ -544,6 +578,7 @@
 
   let timer = null;
   let busy = false;
+  let lastStatus = 0; // of the latest refresh
 
   async function poll(now) {
     if (timer !== null) { clearTimeout(timer); timer = null; }
@@ -556,6 +591,7 @@
       renderModels(summary);
       renderSamples(summary.sample_log);
       await renderRoutes();
+      lastStatus = 200;
       const m = $("message");
       if (m.classList.contains("poll-error")) say("", "");
       $("login").classList.toggle("open", !token()); // an open gateway: no token needed to look
@@ -564,7 +600,9 @@
         banner({ draining: /drain|shutting down/i.test(err.message), ready: false });
       }
       say(explain(err, "Reading the gateway"), "error poll-error");
-      if (err instanceof Refused && err.status === 401) $("token").focus();
+      // signed out (or the token expired): the token field, once, not at every refresh
+      if (err instanceof Refused && err.status === 401 && lastStatus !== 401) $("token").focus();
+      lastStatus = err instanceof Refused ? err.status : 0;
     } finally {
       busy = false;
       timer = setTimeout(poll, Math.max(0, POLL_MS - (performance.now() - started))); // one poll every 2 s
