@@ -289,6 +289,23 @@ def test_the_console_in_a_browser(gw, browser):
     assert problems == [], problems  # (the refused calls above are logged as failed loads, not as script errors)
     _screenshot(driver, "console.png")  # the README shows docs/console.png
 
+    # a weight saved from an editor opened before the route changed: the weights typed, over the
+    # route as it is now (its shadow, removed meanwhile, does not come back)
+    weight = _card(driver, "route", "sh").find_element(By.CSS_SELECTOR, "form.weights input[type=number]")
+    weight.click()
+    assert _call(gw, "PUT", "/v2/routes/sh", json.dumps({"split": [{"target": "a", "weight": 1}]}))[0] == 200
+    _wait(driver, lambda d: "shadow" not in _card(d, "route", "sh").find_element(By.TAG_NAME, "p").text)
+    weight.clear()
+    weight.send_keys("2")
+    _card(driver, "route", "sh").find_element(By.CSS_SELECTOR, "form.weights button[type=submit]").click()
+    _confirm(driver)
+    _wait(driver, lambda d: "Save weights of sh: done" in _message(d))
+    assert _call(gw, "GET", "/v2/routes/sh")[1] == {"name": "sh", "split": [{"target": "a", "weight": 2}]}
+
+    # signed out: nothing read with the token stays in view
+    driver.find_element(By.ID, "signout").click()
+    _wait(driver, lambda d: "401" in _message(d) and not d.find_elements(By.CSS_SELECTOR, "article"))
+
 
 def test_the_console_on_a_narrow_window(gw, browser):
     from selenium.webdriver.common.by import By
@@ -296,6 +313,7 @@ def test_the_console_on_a_narrow_window(gw, browser):
     driver = browser
     driver.set_window_size(400, 800)
     driver.get(f"http://127.0.0.1:{gw.http_port}/console")
+    _sign_in(driver, TOKENS["read"])
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 4)
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.route")) == 3)
     width = driver.execute_script("return document.documentElement.scrollWidth")

@@ -216,7 +216,7 @@
   function renderModels(summary) {
     const box = $("models");
     let grid = box.querySelector(".stack");
-    if (!grid) box.append((grid = el("div", { class: "stack" })));
+    if (!grid) box.replaceChildren((grid = el("div", { class: "stack" })));
     const seen = new Set();
     for (const m of summary.models) {
       seen.add(m.name);
@@ -306,7 +306,12 @@
       closeReport();
       report.url = URL.createObjectURL(blob);
       const close = el("button", { type: "button", text: "Close report", "aria-label": "Close the drift report",
-        onclick: () => { closeReport(); say("", ""); } });
+        onclick: () => {
+          closeReport();
+          say("", "");
+          const again = [...document.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === what);
+          if (again) again.focus(); // back to the button that opened it
+        } });
       reportPanel().replaceChildren(
         el("div", { class: "actions" }, el("h3", { text: what }), close,
           el("a", { href: report.url, download: "drift-report.html", text: "Download" })),
@@ -394,12 +399,21 @@
     for (const [model, entry] of samples.drift) {
       if (!seen.has(model)) { entry.card.remove(); samples.drift.delete(model); }
     }
+    if (!log.drift.length) {
+      samples.list.replaceChildren(el("p", { class: "note", text: "No live drift is configured (drift.models in the "
+        + "config file)." }));
+    } else {
+      for (const stray of [...samples.list.children]) if (stray.tagName === "P") stray.remove();
+    }
   }
 
   // -- routes ------------------------------------------------------------------------------
   const routeCards = new Map(); // name -> {card, editor, details, config}
 
-  function weightEditor(route) {
+  // ``latest()``: the route as the newest refresh read it. A save sends the weights typed here over
+  // that (not over the route as it was when the editor was made: a shadow or rollout removed since
+  // would come back); a split whose targets changed since is not saved.
+  function weightEditor(route, latest) {
     const inputs = [];
     const fields = route.split.map((s) => {
       const id = nextId("weight");
@@ -413,7 +427,13 @@
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const split = route.split.map((s, i) => ({ target: s.target, weight: Number(inputs[i].value) }));
-      const doc = { ...route, split };
+      const now = latest() || route;
+      if (now.split.map((s) => s.target).join("\n") !== route.split.map((s) => s.target).join("\n")) {
+        say(`Save weights of ${route.name}: its targets changed meanwhile; the editor shows them now`, "error");
+        poll(true);
+        return;
+      }
+      const doc = { ...now, split };
       delete doc.name;
       act(`Change the split of route "${route.name}" to ${split.map((s) => `${s.target}: ${s.weight}`).join(", ")}?`,
         `Save weights of ${route.name}`,
@@ -523,10 +543,12 @@
       seen.add(route.name);
       let entry = routeCards.get(route.name);
       const config = JSON.stringify(route);
+      if (entry) entry.latest = route;
       if (!entry) {
         entry = { card: el("article", { class: "card route", "data-route": route.name }), summary: el("div"),
           editor: el("div"), details: el("div"), error: el("div"), comparison: comparisonPart(route.name),
-          rollout: el("div", { class: "rollout" }), rolloutInfo: el("div"), rolloutActions: null, config: "" };
+          rollout: el("div", { class: "rollout" }), rolloutInfo: el("div"), rolloutActions: null, config: "",
+          latest: route };
         entry.rollout.append(entry.rolloutInfo);
         entry.details.append(entry.error, entry.comparison.node, entry.rollout);
         entry.card.append(el("h3", { text: route.name }), entry.summary, entry.editor, entry.details);
@@ -534,7 +556,7 @@
       }
       if (config !== entry.config && !entry.editor.contains(document.activeElement)) {
         entry.config = config;
-        entry.editor.replaceChildren(weightEditor(route));
+        entry.editor.replaceChildren(weightEditor(route, () => entry.latest));
       }
       const total = route.split.reduce((a, s) => a + s.weight, 0) || 1;
       entry.summary.replaceChildren(el("p", { text: "Split: " + route.split.map((s) =>
@@ -576,6 +598,20 @@
     }
   }
 
+  function clearData() {
+    const none = (id) => $(id).replaceChildren(el("p", { class: "note", text: "Sign in to see this." }));
+    none("models");
+    none("routes");
+    none("samples");
+    $("window").textContent = "";
+    modelCards.clear();
+    routeCards.clear();
+    samples.counts = null;
+    samples.drift.clear();
+    closeReport();
+    $("banner").hidden = true;
+  }
+
   let timer = null;
   let busy = false;
   let lastStatus = 0; // of the latest refresh
@@ -600,7 +636,9 @@
         banner({ draining: /drain|shutting down/i.test(err.message), ready: false });
       }
       say(explain(err, "Reading the gateway"), "error poll-error");
-      // signed out (or the token expired): the token field, once, not at every refresh
+      // signed out (or the token expired): nothing from before stays in view; the token field
+      // takes the focus once, not at every refresh
+      if (err instanceof Refused && err.status === 401) clearData();
       if (err instanceof Refused && err.status === 401 && lastStatus !== 401) $("token").focus();
       lastStatus = err instanceof Refused ? err.status : 0;
     } finally {
