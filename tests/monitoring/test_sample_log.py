@@ -299,31 +299,30 @@ def test_observers_see_inputs_of_successful_samples(tmp_path: Path) -> None:
 # -- drops: full queue, unwritable or full disk ---------------------------------------------------
 
 
-def test_full_queue_drops_and_counts_while_offer_stays_fast() -> None:
+def test_full_queue_drops_and_counts_while_offer_never_waits_for_the_writer() -> None:
     hold = threading.Event()
-    with Collector(hold=hold) as collector:  # the writer hangs in its first POST until released
+    with Collector(hold=hold) as collector:  # the writer hangs in its first POST until released (or 20 s)
         reg = CollectorRegistry()
-        c = cfg({"type": "http", "url": collector.url, "batch_size": 1, "timeout_s": 20}, queue_size=20)
+        c = cfg({"type": "http", "url": collector.url, "batch_size": 1, "timeout_s": 60}, queue_size=20)
         logger = SampleLogger(c, reg)
 
-        async def go() -> tuple[list[bool], list[float]]:
+        async def go() -> tuple[list[bool], bool]:
             logger.start()
-            results, times = [], []
+            results = []
             for i in range(500):
-                t0 = time.perf_counter()
                 results.append(logger.offer(sample(i)))
-                times.append(time.perf_counter() - t0)
-                if i == 0:
-                    await asyncio.sleep(0.2)  # let the writer take the first one and block on the collector
+                if i == 0:  # the writer takes the first one and blocks on the collector
+                    assert await asyncio.to_thread(collector.wait_arrived, 1)
+            stuck = collector.held() == 1  # every offer returned while the writer was stuck on it
             hold.set()
             await logger.close(20)
-            return results, times
+            return results, stuck
 
-        results, times = run(go())
+        results, stuck = run(go())
+    assert stuck
     refused = results.count(False)
-    assert refused >= 500 - 1 - 20 - 1
+    assert refused == 500 - 1 - 20  # the one being written and a full queue of 20 taken, the rest refused
     assert value(reg, "onnxgate_sample_log_dropped_total", reason="queue_full") == refused
-    assert max(times) < 0.1 and sorted(times)[len(times) // 2] < 0.001
     assert len(collector.events()) == results.count(True) == value(reg, "onnxgate_sample_log_records_total")
 
 

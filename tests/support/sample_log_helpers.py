@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ class Collector:
         self.statuses = list(statuses)
         self.hold = hold
         self.lock = threading.Lock()
+        self.arrived = 0  # POSTs received, answered or not (held)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +41,8 @@ class Collector:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                with outer.lock:
+                    outer.arrived += 1
                 if outer.hold is not None:
                     outer.hold.wait(20)
                 with outer.lock:
@@ -64,6 +68,20 @@ class Collector:
             self.hold.set()
         self.server.shutdown()
         self.server.server_close()
+
+    def held(self) -> int:
+        """POSTs received and not answered yet (held until ``hold`` is set)."""
+        with self.lock:
+            return self.arrived - len(self.posts)
+
+    def wait_arrived(self, count: int, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.arrived >= count:
+                    return True
+            time.sleep(0.01)
+        return False
 
     def events(self) -> list[dict]:
         with self.lock:
