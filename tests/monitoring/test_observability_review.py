@@ -11,12 +11,10 @@ import asyncio
 import http.client
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from onnxgate.frontends import grpc_service
 from onnxgate_client.pb import grpc_service_pb2 as pb
 from onnxgate_client.pb import grpc_service_pb2_grpc as pb_grpc
 from routing_helpers import metric, metrics
+from tcp_relay import TcpRelay
 
 SLOW = """
 max_batch_size: 256
@@ -199,76 +198,17 @@ def test_a_grpc_call_past_its_deadline_is_logged_with_the_status_the_client_got(
     assert _line(gw, "past-deadline")["status"] == "DEADLINE_EXCEEDED"
 
 
-class LaggingProxy:
-    """A TCP relay to the gateway's gRPC port whose client-to-gateway direction can be made to
-    lag: bytes the client sends while ``lag_for`` is open reach the gateway ``lag`` s later (a
-    network's latency on a call's headers), later bytes (a cancel) without delay, in order."""
-
-    def __init__(self, target: tuple[str, int], lag: float) -> None:
-        self.target, self.lag, self.lag_until = target, lag, 0.0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def lag_for(self, seconds: float) -> None:
-        self.lag_until = time.monotonic() + seconds
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            chunks: queue.Queue = queue.Queue()
-            threading.Thread(target=self._read, args=(client, chunks), daemon=True).start()
-            threading.Thread(target=self._release, args=(chunks, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-
-    def _read(self, source: socket.socket, chunks: queue.Queue) -> None:
-        while data := _recv(source):
-            now = time.monotonic()
-            chunks.put((now + self.lag if now < self.lag_until else 0.0, data))
-        chunks.put((0.0, b""))
-
-    @staticmethod
-    def _release(chunks: queue.Queue, sink: socket.socket) -> None:
-        while True:
-            due, data = chunks.get()
-            time.sleep(max(0.0, due - time.monotonic()))
-            if not data:
-                sink.close()
-                return
-            sink.sendall(data)
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        while data := _recv(source):
-            sink.sendall(data)
-        sink.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _recv(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(65536)
-    except OSError:
-        return b""
-
-
 def test_a_deadline_that_runs_out_at_the_client_first_is_logged_deadline_exceeded(gw):
     # the call's headers take 30 ms to arrive, so the gateway's copy of the deadline runs out 30 ms
     # after the client's: the client's cancel (which does not say why) arrives with 30 ms left
-    proxy = LaggingProxy(("127.0.0.1", gw.grpc_port), lag=0.03)
+    proxy = TcpRelay(gw.grpc_port)
     try:
         with grpc.insecure_channel(proxy.url) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             idle = pb.ModelInferRequest(model_name="slow")
             idle.inputs.add(name="x", datatype="FP32", shape=[1, 1024]).contents.fp32_contents.extend([0.0] * 1024)
             stub.ModelInfer(idle, timeout=120)
-            proxy.lag_for(0.2)
+            proxy.lag_for(0.2, lag=0.03)
             with pytest.raises(grpc.RpcError) as err:
                 stub.ModelInfer(_slow_grpc_request("lagging-deadline"), timeout=0.5)
     finally:
@@ -401,7 +341,6 @@ class _StdoutPipeGateway(GatewayProcess):
     """A gateway whose standard output is a pipe nobody reads (a stuck log shipper)."""
 
     def start(self, timeout: float = 60.0) -> _StdoutPipeGateway:
-        import threading
 
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
         threading.Thread(target=self._pump, daemon=True).start()

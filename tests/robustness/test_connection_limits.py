@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import modelzoo
 from gateway import GatewayProcess
+from tcp_relay import TcpRelay
 
 BOUND = 30.0  # seconds: only ever a failure bound
 HEADER_LIMIT = 8192
@@ -315,46 +316,9 @@ def test_with_one_stream_per_connection_a_second_call_waits_instead_of_failing(c
         assert waiting.result(timeout=BOUND).live  # it waited, then succeeded
 
 
-class _CountingProxy:
-    """A TCP proxy to ``port`` that counts the connections it accepted."""
-
-    def __init__(self, port: int) -> None:
-        self.upstream = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self._sockets:
-            sock.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
 def test_max_connection_age_moves_the_client_to_a_new_connection_and_calls_still_succeed(repo):
     with GatewayProcess(repo, ["--grpc-max-connection-age-s", "1"]) as gw:
-        proxy = _CountingProxy(gw.grpc_port)
+        proxy = TcpRelay(gw.grpc_port)  # it counts the connections it accepted
         try:
             with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
