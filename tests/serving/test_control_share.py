@@ -20,6 +20,7 @@ from onnxgate.core.serving.manager import ModelManager, pin_config
 from onnxgate.core.serving.model import LoadOptions
 from onnxgate.core.shared_table import SharedTable
 from onnxgate.errors import Unavailable
+from workers_helpers import following
 
 
 def _repo(root: Path, versions: tuple[int, ...]) -> Path:
@@ -63,17 +64,13 @@ def test_a_pin_on_one_worker_is_served_by_the_other_and_by_one_that_starts_later
     async def scenario() -> None:
         repo = _repo(tmp_path / "repo", (1, 2))
         a, b = await _workers(tmp_path / "share", repo, repo)
-        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
-        try:
+        async with following(a, b):
             await a.change("m", _pin(a, 1), "the pin of model 'm'")
             assert _ready(a) == _ready(b) == [1]  # answered once b serves it
             await b.change("m", lambda: b.manager.unload("m"), "the unload of model 'm'")
             assert _ready(a) == _ready(b) == []
             (late,) = await _workers(tmp_path / "share", repo)  # the same index: a restarted worker 0
             assert _ready(late) == []
-        finally:
-            for task in followers:
-                task.cancel()
 
     asyncio.run(scenario())
 
@@ -83,8 +80,7 @@ def test_a_change_another_worker_cannot_follow_is_refused_naming_it_and_retried_
     async def scenario() -> None:
         # worker 1's repository lacks version 2: it cannot serve a pin of it
         a, b = await _workers(tmp_path / "share", _repo(tmp_path / "a", (1, 2)), _repo(tmp_path / "b", (1,)))
-        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
-        try:
+        async with following(a, b):
             with pytest.raises(Unavailable) as failure:
                 await a.change("m", _pin(a, 2), "the pin of model 'm'")
             message = failure.value.message
@@ -96,9 +92,6 @@ def test_a_change_another_worker_cannot_follow_is_refused_naming_it_and_retried_
             _repo(tmp_path / "b", (2,))  # worker 1's copy mended: the same call again reaches it
             await a.change("m", _pin(a, 2), "the pin of model 'm'")
             assert _ready(a) == _ready(b) == [2]
-        finally:
-            for task in followers:
-                task.cancel()
 
     asyncio.run(scenario())
 
@@ -107,15 +100,11 @@ def test_a_load_without_parameters_picks_up_new_files_on_every_worker(tmp_path: 
     async def scenario() -> None:
         repo = _repo(tmp_path / "repo", (1,))
         a, b = await _workers(tmp_path / "share", repo, repo)
-        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
-        try:
+        async with following(a, b):
             await a.change("m", _load(a), "the load of model 'm'")  # nothing new: the same state
             _repo(repo, (2,))  # a new version's files
             await b.change("m", _load(b), "the load of model 'm'")  # the same state again, a new change
             assert _ready(a) == _ready(b) == [1, 2]
-        finally:
-            for task in followers:
-                task.cancel()
 
     asyncio.run(scenario())
 
@@ -126,15 +115,12 @@ def test_a_worker_that_does_not_take_a_change_up_in_time_is_named(tmp_path: Path
     async def scenario() -> None:
         repo = _repo(tmp_path / "repo", (1, 2))
         a, b = await _workers(tmp_path / "share", repo, repo)
-        follower = asyncio.create_task(a.follow())  # b does not look (a worker busy loading, or stuck)
-        try:
+        async with following(a):  # b does not look (a worker busy loading, or stuck)
             with pytest.raises(Unavailable) as failure:
                 await a.change("m", _pin(a, 1), "the pin of model 'm'")
             assert "worker 1: not taken up within 0.5 s" in failure.value.message, failure.value.message
             await b.catch_up()  # it takes it up when it can
             assert _ready(a) == _ready(b) == [1]
-        finally:
-            follower.cancel()
 
     asyncio.run(scenario())
 
@@ -143,22 +129,18 @@ def test_a_rollback_goes_back_to_the_same_version_on_a_worker_that_restarted(tmp
     async def scenario() -> None:
         repo = _repo(tmp_path / "repo", (1, 2))
         a, b = await _workers(tmp_path / "share", repo, repo)
-        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
-        try:
+        async with following(a, b):
             await a.change("m", _pin(a, 1), "the pin of model 'm'")
             await a.change("m", _load(a), "the load of model 'm'")  # unpinned: version 2 serves again
             (late,) = await _workers(tmp_path / "share", repo)  # a restarted worker 0: it serves that already
-            followers.append(asyncio.create_task(late.follow()))
 
             async def rollback() -> None:
                 check_loaded("m", await late.manager.rollback("m"))
 
-            await late.change("m", rollback, "the rollback of model 'm'")  # its own history began at 2
-            await b.catch_up()  # (late's table counts one worker: it does not wait for b)
-            assert _ready(late) == _ready(b) == [1]
-        finally:
-            for task in followers:
-                task.cancel()
+            async with following(late):
+                await late.change("m", rollback, "the rollback of model 'm'")  # its own history began at 2
+                await b.catch_up()  # (late's table counts one worker: it does not wait for b)
+                assert _ready(late) == _ready(b) == [1]
 
     asyncio.run(scenario())
 
@@ -167,8 +149,7 @@ def test_poll_mode_a_model_that_leaves_the_repository_leaves_the_table(tmp_path:
     async def scenario() -> None:
         repo = _repo(tmp_path / "repo", (1, 2))
         a, b = await _workers(tmp_path / "share", repo, repo, prune=True)
-        followers = [asyncio.create_task(c.follow()) for c in (a, b)]
-        try:
+        async with following(a, b):
             await a.change("m", lambda: a.manager.unload("m"), "the unload of model 'm'")
             for control in (a, b):  # what each worker's poller does when the model's directory goes
                 await control.manager.unload("m", "removed from the repository")
@@ -177,9 +158,6 @@ def test_poll_mode_a_model_that_leaves_the_repository_leaves_the_table(tmp_path:
             # the directory is back: a worker that starts now serves it, as the others' pollers do
             (late,) = await _workers(tmp_path / "share", repo, prune=True)
             assert _ready(late) == [1, 2]
-        finally:
-            for task in followers:
-                task.cancel()
 
     asyncio.run(scenario())
 

@@ -7,12 +7,16 @@ the tests know exactly which worker answered each HTTP request on a pinned conne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
 import os
 import signal
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -78,6 +82,18 @@ def kill_and_replace(gw: GatewayProcess, victim: int, timeout: float = 120.0) ->
     assert wait_until(lambda: len(listening_workers(gw, gw.http_port) - survivors - {victim}) == 1, timeout), gw.log
     (newcomer,) = listening_workers(gw, gw.http_port) - survivors - {victim}
     return newcomer
+
+
+@contextlib.asynccontextmanager
+async def following(*workers: Any) -> AsyncIterator[None]:
+    """In-process stand-ins of workers (TrafficControl, ModelControlShare) that each follow the
+    shared table (``follow()``) for the block, as a worker's loop does."""
+    tasks = [asyncio.create_task(w.follow()) for w in workers]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # -- requests ------------------------------------------------------------------------------------

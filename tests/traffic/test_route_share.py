@@ -16,6 +16,7 @@ from onnxgate.core.metrics import Metrics
 from onnxgate.core.shared_table import SharedTable
 from onnxgate.core.traffic.control import TrafficControl
 from onnxgate.core.traffic.routes import Route, parse_route
+from workers_helpers import following
 
 KNOWN = {"a": {1}, "b": {1}}
 
@@ -27,14 +28,14 @@ def _put(name: str, target: str):
     return edit
 
 
-async def _workers(directory: Path, count: int = 2) -> tuple[list[TrafficControl], list[asyncio.Task]]:
+async def _workers(directory: Path, count: int = 2) -> list[TrafficControl]:
     controls = []
     for i in range(count):
         control = TrafficControl(Metrics(CollectorRegistry()), lambda: KNOWN, lambda what: None)
         control.set(())
         await control.share_routes(SharedTable(directory, i, count))
         controls.append(control)
-    return controls, [asyncio.create_task(c.follow()) for c in controls]
+    return controls
 
 
 def test_changes_made_at_once_on_two_workers_all_land_on_both(tmp_path: Path):
@@ -42,8 +43,8 @@ def test_changes_made_at_once_on_two_workers_all_land_on_both(tmp_path: Path):
 
 
 async def _changes_made_at_once(tmp_path: Path) -> None:
-    controls, followers = await _workers(tmp_path)
-    try:
+    controls = await _workers(tmp_path)
+    async with following(*controls):
         names = [f"r{i}" for i in range(12)]
         # each worker's changes queue behind one another; the two workers' race for the table
         await asyncio.gather(*(controls[i % 2].change(_put(n, "ab"[i % 3 == 0]), f"PUT /v2/routes/{n}")
@@ -53,9 +54,6 @@ async def _changes_made_at_once(tmp_path: Path) -> None:
         tables = [{r.name: str(r.primary) for r in c.configured} for c in controls]
         assert tables[0] == tables[1] == {n: "ab"[i % 3 == 0] for i, n in enumerate(names)}
         assert controls[0].generation == controls[1].generation == len(names)
-    finally:
-        for task in followers:
-            task.cancel()
 
 
 def test_a_change_refused_under_the_lock_leaves_the_table_to_the_other_worker(tmp_path: Path):
@@ -63,17 +61,14 @@ def test_a_change_refused_under_the_lock_leaves_the_table_to_the_other_worker(tm
 
 
 async def _a_change_refused(tmp_path: Path) -> None:
-    controls, followers = await _workers(tmp_path)
-    try:
+    controls = await _workers(tmp_path)
+    async with following(*controls):
         refused = controls[0].change(_put("bad", "missing"), "PUT /v2/routes/bad")
         results = await asyncio.gather(refused, controls[1].change(_put("good", "a"), "PUT /v2/routes/good"),
                                        return_exceptions=True)
         assert type(results[0]).__name__ == "InvalidInput" and results[1] is None, results
         await controls[0].catch_up()
         assert [r.name for r in controls[0].configured] == [r.name for r in controls[1].configured] == ["good"]
-    finally:
-        for task in followers:
-            task.cancel()
 
 
 UNUSABLE = {  # what table.json may hold that no worker can take up; the log lines it is worth, per worker
@@ -91,8 +86,8 @@ def test_an_unusable_shared_table_is_logged_once_and_replaced_by_the_next_change
 
 
 async def _an_unusable_table(tmp_path: Path, caplog, content: bytes | None, logged: str, generation: int) -> None:
-    controls, followers = await _workers(tmp_path)
-    try:
+    controls = await _workers(tmp_path)
+    async with following(*controls):
         await controls[0].change(_put("r", "a"), "PUT /v2/routes/r")
         if content is None:
             (tmp_path / "table.json").unlink()
@@ -108,9 +103,6 @@ async def _an_unusable_table(tmp_path: Path, caplog, content: bytes | None, logg
         await controls[0].catch_up()
         assert controls[0].generation == controls[1].generation == generation
         assert [r.name for r in controls[0].configured] == [r.name for r in controls[1].configured] == ["r", "s"]
-    finally:
-        for task in followers:
-            task.cancel()
 
 
 def test_a_change_cancelled_while_it_writes_is_not_overwritten_by_the_next(tmp_path: Path):
@@ -118,7 +110,7 @@ def test_a_change_cancelled_while_it_writes_is_not_overwritten_by_the_next(tmp_p
 
 
 async def _a_cancelled_write(tmp_path: Path) -> None:
-    controls, followers = await _workers(tmp_path)
+    controls = await _workers(tmp_path)
     share = controls[0]._share
     assert share is not None
     write, started, release = share.write, threading.Event(), threading.Event()
@@ -129,7 +121,7 @@ async def _a_cancelled_write(tmp_path: Path) -> None:
         write(*args)
 
     share.write = slow_write  # type: ignore[method-assign]
-    try:
+    async with following(*controls):
         first = asyncio.create_task(controls[0].change(_put("first", "a"), "PUT /v2/routes/first"))
         assert await asyncio.to_thread(started.wait, 30)
         first.cancel()  # a client gone, the drain: the change's task ends, its write does not
@@ -143,7 +135,3 @@ async def _a_cancelled_write(tmp_path: Path) -> None:
         assert [r.name for r in controls[0].configured] == [r.name for r in controls[1].configured] == [
             "first", "second"]  # taken up by the worker that was cancelled, and kept by the next change
         assert controls[0].generation == controls[1].generation == 2
-    finally:
-        release.set()
-        for task in followers:
-            task.cancel()
