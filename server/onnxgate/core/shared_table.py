@@ -10,7 +10,7 @@ The routes (:mod:`~onnxgate.core.traffic.control`) and the models' control state
 
 Generation 0 is what every worker starts with (the config file, the repository); table.json
 appears with the first change. The worker that takes a change, holding the lock, catches up with
-table.json, checks the change against it and writes generation n+1 (:func:`lock`,
+table.json, checks the change against it and writes generation n+1 (:func:`locked`,
 :func:`write_and_unlock`): no other worker can change the table in between, so changes made at
 once on different workers are made one after the other, each checked against the one before. It
 then serves it, and waits until every worker says it serves n+1 (:func:`wait_served`), so once a
@@ -26,11 +26,13 @@ call them in threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class SharedTable:
         self._seen: tuple[int, int, int, int] | None = None  # table.json's (inode, mtime_ns, size, generation)
         self._lock_fd: int | None = None  # .lock, opened by open_lock in the worker's own process
         self._held = False  # this process holds the lock (a change, or the write of a cancelled one)
+        self._writing = False  # a write_unlocking runs: the lock is its to release
 
     def newer(self, generation: int) -> tuple[int, Any] | None:
         """The table when its generation is above ``generation``: (generation, entries); None
@@ -133,6 +136,7 @@ class SharedTable:
         try:
             self.write(generation, entries, what)
         finally:
+            self._writing = False  # first: a change that takes the lock next may start a write of its own
             self.unlock()
 
     def write(self, generation: int, entries: Any, what: str) -> None:
@@ -168,9 +172,12 @@ class SharedTable:
         return out
 
 
-async def lock(table: SharedTable, wait_s: float = LOCK_WAIT_S) -> None:
-    """Take the workers' lock on ``table``, waiting while another worker changes it (at most
-    ``wait_s``: then Unavailable)."""
+@contextlib.asynccontextmanager
+async def locked(table: SharedTable, wait_s: float = LOCK_WAIT_S) -> AsyncIterator[None]:
+    """``async with locked(table):`` around catching up, checking and :func:`write_and_unlock`:
+    the workers' lock on ``table`` (waiting while another worker changes it, at most ``wait_s``:
+    then Unavailable), released at the end of the block, however it ends, unless a write started
+    in it still runs (that write releases it once the file is in place)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while not table.try_lock():
@@ -178,11 +185,17 @@ async def lock(table: SharedTable, wait_s: float = LOCK_WAIT_S) -> None:
             raise Unavailable(f"another worker has held the lock of {table.directory.name} for over {wait_s:g} s; "
                               "retry")
         await asyncio.sleep(_LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        if not table._writing:
+            table.unlock()
 
 
 async def write_and_unlock(table: SharedTable, generation: int, entries: Any, what: str) -> None:
-    """Write ``generation`` (holding the lock) and unlock once the write ended, not before it,
+    """Write ``generation`` (in :func:`locked`) and unlock once the write ended, not before it,
     even if the caller is cancelled meanwhile (its process then takes it up at its next look)."""
+    table._writing = True
     write = asyncio.ensure_future(asyncio.to_thread(table.write_unlocking, generation, entries, what))
     await asyncio.shield(write)
 

@@ -93,20 +93,15 @@ class ModelControlShare:
         repository's again, also on a worker that restarts."""
         try:
             async with self._changing:
-                await shared_table.lock(self.table)
-                try:
+                async with shared_table.locked(self.table):
                     await self._catch_up()
                     gone = sorted(name for name in self._entries if name not in self.manager.models)
+                    if not gone:  # another worker dropped them first
+                        return
                     entries = {n: state for n, state in self._entries.items() if n not in gone}
-                except BaseException:
-                    self.table.unlock()
-                    raise
-                if not gone:  # another worker dropped them first
-                    self.table.unlock()
-                    return
-                generation = self.generation + 1
-                await shared_table.write_and_unlock(self.table, generation, entries,
-                                                    f"left the repository: {', '.join(gone)}")
+                    generation = self.generation + 1
+                    await shared_table.write_and_unlock(self.table, generation, entries,
+                                                        f"left the repository: {', '.join(gone)}")
                 await self._record(generation, entries)
                 log.info("models: %s left the repository; dropped from the workers' shared control state", gone)
         except Exception:
@@ -142,17 +137,13 @@ class ModelControlShare:
 
     async def _change(self, name: str, action: Callable[[], Awaitable[None]], what: str) -> int:
         async with self._changing:
-            await shared_table.lock(self.table, WAIT_S)
-            try:  # no other worker changes the table (or acts) until it is unlocked
+            async with shared_table.locked(self.table, WAIT_S):  # no other worker changes the table (or acts)
                 await self._catch_up()
                 await action()  # refused or failed: nothing is published
                 generation = self.generation + 1
                 entries = {**self._entries, name: {**self.state_of(name), "serial": generation,
                                                    "history": self._history(name)}}
-            except BaseException:
-                self.table.unlock()
-                raise
-            await shared_table.write_and_unlock(self.table, generation, entries, what)
+                await shared_table.write_and_unlock(self.table, generation, entries, what)
             self._taken[name] = generation
             self._failed.pop(name, None)
             await self._record(generation, entries)

@@ -90,17 +90,12 @@ class TrafficControl:
                 self._check_shared(what)
                 self.set(edit(self.configured), what)
                 return
-            await shared_table.lock(share)
-            try:  # no other worker changes the table until it is unlocked
+            async with shared_table.locked(share):  # no other worker changes the table meanwhile
                 await self._catch_up(share)
                 routes = tuple(edit(self.configured))
                 self._check(routes, what)
-                docs = [r.to_dict() for r in routes]
-            except BaseException:
-                share.unlock()
-                raise
-            generation = max(self.generation, self._unusable) + 1  # a change replaces an unusable table
-            await shared_table.write_and_unlock(share, generation, docs, what)
+                generation = max(self.generation, self._unusable) + 1  # a change replaces an unusable table
+                await shared_table.write_and_unlock(share, generation, [r.to_dict() for r in routes], what)
             self._commit(routes)
             self.generation = generation
             await asyncio.to_thread(share.applied, generation)
@@ -241,4 +236,3 @@ class RolloutWatch:
             self._mirror.primary_failed()
         else:
             self._rollouts.live_result(self._route, error)
-
